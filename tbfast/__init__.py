@@ -1,0 +1,36 @@
+"""tbfast: fast, exact heavy-tailed self-regularization (HT-SR) analysis and TempBalance.
+
+The data flows one way: layers -> spectra (batched eigenvalues) -> power-law fits -> metrics ->
+learning-rate schedule. See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._backend import backend_info
+from .layers import Layer, block_index, find_layers, layers_from_matrices
+from .metrics import ESDMetrics, compute_metrics, layer_metrics
+from .powerlaw import PowerLawFit, fit_power_law
+from .spectra import Spectra, esd
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend_info", "Layer", "block_index", "find_layers", "layers_from_matrices", "ESDMetrics",
+    "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # heavier parts load on first use, so `import tbfast` stays light
+    if name in ("TempBalance", "Tempbalance"):
+        from . import tempbalance
+        return getattr(tempbalance, name)
+    if name in ("analyze", "summary"):
+        from . import analyze as _analyze
+        return getattr(_analyze, name)
+    raise AttributeError(f"module 'tbfast' has no attribute {name!r}")

@@ -1,0 +1,102 @@
+"""Plain-torch reference implementations of the fit kernels (ARCHITECTURE.md op contracts).
+
+They define what the C++ and Triton kernels must return, serve as the fallback when neither is
+available, and are what the tests compare the fast kernels with. Arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["hill_fit_ref", "ks_scan_ref", "eigvalsh_batched_ref", "segment_ids"]
+
+_CANDIDATE_BLOCK = 512  # candidates per chunk of the (candidate x tail) matrix in ks_scan_ref
+
+
+def segment_ids(starts: torch.Tensor, ends: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a ragged batch of ``total`` values, each value's layer id (-1 outside every
+    ``[start, end)``) and a mask of values inside their layer's window. No host sync."""
+    device = starts.device
+    pos = torch.arange(total, device=device)
+    # layer windows do not overlap and are ordered; bucketize finds the candidate layer
+    seg = torch.bucketize(pos, ends, right=True)
+    inside = seg < len(ends)
+    seg_c = seg.clamp(max=max(len(ends) - 1, 0))
+    if len(ends):
+        inside &= pos >= starts[seg_c]
+    return torch.where(inside, seg_c, torch.full_like(seg_c, -1)), inside
+
+
+def _tail_d(x: torch.Tensor, i: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """D for candidates ``i`` (1-D) of one ascending spectrum ``x`` (float64)."""
+    N = x.numel()
+    t = torch.arange(N, device=x.device)
+    j = t.unsqueeze(0) - i.unsqueeze(1)  # (C, N)
+    n = (N - i).to(x.dtype).unsqueeze(1)
+    ratio = x.unsqueeze(0) / x[i].unsqueeze(1)
+    cdf = 1.0 - ratio.pow(1.0 - alpha.unsqueeze(1))
+    dev = (cdf - j.to(x.dtype) / n).abs()
+    dev = torch.where(j >= 0, dev, torch.zeros_like(dev))
+    return dev.amax(dim=1)
+
+
+def hill_fit_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, xmin_pos: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Median ("xmin_mid") Hill fit of every layer (SPEC section 3)."""
+    L = len(starts)
+    alpha = torch.full((L,), math.nan, dtype=torch.float64, device=values.device)
+    D = alpha.clone()
+    index = torch.full((L,), -1, dtype=torch.int64, device=values.device)
+    for l, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        N = e - s
+        i = int(N / xmin_pos)
+        if N < 2 or i >= N:
+            continue
+        x = values[s:e].double()
+        n = N - i
+        a = 1.0 + n / (torch.log(x[i:]).sum() - n * torch.log(x[i]))
+        alpha[l] = a
+        D[l] = _tail_d(x, torch.tensor([i], device=x.device), a.reshape(1))[0]
+        index[l] = i
+    return alpha, D, index
+
+
+def ks_scan_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Goodness-of-fit scan over every xmin candidate (SPEC sections 4-5), per layer, with the
+    candidate window ``[lo, hi]`` of the fix-finger variant (``-inf, inf`` for the plain scan)."""
+    L = len(starts)
+    alpha = torch.full((L,), math.nan, dtype=torch.float64, device=values.device)
+    D = alpha.clone()
+    index = torch.full((L,), -1, dtype=torch.int64, device=values.device)
+    for l, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        N = e - s
+        if N < 2:
+            continue
+        x = values[s:e].double()
+        logs = torch.log(x)
+        suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])
+        cand = torch.arange(N - 1, device=x.device)
+        n = (N - cand).double()
+        a = 1.0 + n / (suffix[:-1] - n * logs[:-1])
+        xc = x[:-1]
+        # ascending x: "skip below lo, stop at the first above hi" == visit lo <= x <= hi
+        visited = (xc >= lo[l].double()) & (xc <= hi[l].double())
+        d = torch.ones(N - 1, dtype=torch.float64, device=x.device)
+        fit = visited & (a > 1)
+        idx = cand[fit]
+        for c0 in range(0, idx.numel(), _CANDIDATE_BLOCK):
+            blk = idx[c0:c0 + _CANDIDATE_BLOCK]
+            d[blk] = _tail_d(x, blk, a[blk])
+        a = torch.where(visited, a, torch.zeros_like(a))
+        k = int(torch.argmin(d))  # first index on ties
+        alpha[l], D[l], index[l] = a[k], d[k], k
+    return alpha, D, index
+
+
+def eigvalsh_batched_ref(G: torch.Tensor, workspace_limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues of a batch of symmetric matrices via ``torch.linalg.eigvalsh``."""
+    w = torch.linalg.eigvalsh(G)
+    return w, torch.zeros(G.shape[0], dtype=torch.int32, device=G.device)

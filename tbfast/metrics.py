@@ -1,0 +1,234 @@
+"""Per-layer shape metrics of the ESD (SPEC section 2) as a small table of tensors.
+
+Everything is computed on the spectra's device with segment reductions (no Python loop over
+layers) and copied to the host in one transfer: one host synchronisation per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .powerlaw import PowerLawFit, fit_power_law
+from .spectra import Spectra, esd
+
+__all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "METRIC_COLUMNS"]
+
+METRIC_COLUMNS = (
+    "num_evals", "spectral_norm", "norm", "log_norm", "log_spectral_norm", "alpha", "alphahat", "D",
+    "xmin", "xmin_index", "xmax", "stable_rank", "norm_stable_rank", "eig_ratio", "log_alpha_norm",
+    "entropy",
+)
+_LIST_COLUMNS = ("names", "kinds", "shapes", "blocks", "warning", "status")
+
+
+@dataclass
+class ESDMetrics:
+    """One row per layer. Numeric columns are host tensors (float64; ``num_evals`` and
+    ``xmin_index`` int64); ``names``, ``kinds``, ``shapes``, ``blocks``, ``warning`` and ``status``
+    are lists. ``status`` is ``"ok"`` or the reason a layer's numbers are not usable."""
+
+    names: list[str]
+    kinds: list[str]
+    shapes: list[tuple[int, ...]]
+    blocks: list[int | None]
+    num_evals: torch.Tensor
+    spectral_norm: torch.Tensor
+    norm: torch.Tensor
+    log_norm: torch.Tensor
+    log_spectral_norm: torch.Tensor
+    alpha: torch.Tensor
+    alphahat: torch.Tensor
+    D: torch.Tensor
+    xmin: torch.Tensor
+    xmin_index: torch.Tensor
+    xmax: torch.Tensor
+    stable_rank: torch.Tensor
+    norm_stable_rank: torch.Tensor
+    eig_ratio: torch.Tensor
+    log_alpha_norm: torch.Tensor
+    entropy: torch.Tensor
+    warning: list[str]
+    status: list[str]
+    fit: str = "median"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, column: str) -> Any:
+        if column == "alpha_weighted":
+            column = "alphahat"
+        if column not in METRIC_COLUMNS and column not in _LIST_COLUMNS:
+            raise KeyError(f"unknown metric {column!r}; available: {METRIC_COLUMNS + _LIST_COLUMNS}")
+        return getattr(self, column)
+
+    @property
+    def ok(self) -> list[bool]:
+        return [s == "ok" for s in self.status]
+
+    def select(self, indices: Sequence[int]) -> "ESDMetrics":
+        """The rows ``indices`` (in that order) as a new table."""
+        idx = list(indices)
+        t = torch.as_tensor(idx, dtype=torch.int64)
+        kw: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                kw[f.name] = v[t]
+            elif isinstance(v, list):
+                kw[f.name] = [v[i] for i in idx]
+            else:
+                kw[f.name] = v
+        return ESDMetrics(**kw)
+
+    def to_dict(self) -> dict[str, list]:
+        out: dict[str, list] = {"name": list(self.names), "type": list(self.kinds),
+                                "shape": list(self.shapes), "block": list(self.blocks)}
+        for c in METRIC_COLUMNS:
+            out[c] = getattr(self, c).tolist()
+        out["warning"] = list(self.warning)
+        out["status"] = list(self.status)
+        return out
+
+    def to_pandas(self):
+        """The table as a pandas DataFrame (pandas is optional)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover
+            raise ImportError("ESDMetrics.to_pandas() needs pandas: pip install pandas") from exc
+        return pd.DataFrame(self.to_dict())
+
+
+def _segment_sum(x: torch.Tensor, seg: torch.Tensor, L: int) -> torch.Tensor:
+    out = torch.zeros(L, dtype=x.dtype, device=x.device)
+    return out.index_add_(0, seg, x)
+
+
+def _warning(alpha: float) -> str:
+    if alpha < 2:
+        return "over-trained"
+    if alpha > 6:
+        return "under-trained"
+    return ""
+
+
+def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | None = None) -> ESDMetrics:
+    """Shape metrics of every layer from its eigenvalues and power-law fit (SPEC section 2)."""
+    values = spectra.values
+    L = len(spectra)
+    dev = values.device
+    e = values.double()
+    counts = spectra.counts
+    seg = torch.as_tensor(np.repeat(np.arange(L), counts.numpy())).to(dev, non_blocking=True)
+    off = spectra.offsets.to(dev, non_blocking=True)
+    starts_all, ends = off[:-1], off[1:]
+    last = (ends - 1).clamp(min=0)
+    lam_max = e[last]
+    norm = _segment_sum(e, seg, L)
+    alpha = fit.alpha
+    e_alpha = torch.where(e > 0, e.pow(alpha[seg]), torch.zeros_like(e))
+    alpha_norm = _segment_sum(e_alpha, seg, L)
+
+    # stable rank family: s = zero-filtered eigenvalues, optionally from int(len/sr_mid_pos)
+    s_start = fit.starts
+    if sr_mid_pos is not None:
+        n_nz = fit.ends - fit.starts
+        s_start = fit.starts + torch.floor(n_nz.double() / sr_mid_pos).to(torch.int64)
+    pos = torch.arange(e.numel(), device=dev)
+    in_s = (pos >= s_start[seg]) & (pos < fit.ends[seg])
+    s_sum = _segment_sum(torch.where(in_s, e, torch.zeros_like(e)), seg, L)
+    s_len = (fit.ends - s_start).double()
+    s_mid = e[(s_start + torch.div(fit.ends - s_start, 2, rounding_mode="floor")).clamp(max=max(e.numel() - 1, 0))]
+
+    # matrix entropy (WeightWatcher): rank from singular values, p = e / sum(e) + 1e-10
+    sv = e.clamp(min=0).sqrt()
+    big = torch.tensor([max(l.rows, l.cols) for l in spectra.layers], dtype=torch.float64).to(dev, non_blocking=True)
+    tol = sv[last] * big * torch.finfo(values.dtype).eps
+    rank = _segment_sum((sv > tol[seg]).double(), seg, L)
+    p = e / norm[seg] + 1e-10
+    ent = -_segment_sum(p * torch.log(p), seg, L) / torch.log(rank + 1e-10)
+
+    finite = _segment_sum((~torch.isfinite(e)).double(), seg, L) == 0
+    cols = torch.stack([
+        lam_max, norm, alpha, fit.D, fit.xmin, s_sum, s_len, s_mid, alpha_norm, ent,
+        fit.xmin_index.double(), (fit.ends - fit.starts).double(), finite.double(),
+    ])
+    host = cols.cpu()  # the single host synchronisation
+    (lam_max, norm, alpha, D, xmin, s_sum, s_len, s_mid, alpha_norm, ent, xidx, n_fit, finite) = host
+    log_norm = torch.log10(norm)
+    log_spec = torch.log10(lam_max)
+    stable_rank = s_sum / lam_max  # max(s) = lambda_max: zero filtering only drops small ones
+    norm_stable_rank = s_sum / s_len
+    eig_ratio = lam_max / s_mid
+    log_alpha_norm = torch.log10(alpha_norm)
+    alphahat = alpha * log_spec
+
+    status = []
+    a_list, xmin_list, n_list, fin = alpha.tolist(), xmin.tolist(), n_fit.tolist(), finite.tolist()
+    lam_list = lam_max.tolist()
+    for l, layer in enumerate(spectra.layers):
+        if not fin[l]:
+            status.append("weights contain NaN or Inf")
+        elif lam_list[l] == 0:
+            status.append("all-zero matrix: no spectrum to fit")
+        elif n_list[l] < 2:
+            status.append(f"too few eigenvalues to fit ({int(n_list[l])})")
+        elif xmin_list[l] == 0:
+            status.append("xmin is 0 (zero eigenvalues in the tail): use filter_zeros=True")
+        elif not math.isfinite(a_list[l]):
+            status.append(f"power-law fit failed: alpha = {a_list[l]} (all tail eigenvalues equal?)")
+        elif a_list[l] == 0:
+            status.append("fix-finger window holds no xmin candidate")
+        else:
+            status.append("ok")
+    warning = [_warning(a) if st == "ok" else "" for a, st in zip(a_list, status)]
+    return ESDMetrics(
+        names=[l.name for l in spectra.layers], kinds=[l.kind for l in spectra.layers],
+        shapes=[l.shape for l in spectra.layers], blocks=[l.block for l in spectra.layers],
+        num_evals=counts.clone(), spectral_norm=lam_max, norm=norm, log_norm=log_norm,
+        log_spectral_norm=log_spec, alpha=alpha, alphahat=alphahat, D=D, xmin=xmin,
+        xmin_index=xidx.to(torch.int64), xmax=lam_max.clone(), stable_rank=stable_rank,
+        norm_stable_rank=norm_stable_rank, eig_ratio=eig_ratio, log_alpha_norm=log_alpha_norm,
+        entropy=ent, warning=warning, status=status, fit=fit.fit,
+    )
+
+
+def layer_metrics(
+    source: Any,
+    *,
+    fit: str = "median",
+    xmin_pos: float = 2.0,
+    filter_zeros: bool = False,
+    evals_thresh: float = 1e-5,
+    bins: int = 100,
+    xmin_bound: str = "reference",
+    sr_mid_pos: float | None = None,
+    method: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    on_invalid: str = "raise",
+    **esd_options: Any,
+) -> ESDMetrics:
+    """ESD, power-law fit and shape metrics of every layer of ``source`` in one batched pass.
+
+    ``source`` and ``esd_options`` as for `tbfast.esd`; fit options as for
+    `tbfast.fit_power_law`. Layers whose weights hold NaN/Inf raise a ValueError naming them
+    (``on_invalid='raise'``, default) or get a status (``on_invalid='mark'``). Other layers that
+    cannot be fitted (all-zero, too few eigenvalues) always get a status with the reason.
+    """
+    if on_invalid not in ("raise", "mark"):
+        raise ValueError(f"on_invalid must be 'raise' or 'mark', got {on_invalid!r}")
+    spectra = esd(source, method=method, dtype=dtype, check_finite=False, **esd_options)
+    pl = fit_power_law(spectra, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+                       evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
+    m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos)
+    if on_invalid == "raise":
+        bad = [n for n, s in zip(m.names, m.status) if s == "weights contain NaN or Inf"]
+        if bad:
+            raise ValueError(f"weights contain NaN or Inf in layer(s): {', '.join(bad)}")
+    return m

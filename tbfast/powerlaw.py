@@ -1,0 +1,179 @@
+"""Power-law fits of every layer's ESD at once (SPEC sections 2-5).
+
+- ``median`` (TempBalance ``pl_fitting='median'``, Model Balancing ``xmin_mid``): the Hill
+  estimator with ``xmin`` at position ``int(N / xmin_pos)``.
+- ``goodness-of-fit`` (alias ``ks``; Model Balancing ``fix_fingers=None``): every eigenvalue but
+  the last is an xmin candidate; the one with the smallest KS distance D wins (first on ties).
+- ``fix-finger`` (``xmin_peak``): the same scan restricted to a window around the peak of the
+  histogram of ``log10`` eigenvalues. ``xmin_bound='reference'`` keeps the references' lower
+  bound ``log10(0.95 * xmin2)`` (a log-scale number compared with eigenvalues); ``'corrected'``
+  uses ``0.95 * xmin2``.
+
+Dispatch: CUDA tensors use the Triton kernels, CPU tensors the C++ kernels, and the plain-torch
+references of `tbfast.kernels.ref` serve when neither is available.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _backend
+from .kernels import ref
+from .spectra import Spectra
+
+__all__ = ["PowerLawFit", "fit_power_law", "FIT_METHODS", "canonical_fit", "zero_filtered_starts",
+           "fix_finger_window"]
+
+FIT_METHODS = {
+    "median": "median", "xmin_mid": "median",
+    "goodness-of-fit": "ks", "ks": "ks", "KS": "ks",
+    "fix-finger": "fix-finger", "xmin_peak": "fix-finger",
+}
+FIT_BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+def canonical_fit(fit: str | None) -> str:
+    """Canonical fit name (``median``, ``ks`` or ``fix-finger``) for any accepted alias."""
+    if fit is None:
+        return "ks"
+    try:
+        return FIT_METHODS[fit]
+    except KeyError:
+        raise ValueError(f"unknown fit {fit!r}; choose from {sorted(set(FIT_METHODS))}") from None
+
+
+@dataclass
+class PowerLawFit:
+    """Per-layer fit results (float64 / int64 tensors on the spectra's device).
+
+    ``xmin_index`` is relative to ``starts`` (the first eigenvalue kept after zero filtering);
+    ``starts``/``ends`` delimit the fitted eigenvalues of each layer in ``Spectra.values``.
+    """
+
+    alpha: torch.Tensor
+    D: torch.Tensor
+    xmin: torch.Tensor
+    xmin_index: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+    fit: str
+
+
+def zero_filtered_starts(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                         evals_thresh: float) -> torch.Tensor:
+    """First index of each layer with eigenvalue > ``evals_thresh``; where no eigenvalue passes,
+    the layer keeps all of them (reference behaviour). No host sync."""
+    seg, inside = ref.segment_ids(starts, ends, values.numel())
+    small = inside & (values <= evals_thresh)
+    counts = torch.zeros(len(starts), dtype=torch.int64, device=values.device)
+    counts.index_add_(0, seg.clamp(min=0), small.to(torch.int64))
+    new = starts + counts
+    return torch.where(new >= ends, starts, new)
+
+
+def fix_finger_window(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, bins: int,
+                      xmin_bound: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate window ``(lo, hi)`` of the fix-finger scan for every layer (SPEC section 5):
+    histogram ``log10`` eigenvalues in ``bins`` equal bins over ``[min, max]``; the first fullest
+    bin's left edge gives ``xmin2``; ``hi = 1.5 xmin2``; ``lo`` per ``xmin_bound``."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    if xmin_bound not in ("reference", "corrected"):
+        raise ValueError(f"xmin_bound must be 'reference' or 'corrected', got {xmin_bound!r}")
+    L = len(starts)
+    x = torch.log10(values.double())
+    seg, inside = ref.segment_ids(starts, ends, values.numel())
+    last = (ends - 1).clamp(min=0)
+    mn = x[starts.clamp(max=max(values.numel() - 1, 0))]
+    mx = x[last]
+    same = mx == mn  # torch.histc widens an empty range by 1 on each side
+    mn = torch.where(same, mn - 1, mn)
+    mx = torch.where(same, mx + 1, mx)
+    segc = seg.clamp(min=0)
+    b = torch.floor((x - mn[segc]) / (mx - mn)[segc] * bins).clamp(0, bins - 1).to(torch.int64)
+    counts = torch.zeros(L * bins, dtype=torch.int64, device=values.device)
+    counts.index_add_(0, segc * bins + torch.where(inside, b, 0), inside.to(torch.int64))
+    ih = torch.argmax(counts.view(L, bins), dim=1)  # first fullest bin
+    edge = mn + ih.double() * (mx - mn) / bins
+    xmin2 = torch.pow(10.0, edge)
+    lo = torch.log10(0.95 * xmin2) if xmin_bound == "reference" else 0.95 * xmin2
+    return lo, 1.5 * xmin2
+
+
+def _pick_backend(values: torch.Tensor, backend: str) -> str:
+    if backend not in FIT_BACKENDS:
+        raise ValueError(f"unknown fit backend {backend!r}; choose from {FIT_BACKENDS}")
+    if backend != "auto":
+        return backend
+    if values.is_cuda:
+        from .kernels import triton_fit_available
+        ok, why = triton_fit_available()
+        if ok:
+            return "triton"
+        _backend.log_fallback_once("fit-triton", f"Triton fit kernels unavailable ({why}); CUDA fits use the torch reference")
+        return "torch"
+    if _backend.has_op("ks_scan") and _backend.has_op("hill_fit"):
+        return "cpp"
+    _backend.log_fallback_once("fit-cpp", "C++ extension not loaded: CPU fits use the torch reference")
+    return "torch"
+
+
+def _ops(backend: str) -> tuple[Any, Any]:
+    if backend == "cpp":
+        if not (_backend.has_op("ks_scan") and _backend.has_op("hill_fit")):
+            raise RuntimeError("C++ fit kernels requested but the tbfast._C extension is not loaded")
+        return torch.ops.tbfast.hill_fit, torch.ops.tbfast.ks_scan
+    if backend == "triton":
+        from .kernels import triton_fit
+        return triton_fit.hill_fit_triton, triton_fit.ks_scan_triton
+    return ref.hill_fit_ref, ref.ks_scan_ref
+
+
+def fit_power_law(
+    spectra: Spectra | tuple[torch.Tensor, torch.Tensor],
+    *,
+    fit: str = "median",
+    xmin_pos: float = 2.0,
+    filter_zeros: bool = False,
+    evals_thresh: float = 1e-5,
+    bins: int = 100,
+    xmin_bound: str = "reference",
+    backend: str = "auto",
+) -> PowerLawFit:
+    """Fit a power law to every layer's ESD in one pass (no Python loop over layers on the fast
+    paths). ``spectra``: a `Spectra` or a ``(values, offsets)`` pair of a ragged batch."""
+    method = canonical_fit(fit)
+    if isinstance(spectra, Spectra):
+        values, offsets = spectra.values, spectra.offsets
+    else:
+        values, offsets = spectra
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError("values must be a 1-D tensor of concatenated ascending eigenvalues")
+    if values.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"eigenvalues must be float32 or float64, got {values.dtype}")
+    if method == "median" and not xmin_pos > 1:
+        raise ValueError(f"xmin_pos must be > 1 (xmin = eigenvalue at int(N / xmin_pos)), got {xmin_pos}")
+    off = offsets.to(values.device, non_blocking=True)
+    starts, ends = off[:-1].contiguous(), off[1:].contiguous()
+    if filter_zeros:
+        starts = zero_filtered_starts(values, starts, ends, evals_thresh)
+    kind = _pick_backend(values, backend)
+    hill, scan = _ops(kind)
+    values = values.contiguous()
+    if method == "median":
+        alpha, D, index = hill(values, starts, ends, float(xmin_pos))
+    else:
+        L = len(starts)
+        if method == "ks":
+            lo = torch.full((L,), -math.inf, dtype=torch.float64, device=values.device)
+            hi = torch.full((L,), math.inf, dtype=torch.float64, device=values.device)
+        else:
+            lo, hi = fix_finger_window(values, starts, ends, bins, xmin_bound)
+        alpha, D, index = scan(values, starts, ends, lo.contiguous(), hi.contiguous())
+    pos = (starts + index.clamp(min=0)).clamp(max=max(values.numel() - 1, 0))
+    xmin = torch.where(index >= 0, values[pos].double(), torch.full_like(alpha, math.nan))
+    return PowerLawFit(alpha=alpha, D=D, xmin=xmin, xmin_index=index, starts=starts, ends=ends, fit=method)

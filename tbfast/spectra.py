@@ -1,0 +1,243 @@
+"""Layer matrices -> eigenvalues, all layers at once (the ESD stage).
+
+Layers are grouped by Gram size ``n = min(rows, cols)``; each group is cut into chunks that fit a
+memory budget; each chunk forms its Gram matrices (the smaller side, batched matmul per shape)
+and goes through one batched eigensolve. The result is a `Spectra`: a ragged batch of ascending
+eigenvalues on the compute device (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .eig import eigvalsh_batched
+from .layers import Layer, find_layers, layers_from_matrices
+
+__all__ = ["Spectra", "esd", "resolve_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of matrices + Gram matrices held at once per chunk
+ESD_METHODS = ("auto", "gram", "svd")
+
+
+@dataclass
+class Spectra:
+    """Ascending eigenvalues of L layers: ``values[offsets[l]:offsets[l+1]]`` is layer ``l``."""
+
+    values: torch.Tensor
+    offsets: torch.Tensor  # int64, (L+1,), on the host
+    layers: list[Layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.values[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Number of eigenvalues per layer (host int64)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def to_list(self) -> list[torch.Tensor]:
+        return [self[i] for i in range(len(self))]
+
+    def bounds(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, ends) int64 tensors on ``device`` (default: the values' device)."""
+        device = device or self.values.device
+        off = self.offsets.to(device, non_blocking=True)
+        return off[:-1], off[1:]
+
+
+def resolve_layers(source: Any, **layer_options: Any) -> list[Layer]:
+    """Layers from a model, a list of `Layer`, a tensor, a sequence or a mapping of tensors."""
+    if isinstance(source, nn.Module):
+        return find_layers(source, **layer_options)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(x, Layer) for x in source):
+        return list(source)
+    if isinstance(source, Layer):
+        return [source]
+    conv_norm = layer_options.pop("conv_norm", 0.5)
+    if layer_options:
+        raise TypeError(f"options {sorted(layer_options)} only apply to nn.Module sources")
+    return layers_from_matrices(source, conv_norm=conv_norm)
+
+
+def _chunks(items: list[int], layers: list[Layer], elem: int, budget: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    used = 0
+    for i in items:
+        L = layers[i]
+        n = L.gram_size
+        cost = L.k * (L.rows * L.cols + 2 * n * n) * elem
+        if chunk and used + cost > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(i)
+        used += cost
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _matmul_precision(allow_tf32: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype: torch.dtype,
+                       device: torch.device | None, backend: str) -> torch.Tensor:
+    """Eigenvalues ``(sum k, n)`` of every matrix of the chunk's layers, in chunk order."""
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for pos, i in enumerate(chunk):
+        by_shape[(layers[i].rows, layers[i].cols)].append(pos)
+    mats_per_pos: list[torch.Tensor | None] = [None] * len(chunk)
+    for pos, i in enumerate(chunk):
+        m = layers[i].matrices()
+        mats_per_pos[pos] = m
+    dev = device if device is not None else mats_per_pos[0].device
+    n = layers[chunk[0]].gram_size
+    ks = [layers[i].k for i in chunk]
+    first = np.concatenate([[0], np.cumsum(ks)])
+    total = int(first[-1])
+    if method == "svd":
+        out = torch.empty((total, n), dtype=dtype, device=dev)
+    else:
+        G = torch.empty((total, n, n), dtype=dtype, device=dev)
+    for (rows, cols), poss in by_shape.items():
+        M = torch.cat([mats_per_pos[p].to(device=dev, dtype=dtype) for p in poss], dim=0)
+        sl = np.concatenate([np.arange(first[p], first[p + 1]) for p in poss])
+        idx = torch.as_tensor(sl, device=dev)
+        if method == "svd":
+            sv = torch.linalg.svdvals(M)
+            out.index_copy_(0, idx, sv.square().flip(-1))
+        else:
+            Gs = M.mT @ M if rows >= cols else M @ M.mT
+            if len(poss) == len(chunk) and sl[0] == 0 and np.all(np.diff(sl) == 1):
+                G = Gs
+            else:
+                G.index_copy_(0, idx, Gs)
+    if method != "svd":
+        out = eigvalsh_batched(G, backend=backend)
+    scales = [layers[i].scale for i in chunk]
+    if any(s != 1.0 for s in scales):
+        sq = torch.tensor(np.repeat(np.square(scales), ks), dtype=dtype).to(dev, non_blocking=True)
+        out = out * sq.unsqueeze(1)
+    return out.clamp_(min=0)
+
+
+def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: torch.device | None,
+                  memory_budget: int, progress: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = np.array([l.num_evals for l in layers], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    elem = torch.finfo(dtype).bits // 8
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, l in enumerate(layers):
+        groups[l.gram_size].append(i)
+    chunks = [c for n in groups for c in _chunks(groups[n], layers, elem, memory_budget)]
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(layers), desc="ESD", unit="layer")
+        except ImportError:  # pragma: no cover - tqdm is optional
+            log.info("tqdm not installed: no progress bar")
+    out: torch.Tensor | None = None
+    for chunk in chunks:
+        w = _chunk_eigenvalues(layers, chunk, method, dtype, device, backend)
+        if out is None:
+            out = torch.empty(int(offsets[-1]), dtype=dtype, device=w.device)
+        dst = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in chunk])
+        out.index_copy_(0, torch.as_tensor(dst).to(w.device, non_blocking=True), w.reshape(-1))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    assert out is not None
+    if any(l.k > 1 for l in layers):
+        # pooled layers (convolutions): sort each segment; two stable sorts keep segments apart
+        seg = torch.as_tensor(np.repeat(np.arange(len(layers)), counts)).to(out.device, non_blocking=True)
+        order = torch.argsort(out, stable=True)
+        order = order[torch.argsort(seg[order], stable=True)]
+        out = out[order]
+    return out, torch.as_tensor(offsets)
+
+
+def esd(
+    source: Any,
+    *,
+    method: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+    eig_backend: str = "auto",
+    allow_tf32: bool = False,
+    check_finite: bool = True,
+    **layer_options: Any,
+) -> Spectra:
+    """Empirical spectral densities of every layer of ``source`` as one ragged batch.
+
+    ``source``: an ``nn.Module`` (layers chosen by `find_layers` with ``layer_options``), a list
+    of `Layer`, or raw matrices (a 2-D/3-D tensor, a sequence or a mapping of tensors).
+    ``method``: ``gram`` (eigenvalues of the smaller Gram matrix, batched per size), ``svd``
+    (squared ``svdvals``, the oracle) or ``auto`` (= ``gram``). ``dtype``: float32 (default) or
+    float64 compute precision; fp16/bf16 weights are upcast. Eigenvalues live on ``device``
+    (default: the weights' device). ``memory_budget`` (bytes, default 1 GiB) bounds the matrices
+    and Gram matrices held at once; results do not depend on it. With ``check_finite`` a layer
+    whose weights hold NaN or Inf raises a ValueError naming it (one host sync).
+    """
+    if method not in ESD_METHODS:
+        raise ValueError(f"unknown ESD method {method!r}; choose from {ESD_METHODS}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget}")
+    layers = resolve_layers(source, **layer_options)
+    if not layers:
+        raise ValueError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
+    for l in layers:
+        if l.rows == 0 or l.cols == 0 or l.k == 0:
+            raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")
+    dev = torch.device(device) if device is not None else None
+    with _matmul_precision(allow_tf32):
+        values, offsets = _layer_values(layers, "svd" if method == "svd" else "gram", dtype, dev,
+                                        budget, progress, eig_backend)
+    spectra = Spectra(values=values, offsets=offsets, layers=layers)
+    if check_finite:
+        raise_on_nonfinite(spectra)
+    return spectra
+
+
+def nonfinite_layers(spectra: Spectra, finite_per_value: torch.Tensor | None = None) -> list[str]:
+    """Names of layers whose eigenvalues are not all finite (their weights hold NaN/Inf)."""
+    ok = torch.isfinite(spectra.values) if finite_per_value is None else finite_per_value
+    ok = ok.cpu().numpy()
+    off = spectra.offsets.numpy()
+    return [spectra.layers[l].name for l in range(len(spectra)) if not ok[off[l]:off[l + 1]].all()]
+
+
+def raise_on_nonfinite(spectra: Spectra) -> None:
+    """Raise a ValueError naming every layer whose weights hold NaN or Inf."""
+    if bool(torch.isfinite(spectra.values).all()):
+        return
+    bad = nonfinite_layers(spectra)
+    raise ValueError(f"weights contain NaN or Inf in layer(s): {', '.join(bad)}")
