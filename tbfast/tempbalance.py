@@ -1,0 +1,567 @@
+"""TempBalance: layer-wise (or block-wise) learning rates from each layer's ESD.
+
+`TempBalance` is a drop-in for the original ``Tempbalance`` scheduler (Zhou et al., NeurIPS
+2023; SPEC section 6): same constructor arguments and defaults, same
+``build_optimizer_param_group`` and ``step`` methods, same param groups and learning rates. It
+adds the Model Balancing options (SPEC section 7): TB_Sigmoid, per-block scheduling, lr
+normalisation, weight-decay balancing, a delayed start, and a ``metrics`` table.
+
+Where tbfast deliberately differs from the original:
+
+- ``step`` matches optimizer param groups to layers by parameter identity, not by position.
+  For the optimizer built from ``build_optimizer_param_group`` the result is the same; for any
+  other layout it is still right, and a group that mixes parameters scheduled differently is an
+  error instead of a silent mis-assignment.
+- ``tb_linear_map`` with all scores equal (or one tuned layer) gives every layer the middle of
+  ``[lr_min_ratio, lr_max_ratio] * lr`` instead of numpy's upper end
+  (``linear_map_equal='reference'`` restores the upper end).
+- A tuned layer whose ESD could not be fitted (metric status not "ok", or a non-finite score)
+  raises a ValueError naming it instead of producing a NaN learning rate.
+- Param groups hold lists of parameters (the original passes one-shot generators).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .schedule import (
+    ASSIGN_FUNCS,
+    BLOCK_PATTERN,
+    assign_lrs,
+    block_means,
+    block_of,
+    normalize_mean,
+    within_block_lrs,
+)
+
+__all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
+
+logger = logging.getLogger(__name__)
+
+PL_FITTINGS = ("median", "goodness-of-fit", "ks", "fix-finger")
+#: ESDMetrics columns a schedule can balance on.
+SCORE_METRICS = (
+    "alpha", "alphahat", "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank",
+    "norm_stable_rank", "eig_ratio", "log_alpha_norm", "entropy", "D", "xmin", "xmax",
+)
+GRANULARITIES = ("layer", "block", "layer_in_block")
+BALANCE = ("lr", "weight_decay", "both")
+_UNTUNED = None  # key of parameters at the untuned learning rate
+
+# keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict())
+_WRITTEN = "tb_written_lr"
+_BASE = "tb_untuned_lr"
+_WD0 = "tb_initial_weight_decay"
+
+
+def _groups_of(optimizer: Any) -> list[dict]:
+    """``param_groups`` of an optimizer or of a wrapper exposing an inner optimizer's groups."""
+    for obj in (optimizer, getattr(optimizer, "optimizer", None), getattr(optimizer, "base_optimizer", None)):
+        groups = getattr(obj, "param_groups", None) if obj is not None else None
+        if groups is not None:
+            return groups
+    raise TypeError(
+        f"{type(optimizer).__name__} has no param_groups (nor an inner .optimizer / .base_optimizer with them)"
+    )
+
+
+class TempBalance:
+    """Drop-in TempBalance scheduler (original arguments first, Model Balancing options keyword-only).
+
+    Original arguments (SPEC section 6), same defaults: ``EVALS_THRESH``, ``bins``, ``conv_norm``,
+    ``pl_fitting`` ('median' | 'goodness-of-fit' | 'fix-finger'), ``xmin_pos``, ``filter_zeros``,
+    ``remove_first_layer``, ``remove_last_layer``, ``eigs_thresh``, ``esd_metric_for_tb``,
+    ``assign_func`` ('tb_linear_map' | 'tb_sqrt' | 'tb_log2' | 'tb_step', plus 'tb_sigmoid'),
+    ``lr_min_ratio``, ``lr_max_ratio``, ``batchnorm``, ``batchnorm_type`` ('name' | 'order'),
+    ``layernorm``.
+
+    Model Balancing options (SPEC section 7):
+
+    - ``tau``, ``s``: TB_Sigmoid parameters; ``s`` a number or a pair ``(s_below, s_above)``.
+    - ``granularity``: 'layer' (original), 'block' (one lr per transformer block, block score =
+      mean of its layers' scores, every parameter whose name is in the block gets it, others the
+      untuned lr) or 'layer_in_block' (block lr as for 'block', then each analysed layer is
+      mapped inside its block onto ``[lr_min_ratio, lr_min_ratio + lr_slope]`` times the block
+      lr; ``lr_slope`` defaults to ``lr_max_ratio - lr_min_ratio``).
+    - ``normalize``: rescale the tuned lrs (per layer, or per block) so their mean is the untuned lr.
+    - ``balance``: 'lr', 'weight_decay' (each group's weight decay times the layer's factor,
+      lr left untuned) or 'both'.
+    - ``start_step``: balancing starts once ``step`` has been called this many times; until
+      then every group gets the untuned lr and no ESD is computed.
+    - ``linear_map_equal``: 'mid' (tbfast) or 'reference' (numpy's upper end), see module docs.
+    - ``xmin_bound``, ``dtype``, ``method``, ``backend``: passed to `tbfast.layer_metrics`.
+    - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
+      (anything with ``names``, optional ``status``, and columns by ``table[name]``).
+
+    After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
+    ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        EVALS_THRESH: float = 0.00001,
+        bins: int = 100,
+        conv_norm: float = 0.5,
+        pl_fitting: str = "median",
+        xmin_pos: float = 2,
+        filter_zeros: bool = False,
+        remove_first_layer: bool = True,
+        remove_last_layer: bool = True,
+        eigs_thresh: int = 50,
+        esd_metric_for_tb: str = "alpha",
+        assign_func: Union[str, Callable[..., Any]] = "tb_linear_map",
+        lr_min_ratio: float = 0.5,
+        lr_max_ratio: float = 1.5,
+        batchnorm: bool = True,
+        batchnorm_type: str = "name",
+        layernorm: bool = False,
+        *,
+        tau: float = 10.0,
+        s: Union[float, Sequence[float]] = 1.0,
+        granularity: str = "layer",
+        lr_slope: Optional[float] = None,
+        normalize: bool = False,
+        balance: str = "lr",
+        start_step: int = 0,
+        linear_map_equal: str = "mid",
+        block_pattern: str = BLOCK_PATTERN,
+        xmin_bound: str = "reference",
+        dtype: torch.dtype = torch.float32,
+        method: str = "auto",
+        backend: str = "auto",
+        metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
+    ) -> None:
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
+        if pl_fitting not in PL_FITTINGS:
+            raise ValueError(f"unknown pl_fitting {pl_fitting!r}; expected one of {PL_FITTINGS}")
+        if not callable(assign_func) and assign_func not in ASSIGN_FUNCS:
+            raise ValueError(f"unknown assign_func {assign_func!r}; expected one of {sorted(ASSIGN_FUNCS)}")
+        for label, v in (("lr_min_ratio", lr_min_ratio), ("lr_max_ratio", lr_max_ratio)):
+            if not math.isfinite(float(v)) or float(v) < 0:
+                raise ValueError(f"{label} must be a finite number >= 0, got {v}")
+        if batchnorm_type not in ("name", "order"):
+            raise ValueError(f"batchnorm_type must be 'name' or 'order', got {batchnorm_type!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if balance not in BALANCE:
+            raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
+        if metrics_fn is None and esd_metric_for_tb not in SCORE_METRICS:
+            raise ValueError(f"unknown esd_metric_for_tb {esd_metric_for_tb!r}; expected one of {SCORE_METRICS}")
+        if xmin_pos <= 0 or conv_norm <= 0 or bins < 1:
+            raise ValueError(f"xmin_pos and conv_norm must be > 0 and bins >= 1 (got {xmin_pos}, {conv_norm}, {bins})")
+        if eigs_thresh < 0 or start_step < 0:
+            raise ValueError(f"eigs_thresh and start_step must be >= 0 (got {eigs_thresh}, {start_step})")
+        if linear_map_equal not in ("mid", "reference"):
+            raise ValueError(f"linear_map_equal must be 'mid' or 'reference', got {linear_map_equal!r}")
+        if lr_slope is None:
+            lr_slope = float(lr_max_ratio) - float(lr_min_ratio)
+        if float(lr_min_ratio) + float(lr_slope) < 0:
+            raise ValueError(f"lr_min_ratio + lr_slope must be >= 0, got {lr_min_ratio} + {lr_slope}")
+        # validate tau / s early with a dummy call
+        if assign_func == "tb_sigmoid":
+            assign_lrs("tb_sigmoid", np.array([1.0, 2.0]), 1.0, tau=tau, s=s)
+
+        self.net = net
+        self.EVALS_THRESH = EVALS_THRESH
+        self.bins = bins
+        self.conv_norm = conv_norm
+        self.pl_fitting = pl_fitting
+        self.xmin_pos = xmin_pos
+        self.filter_zeros = filter_zeros
+        self.remove_first_layer = remove_first_layer
+        self.remove_last_layer = remove_last_layer
+        self.eigs_thresh = eigs_thresh
+        self.esd_metric_for_tb = esd_metric_for_tb
+        self.assign_func = assign_func
+        self.lr_min_ratio = lr_min_ratio
+        self.lr_max_ratio = lr_max_ratio
+        self.batchnorm = batchnorm
+        self.batchnorm_type = batchnorm_type
+        self.layernorm = layernorm
+        self.tau = tau
+        self.s = s
+        self.granularity = granularity
+        self.lr_slope = float(lr_slope)
+        self.normalize = normalize
+        self.balance = balance
+        self.start_step = int(start_step)
+        self.linear_map_equal = linear_map_equal
+        self.block_pattern = block_pattern
+        self.xmin_bound = xmin_bound
+        self.dtype = dtype
+        self.method = method
+        self.backend = backend
+        self.metrics_fn = metrics_fn
+
+        self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
+        self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
+        self.scores: "OrderedDict[str, float]" = OrderedDict()  #: score per layer, or per block key
+        self.ratios: "OrderedDict[str, float]" = OrderedDict()  #: lr / untuned lr per schedule key
+        self.layer_lrs: "OrderedDict[str, float]" = OrderedDict()  #: last lr per tuned layer
+        self.step_count = 0
+        self._layer_ratio: "OrderedDict[str, float]" = OrderedDict()
+
+    # ------------------------------------------------------------------ metrics -> ratios
+    @property
+    def active(self) -> bool:
+        """Whether balancing is on (``step`` called at least ``start_step`` times)."""
+        return self.step_count >= self.start_step
+
+    def compute_metrics(self) -> Any:
+        """ESD table of every analysed layer (nn.Conv2d and nn.Linear, module order). The model is not changed."""
+        if self.metrics_fn is not None:
+            return self.metrics_fn(self.net)
+        from .metrics import layer_metrics
+
+        fit = "goodness-of-fit" if self.pl_fitting == "ks" else self.pl_fitting
+        with torch.no_grad():
+            return layer_metrics(
+                self.net, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
+                evals_thresh=self.EVALS_THRESH, bins=self.bins, xmin_bound=self.xmin_bound,
+                method=self.method, dtype=self.dtype, backend=self.backend,
+                types=("Linear", "Conv2d"), conv_norm=self.conv_norm,
+            )
+
+    @staticmethod
+    def _column(table: Any, key: str) -> np.ndarray:
+        try:
+            col = table[key]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise KeyError(f"ESD table has no column {key!r}") from exc
+        if isinstance(col, torch.Tensor):
+            return col.detach().to("cpu", torch.float64).numpy()
+        return np.asarray(col, dtype=np.float64)
+
+    def _selected(self, table: Any) -> list[int]:
+        """Rows entering the schedule: first/last removal, then ``num_evals >= eigs_thresh``."""
+        idx = list(range(len(table.names)))
+        if self.remove_first_layer:
+            idx = idx[1:]
+        if self.remove_last_layer:
+            idx = idx[:-1]
+        num_evals = self._column(table, "num_evals")
+        return [i for i in idx if num_evals[i] >= self.eigs_thresh]
+
+    def update(self, table: Any = None) -> "OrderedDict[str, float]":
+        """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key.
+
+        Keys are layer names ('layer'), ``"block.<b>"`` ('block'), or both ('layer_in_block').
+        Returns ``ratios``; the lr of a key is ``untuned_lr * ratio``.
+        """
+        table = self.compute_metrics() if table is None else table
+        names = list(table.names)
+        modules = dict(self.net.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"ESD table names layers that are not modules of the model: {missing[:5]}")
+        rows = self._selected(table)
+        if not rows:
+            raise ValueError(
+                "TempBalance: no layer left to schedule after remove_first_layer/remove_last_layer and "
+                f"eigs_thresh={self.eigs_thresh} ({len(names)} analysed layers)"
+            )
+        status = list(getattr(table, "status", ["ok"] * len(names)))
+        all_scores = self._column(table, self.esd_metric_for_tb)
+        for i in rows:
+            if status[i] != "ok":
+                raise ValueError(f"TempBalance: layer {names[i]!r} has no usable ESD fit ({status[i]})")
+            if not math.isfinite(all_scores[i]):
+                raise ValueError(f"TempBalance: layer {names[i]!r} has a non-finite {self.esd_metric_for_tb} ({all_scores[i]})")
+        sel_names = [names[i] for i in rows]
+        sel_scores = all_scores[rows]
+        opts = dict(lr_min_ratio=self.lr_min_ratio, lr_max_ratio=self.lr_max_ratio, tau=self.tau, s=self.s,
+                    equal_scores=self.linear_map_equal)
+
+        ratios: "OrderedDict[str, float]" = OrderedDict()
+        scores: "OrderedDict[str, float]" = OrderedDict()
+        layer_ratio: "OrderedDict[str, float]" = OrderedDict()
+        if self.granularity == "layer":
+            r = np.asarray(assign_lrs(self.assign_func, sel_scores, 1.0, names=sel_names, **opts), dtype=np.float64)
+            if self.normalize:
+                r = normalize_mean(r, 1.0)
+            for n, v, sc in zip(sel_names, r, sel_scores):
+                ratios[n] = layer_ratio[n] = float(v)
+                scores[n] = float(sc)
+        else:
+            blocks = [block_of(n, self.block_pattern) for n in sel_names]
+            order, means = block_means(sel_scores, blocks)
+            if not order:
+                raise ValueError(
+                    f"TempBalance: granularity={self.granularity!r} but no scheduled layer name matches the "
+                    f"block pattern {self.block_pattern!r} (e.g. {sel_names[0]!r})"
+                )
+            keys = [f"block.{b}" for b in order]
+            r = np.asarray(assign_lrs(self.assign_func, means, 1.0, names=keys, **opts), dtype=np.float64)
+            if self.normalize:
+                r = normalize_mean(r, 1.0)
+            block_r = {b: float(v) for b, v in zip(order, r)}
+            for k, b, m in zip(keys, order, means):
+                ratios[k] = block_r[b]
+                scores[k] = float(m)
+            in_block = [j for j, b in enumerate(blocks) if b is not None]
+            if self.granularity == "block":
+                for j in in_block:
+                    layer_ratio[sel_names[j]] = block_r[blocks[j]]
+            else:
+                sub_names = [sel_names[j] for j in in_block]
+                sub = within_block_lrs(sel_scores[in_block], [blocks[j] for j in in_block], block_r,
+                                       self.lr_min_ratio, self.lr_slope)
+                for n, v, j in zip(sub_names, sub, in_block):
+                    ratios[n] = layer_ratio[n] = float(v)
+                    scores[n] = float(sel_scores[j])
+        bad = [k for k, v in ratios.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ValueError(f"TempBalance: invalid learning-rate factor for {bad[:5]}: {[ratios[k] for k in bad[:5]]}")
+
+        self.metrics = table
+        self.tuned_layers = sel_names
+        self.scores = scores
+        self.ratios = ratios
+        self._layer_ratio = layer_ratio
+        logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(ratios),
+                     min(ratios.values()), max(ratios.values()))
+        return ratios
+
+    # ------------------------------------------------------------------ parameters -> keys
+    def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
+        """Tuned groups ``(label, key, params)`` in the original's order, and the untuned params.
+
+        'layer': one group per tuned module in ``named_modules()`` order, plus coupled
+        BatchNorm2d (``batchnorm``) and LayerNorm (``layernorm``) modules with their layer's key.
+        BN coupling 'name': the layer named like the BN with 'bn' replaced by 'conv'; 'order':
+        the nearest nn.Conv2d before the BN in module order. LN coupling: the nearest nn.Linear
+        before the LN. 'block' / 'layer_in_block': one group per block (its parameters not owned
+        by a separately tuned layer), plus one per tuned layer for 'layer_in_block'.
+        """
+        if not self.ratios:
+            raise RuntimeError("TempBalance: no schedule yet; call update() first")
+        seen: set[int] = set()
+        groups: list[tuple[str, Any, list[nn.Parameter]]] = []
+
+        def take(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+            out = []
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+            return out
+
+        if self.granularity == "layer":
+            last_conv = last_linear = None
+            for name, module in self.net.named_modules():
+                key = None
+                if name in self.ratios:
+                    key = name
+                elif self.batchnorm and isinstance(module, nn.BatchNorm2d):
+                    partner = name.replace("bn", "conv") if self.batchnorm_type == "name" else last_conv
+                    if partner in self.ratios:
+                        key = partner
+                elif self.layernorm and isinstance(module, nn.LayerNorm):
+                    if last_linear in self.ratios:
+                        key = last_linear
+                if isinstance(module, nn.Conv2d):
+                    last_conv = name
+                if isinstance(module, nn.Linear):
+                    last_linear = name
+                if key is not None:
+                    params = take(module.parameters())
+                    if params:
+                        groups.append((name, key, params))
+        else:
+            by_label: "OrderedDict[str, tuple[Any, list]]" = OrderedDict()
+            owner: dict[int, str] = {}
+            if self.granularity == "layer_in_block":
+                modules = dict(self.net.named_modules())
+                for name in self.ratios:
+                    if not name.startswith("block."):
+                        for p in modules[name].parameters():
+                            owner.setdefault(id(p), name)
+            for pname, p in self.net.named_parameters():
+                key = owner.get(id(p))
+                if key is None:
+                    b = block_of(pname, self.block_pattern)
+                    key = f"block.{b}" if b is not None and f"block.{b}" in self.ratios else None
+                if key is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                by_label.setdefault(key, (key, []))[1].append(p)
+            groups = [(label, key, params) for label, (key, params) in by_label.items()]
+        untuned = [p for p in self.net.parameters() if id(p) not in seen]
+        return groups, untuned
+
+    def param_keys(self) -> dict[int, Any]:
+        """``id(param) -> schedule key`` (None for parameters at the untuned lr)."""
+        groups, untuned = self.layout()
+        keys: dict[int, Any] = {id(p): _UNTUNED for p in untuned}
+        for _, key, params in groups:
+            for p in params:
+                keys[id(p)] = key
+        return keys
+
+    def ratio(self, key: Any) -> float:
+        """lr factor of a schedule key (1.0 for untuned parameters or before ``start_step``)."""
+        if key is _UNTUNED or not self.active:
+            return 1.0
+        return self.ratios[key]
+
+    # ------------------------------------------------------------------ original API
+    def build_optimizer_param_group(self, untuned_lr: float = 0.1, initialize: bool = True):
+        """Param groups for a fresh optimizer: ``(groups, layer_count)``.
+
+        ``groups`` = one dict ``{'params': [...], 'lr': lr}`` per tuned module (or block), in
+        module order, then one group with every other parameter at ``untuned_lr``;
+        ``layer_count`` = the number of tuned groups. With ``initialize=False`` returns the
+        list of the tuned groups' learning rates instead.
+        """
+        untuned_lr = float(untuned_lr)
+        self.update()
+        groups, untuned = self.layout()
+        lrs = [untuned_lr * self.ratio(key) for _, key, _ in groups]
+        if not initialize:
+            return lrs
+        out = [{"params": params, "lr": lr} for (_, _, params), lr in zip(groups, lrs)]
+        if self.balance == "weight_decay":
+            for g in out:
+                g["lr"] = untuned_lr
+        out.append({"params": untuned, "lr": untuned_lr})
+        self._record_layer_lrs(untuned_lr)
+        return out, len(groups)
+
+    def step(self, optimizer: Any, untuned_lr: float) -> list[float]:
+        """Recompute the ESD and write the balanced lrs into ``optimizer``'s param groups.
+
+        Groups are matched to layers by parameter identity; returns the lrs written, per group.
+        """
+        self.step_count += 1
+        if self.active:
+            self.update()
+        return self.apply(optimizer, untuned_lr)
+
+    # ------------------------------------------------------------------ writing into optimizers
+    def group_keys(self, optimizer: Any) -> list[Any]:
+        """The schedule key of every param group of ``optimizer`` (None = untuned)."""
+        if not self.ratios:
+            self.update()
+        keys = self.param_keys()
+        names = {id(p): n for n, p in self.net.named_parameters()}
+        out = []
+        for gi, group in enumerate(_groups_of(optimizer)):
+            found = set()
+            for p in group["params"]:
+                if id(p) not in keys:
+                    raise ValueError(
+                        f"optimizer param group {gi} holds a parameter of shape {tuple(p.shape)} that is not "
+                        "a parameter of the model TempBalance was built with"
+                    )
+                found.add(keys[id(p)])
+            if len(found) > 1:
+                ex = {k if k is not None else "untuned": next(names.get(id(p), "?") for p in group["params"]
+                                                           if keys[id(p)] == k) for k in found}
+                raise ValueError(
+                    f"optimizer param group {gi} mixes parameters that TempBalance schedules separately "
+                    f"({ex}); build the optimizer from build_optimizer_param_group() or tbfast.integrations"
+                )
+            out.append(found.pop() if found else _UNTUNED)
+        return out
+
+    def apply(self, optimizer: Any, untuned_lr: Optional[float] = None) -> list[float]:
+        """Write the latest factors into ``optimizer`` (no new ESD).
+
+        With ``untuned_lr`` given, every group's untuned lr is that number (the original
+        behaviour). With ``untuned_lr=None`` each group's untuned lr is its current ``lr``
+        when something else (an lr scheduler) has changed it since the last write, otherwise
+        the untuned lr remembered from that write; this makes re-applying after every
+        lr-scheduler step idempotent.
+        """
+        if untuned_lr is not None:
+            untuned_lr = float(untuned_lr)
+            if not math.isfinite(untuned_lr) or untuned_lr < 0:
+                raise ValueError(f"untuned_lr must be a finite number >= 0, got {untuned_lr}")
+        keys = self.group_keys(optimizer) if self.active else None
+        written = []
+        for gi, group in enumerate(_groups_of(optimizer)):
+            if untuned_lr is not None:
+                base = untuned_lr
+            elif _WRITTEN in group and group["lr"] == group[_WRITTEN]:
+                base = group[_BASE]
+            else:
+                base = float(group["lr"])
+            factor = self.ratio(keys[gi]) if keys is not None else 1.0
+            lr = base * factor if self.balance in ("lr", "both") else base
+            if self.balance in ("weight_decay", "both"):
+                if "weight_decay" not in group:
+                    raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
+                wd0 = group.setdefault(_WD0, group["weight_decay"])
+                group["weight_decay"] = wd0 * factor
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+            group[_WRITTEN] = lr
+            group[_BASE] = base
+            written.append(lr)
+        if untuned_lr is not None:
+            self._record_layer_lrs(untuned_lr)
+        return written
+
+    def _record_layer_lrs(self, untuned_lr: float) -> None:
+        factor = self._layer_ratio if self.active and self.balance != "weight_decay" else {}
+        self.layer_lrs = OrderedDict((n, untuned_lr * factor.get(n, 1.0)) for n in self.tuned_layers)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Everything needed to resume: step count and the latest schedule (factors, scores)."""
+        return {
+            "step_count": self.step_count,
+            "ratios": dict(self.ratios),
+            "scores": dict(self.scores),
+            "tuned_layers": list(self.tuned_layers),
+            "layer_ratio": dict(getattr(self, "_layer_ratio", {})),
+            "granularity": self.granularity,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict`; the ESD table itself is recomputed on the next update."""
+        if state.get("granularity", self.granularity) != self.granularity:
+            raise ValueError(
+                f"state was saved with granularity={state['granularity']!r}, this scheduler uses {self.granularity!r}"
+            )
+        self.step_count = int(state["step_count"])
+        self.ratios = OrderedDict(state["ratios"])
+        self.scores = OrderedDict(state["scores"])
+        self.tuned_layers = list(state["tuned_layers"])
+        self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
+
+    # ------------------------------------------------------------------ reporting
+    def table(self):
+        """Per-layer DataFrame of the last schedule: name, block, score, tuned, lr factor."""
+        import pandas as pd
+
+        if self.metrics is None:
+            raise RuntimeError("TempBalance: no ESD computed yet")
+        names = list(self.metrics.names)
+        score = self._column(self.metrics, self.esd_metric_for_tb)
+        lr_ratio = getattr(self, "_layer_ratio", {})
+        return pd.DataFrame({
+            "name": names,
+            "block": [block_of(n, self.block_pattern) for n in names],
+            self.esd_metric_for_tb: score,
+            "tuned": [n in lr_ratio for n in names],
+            "lr_factor": [lr_ratio.get(n, 1.0) for n in names],
+        })
+
+    def __repr__(self) -> str:
+        return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
+                f"metric={self.esd_metric_for_tb!r}, pl_fitting={self.pl_fitting!r}, layers={len(self.tuned_layers)})")
+
+
+#: The original's class name.
+Tempbalance = TempBalance
