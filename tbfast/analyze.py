@@ -1,0 +1,204 @@
+"""The HT-SR report: one row per layer, WeightWatcher-style column names.
+
+`analyze` takes a model, a state dict, a checkpoint file or directory (safetensors, ``.pt``/``.bin``,
+sharded), or a PEFT LoRA adapter directory, and returns a pandas DataFrame. Checkpoint tensors are
+read lazily, a few at a time, within ``memory_budget`` (the ESD stage chunks layers by Gram size).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .checkpoint import checkpoint_layers, is_peft_adapter, lora_layers, open_checkpoint
+from .layers import Layer, find_layers
+from .metrics import ESDMetrics, compute_metrics
+from .powerlaw import PowerLawFit, canonical_fit, fit_power_law
+from .spectra import Spectra, esd
+
+__all__ = ["analyze", "analyze_spectra", "summary", "Analysis", "COLUMNS", "SUMMARY_COLUMNS",
+           "WW_MIN_EVALS", "WW_MAX_EVALS"]
+
+logger = logging.getLogger(__name__)
+
+WW_MIN_EVALS = 10
+WW_MAX_EVALS = 15000
+
+COLUMNS = (
+    "layer_id", "name", "type", "N", "M", "rf", "num_evals", "alpha", "alpha_weighted", "D", "xmin",
+    "xmax", "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "entropy",
+    "log_alpha_norm", "block", "warning", "status",
+)
+SUMMARY_COLUMNS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm",
+                   "stable_rank", "entropy", "D")
+
+
+@dataclass
+class Analysis:
+    """Everything one analysis produced: the table, the eigenvalues and the fits."""
+
+    details: Any  # pandas.DataFrame
+    spectra: Spectra
+    fit: PowerLawFit
+    metrics: ESDMetrics
+
+
+def _resolve_layers(source: Any, *, base: Any, include_embedding: bool, types: Iterable[str] | None,
+                    include: str | None, exclude: str | None, conv_norm: float, lora_scaling: bool,
+                    min_evals: int, max_evals: int | None) -> list[Layer]:
+    if isinstance(source, Layer):
+        source = [source]
+    if isinstance(source, (list, tuple)) and source and all(isinstance(x, Layer) for x in source):
+        layers = list(source)
+    elif isinstance(source, nn.Module):
+        if base is not None and not isinstance(base, (nn.Module, Mapping)):
+            store = open_checkpoint(base)
+            base = {i.name: store.load(i.name) for i in store.infos()}
+        layers = find_layers(source, types=types, include_embedding=include_embedding, conv_norm=conv_norm,
+                             include=include, exclude=exclude, base=base, lora_scaling=lora_scaling,
+                             min_evals=min_evals)
+    elif isinstance(source, (str, os.PathLike)) and is_peft_adapter(source):
+        if base is None:
+            return checkpoint_layers(source, min_evals=min_evals, max_evals=max_evals,
+                                     include=include, exclude=exclude)
+        layers = lora_layers(source, base, lora_scaling=lora_scaling, include=include, exclude=exclude,
+                             min_evals=min_evals, max_evals=max_evals)
+    elif isinstance(source, (str, os.PathLike, Mapping)) or hasattr(source, "infos"):
+        layers = checkpoint_layers(source, base=base, include_embedding=include_embedding, types=types,
+                                   conv_norm=conv_norm, include=include, exclude=exclude,
+                                   min_evals=min_evals, max_evals=max_evals)
+    else:
+        raise TypeError(f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, "
+                        f"a checkpoint path or a list of tbfast.Layer")
+    layers = [l for l in layers
+              if l.num_evals >= min_evals and (max_evals is None or l.num_evals <= max_evals)]
+    if not layers:
+        raise ValueError(f"no layer with {min_evals} to {max_evals} eigenvalues matched the selection")
+    return layers
+
+
+def _frame(layers: list[Layer], m: ESDMetrics):
+    import pandas as pd
+
+    def col(t: torch.Tensor) -> list:
+        return t.tolist()
+
+    data = {
+        "layer_id": [l.index for l in layers],
+        "name": list(m.names),
+        "type": list(m.kinds),
+        "N": [max(l.rows, l.cols) for l in layers],
+        "M": [min(l.rows, l.cols) for l in layers],
+        "rf": [l.k for l in layers],
+        "num_evals": col(m.num_evals),
+        "alpha": col(m.alpha),
+        "alpha_weighted": col(m.alphahat),
+        "D": col(m.D),
+        "xmin": col(m.xmin),
+        "xmax": col(m.xmax),
+        "spectral_norm": col(m.spectral_norm),
+        "log_spectral_norm": col(m.log_spectral_norm),
+        "norm": col(m.norm),
+        "log_norm": col(m.log_norm),
+        "stable_rank": col(m.stable_rank),
+        "entropy": col(m.entropy),
+        "log_alpha_norm": col(m.log_alpha_norm),
+        "block": pd.array(list(m.blocks), dtype="Int64"),
+        "warning": list(m.warning),
+        "status": list(m.status),
+    }
+    return pd.DataFrame(data, columns=list(COLUMNS))
+
+
+def analyze_spectra(
+    source: Any,
+    *,
+    base: Any = None,
+    fit: str = "ks",
+    xmin_pos: float = 2.0,
+    filter_zeros: bool = False,
+    evals_thresh: float = 1e-5,
+    bins: int = 100,
+    xmin_bound: str = "reference",
+    sr_mid_pos: float | None = None,
+    min_evals: int = WW_MIN_EVALS,
+    max_evals: int | None = WW_MAX_EVALS,
+    include_embedding: bool = True,
+    types: Iterable[str] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    conv_norm: float = 0.5,
+    lora_scaling: bool = True,
+    method: str = "auto",
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+    backend: str = "auto",
+) -> Analysis:
+    """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments."""
+    canonical_fit(fit)  # validate the name before any work
+    layers = _resolve_layers(source, base=base, include_embedding=include_embedding, types=types,
+                             include=include, exclude=exclude, conv_norm=conv_norm,
+                             lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals)
+    logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit, dtype)
+    spectra = esd(layers, method=method, dtype=dtype, device=device, memory_budget=memory_budget,
+                  progress=progress)
+    pl = fit_power_law(spectra, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+                       evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
+    m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos)
+    return Analysis(details=_frame(spectra.layers, m), spectra=spectra, fit=pl, metrics=m)
+
+
+def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options: Any):
+    """HT-SR analysis of every layer: a pandas DataFrame, one row per layer.
+
+    ``source``: an ``nn.Module``, a state dict, a ``.safetensors`` file, a directory of shards,
+    a ``.pt``/``.bin`` checkpoint, a PEFT LoRA adapter directory (with ``base=``), or a list of
+    `tbfast.Layer`. Files need no model class and are read lazily within ``memory_budget`` bytes.
+
+    Options (defaults follow WeightWatcher's ``analyze()``):
+
+    - ``fit``: ``"ks"`` / ``"goodness-of-fit"`` (default; WeightWatcher's power-law fit),
+      ``"median"`` (TempBalance's Hill estimator at ``xmin_pos``), ``"fix-finger"``;
+    - ``min_evals=10``, ``max_evals=15000``: WeightWatcher's default layer selection (eigenvalue
+      counts); ``min_evals=0, max_evals=None`` keeps every layer;
+    - ``include_embedding=True``, ``types``, ``include`` / ``exclude`` (regexes on layer names),
+      ``conv_norm=0.5``;
+    - ``base``: a model, state dict or checkpoint; each layer becomes ``W - W_base``; for a LoRA
+      adapter directory, the base the adapter is merged onto;
+    - ``dtype=torch.float64`` (exact; ``torch.float32`` is faster on GPUs), ``device``,
+      ``memory_budget`` (bytes), ``progress`` (a progress bar over layers);
+    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib).
+
+    Columns: layer_id, name, type, N, M (N >= M), rf (matrices pooled, the kernel size of a
+    convolution), num_evals, alpha, alpha_weighted, D, xmin, xmax, spectral_norm (lambda_max),
+    log_spectral_norm, norm, log_norm, stable_rank, entropy, log_alpha_norm, block, warning, status.
+    A row whose ``status`` is not ``"ok"`` says why its fit is not usable.
+    """
+    result = analyze_spectra(source, **options)
+    if plot_dir is not None:
+        from .plot import plot_analysis
+
+        plot_analysis(result, plot_dir)
+    return result.details
+
+
+def summary(details) -> dict[str, float]:
+    """Averages over the layers whose status is ``"ok"`` (WeightWatcher's ``get_summary``):
+    alpha, alpha_weighted, log_norm, log_spectral_norm, log_alpha_norm, stable_rank, entropy, D;
+    plus ``num_layers`` (rows averaged)."""
+    ok = details[details["status"] == "ok"] if "status" in details else details
+    out: dict[str, float] = {}
+    for c in SUMMARY_COLUMNS:
+        if c in ok:
+            out[c] = float(ok[c].mean()) if len(ok) else math.nan
+    out["num_layers"] = int(len(ok))
+    return out
