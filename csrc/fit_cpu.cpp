@@ -1,0 +1,417 @@
+// Power-law fits over a ragged batch of ascending spectra (SPEC sections 3-5), CPU.
+//
+//   hill_fit(values, starts, ends, xmin_pos)        -> (alpha, D, index)   "median" fit
+//   ks_scan(values, starts, ends, lo, hi)           -> (alpha, D, index)   goodness-of-fit / fix-finger
+//   _ks_scan_exhaustive(values, starts, ends, lo, hi)  same result without pruning (test oracle)
+//
+// Layer l is values[starts[l]:ends[l]] (ascending, finite, >= 0); N = ends[l] - starts[l].
+// With xmin = x[i], n = N - i:
+//   alpha_i = 1 + n / (sum_{j>=i} ln x[j] - n ln x[i])      (log sums in extended precision)
+//   D_i     = max_{j<n} |1 - (x[i+j]/x[i])^(1-alpha_i) - j/n|
+// The power is evaluated as exp((1-alpha) * (ln x[i+j] - ln x[i])) from logs computed once per
+// layer; a zero log difference gives exactly 1 (as pow(1, y) does, also for alpha = inf).
+//
+// KS scan: candidates i = 0..N-2; those with x[i] < lo are skipped, the scan stops at the first
+// with x[i] > hi; a visited candidate has D_i as above when alpha_i > 1, else 1; unvisited ones
+// keep alpha 0, D 1. Result: the first argmin k of D_i.
+//
+// The scan is parallel over all (layer, candidate) pairs and prunes work without changing the
+// result:
+//  * Interval bound: F_j = 1 - (x[i+j]/x[i])^(1-alpha) is non-decreasing in j and so is j/n, so
+//    on a block (ja, jb) every term is at most max(F_jb - (ja+1)/n, (jb-1)/n - F_ja). A block
+//    whose bound is below the running maximum (by a margin far above rounding error) cannot
+//    change D_i and is skipped: the D_i returned equals the full max bit for bit.
+//  * Branch and bound over candidates: every finished candidate lowers the layer's best D (an
+//    atomic). A candidate whose partial max is strictly greater than some finished candidate's
+//    D cannot be the first argmin and is abandoned. The best D only ever holds values actually
+//    attained, so the final first argmin over the finished candidates is the full scan's, no
+//    matter how the threads interleave. Seed candidates spread over the window are visited
+//    first so that the bound is tight early.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "tbfast_parallel.h"
+
+namespace tbfast {
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int64_t kBlock = 16;      // sample spacing for the interval bound
+constexpr double kSlack = 1e-12;    // margin for rounding in the interval bound (terms are <= 1)
+constexpr int64_t kSeeds = 24;      // seed candidates per layer visited first
+
+// ---------------------------------------------------------------------------------------------
+// Input checks
+
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t L) {
+  TORCH_CHECK(t.device().is_cpu(), "tbfast::", op, " (CPU): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, "tbfast::", op, ": ", name, " must be int64, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == L, "tbfast::", op, ": ", name,
+              " must be 1-D with one entry per layer (", L, "), got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "tbfast::", op, ": ", name, " must be contiguous");
+}
+
+void check_bound_tensor(const char* op, const char* name, const at::Tensor& t, int64_t L) {
+  TORCH_CHECK(t.device().is_cpu(), "tbfast::", op, " (CPU): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kDouble, "tbfast::", op, ": ", name, " must be float64, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == L, "tbfast::", op, ": ", name,
+              " must be 1-D with one entry per layer (", L, "), got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "tbfast::", op, ": ", name, " must be contiguous");
+}
+
+void check_common(const char* op, const at::Tensor& values, const at::Tensor& starts,
+                  const at::Tensor& ends) {
+  TORCH_CHECK(values.device().is_cpu(), "tbfast::", op, " (CPU): values must be a CPU tensor, got ",
+              values.device());
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
+              "tbfast::", op, ": values must be float32 or float64, got ", values.scalar_type());
+  TORCH_CHECK(values.dim() == 1, "tbfast::", op, ": values must be 1-D (concatenated spectra), got shape ",
+              values.sizes());
+  TORCH_CHECK(values.is_contiguous(), "tbfast::", op, ": values must be contiguous");
+  TORCH_CHECK(starts.dim() == 1, "tbfast::", op, ": starts must be 1-D, got shape ", starts.sizes());
+  const int64_t L = starts.size(0);
+  check_index_tensor(op, "starts", starts, L);
+  check_index_tensor(op, "ends", ends, L);
+  const int64_t* s = starts.const_data_ptr<int64_t>();
+  const int64_t* e = ends.const_data_ptr<int64_t>();
+  const int64_t total = values.size(0);
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(0 <= s[l] && s[l] <= e[l] && e[l] <= total, "tbfast::", op, ": layer ", l,
+                " has an invalid range starts=", s[l], ", ends=", e[l], " for ", total, " values");
+  }
+}
+
+// Checks that every layer's slice is finite, >= 0 and ascending; throws naming the first bad one.
+template <class T>
+void check_values(const char* op, const T* x, const int64_t* s, const int64_t* e, int64_t L) {
+  std::vector<int8_t> bad(L, 0);
+  std::vector<int64_t> where(L, 0);
+  parallel_for_static(L, 8, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      for (int64_t p = s[l]; p < e[l]; ++p) {
+        const double v = static_cast<double>(x[p]);
+        int8_t code = 0;
+        if (!std::isfinite(v)) code = 1;
+        else if (v < 0) code = 2;
+        else if (p > s[l] && v < static_cast<double>(x[p - 1])) code = 3;
+        if (code != 0) {
+          bad[l] = code;
+          where[l] = p - s[l];
+          break;
+        }
+      }
+    }
+  });
+  for (int64_t l = 0; l < L; ++l) {
+    if (bad[l] == 0) continue;
+    const int64_t j = where[l];
+    const double v = static_cast<double>(x[s[l] + j]);
+    TORCH_CHECK(bad[l] != 1, "tbfast::", op, ": layer ", l, " has a non-finite eigenvalue (", v,
+                " at position ", j, ")");
+    TORCH_CHECK(bad[l] != 2, "tbfast::", op, ": layer ", l, " has a negative eigenvalue (", v,
+                " at position ", j, "); clamp round-off negatives to 0 first");
+    TORCH_CHECK(false, "tbfast::", op, ": layer ", l, " is not sorted ascending (position ", j,
+                ": ", v, " < ", static_cast<double>(x[s[l] + j - 1]), ")");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-candidate formulas (shared by the median fit and the scan, so both agree bit for bit)
+
+// alpha = 1 + n / (S - n ln x[i]) with S = sum_{j>=i} ln x[j] accumulated from the top.
+inline double hill_alpha(long double suffix_sum, double log_xmin, int64_t n) {
+  const long double denom = suffix_sum - static_cast<long double>(n) * log_xmin;
+  return static_cast<double>(1.0L + static_cast<long double>(n) / denom);
+}
+
+// F_j = 1 - (x[i+j]/x[i])^(1-alpha) from logs (Lt = logs of the tail, Lt[0] = ln xmin).
+inline double fit_cdf(const double* Lt, int64_t j, double one_minus_alpha) {
+  const double d = Lt[j] - Lt[0];
+  return 1.0 - (d == 0.0 ? 1.0 : std::exp(one_minus_alpha * d));
+}
+
+inline double ks_term(double F, int64_t j, double n) { return std::fabs(F - static_cast<double>(j) / n); }
+
+// Full KS distance over the tail (NaN propagates, as torch.max would).
+double ks_distance_full(const double* Lt, int64_t n, double alpha) {
+  const double a1 = 1.0 - alpha, nd = static_cast<double>(n);
+  double D = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double t = ks_term(fit_cdf(Lt, j, a1), j, nd);
+    if (std::isnan(t) || t > D) D = t;
+  }
+  return D;
+}
+
+// KS distance with the interval bound and abandonment once the partial max exceeds *best.
+// Requires alpha > 1 (no NaN terms) and n >= 2. Returns +inf when abandoned.
+double ks_distance_pruned(const double* Lt, int64_t n, double alpha, const std::atomic<double>& best,
+                          std::vector<double>& F) {
+  const double a1 = 1.0 - alpha, nd = static_cast<double>(n);
+  const int64_t nb = (n - 1 + kBlock - 1) / kBlock;  // blocks between samples at 0, B, 2B, .., n-1
+  F.resize(nb + 1);
+  double M = 0.0;
+  for (int64_t k = 0; k <= nb; ++k) {
+    const int64_t j = std::min(k * kBlock, n - 1);
+    F[k] = fit_cdf(Lt, j, a1);
+    M = std::max(M, ks_term(F[k], j, nd));
+  }
+  if (M > best.load(std::memory_order_relaxed)) return kInf;
+  auto bound = [&](int64_t k) {
+    const int64_t ja = k * kBlock, jb = std::min(ja + kBlock, n - 1);
+    if (jb - ja <= 1) return -kInf;
+    return std::max(F[k + 1] - static_cast<double>(ja + 1) / nd,
+                    static_cast<double>(jb - 1) / nd - F[k]);
+  };
+  auto scan_block = [&](int64_t k) {
+    const int64_t ja = k * kBlock, jb = std::min(ja + kBlock, n - 1);
+    for (int64_t j = ja + 1; j < jb; ++j) M = std::max(M, ks_term(fit_cdf(Lt, j, a1), j, nd));
+  };
+  // The block with the largest bound first (it most likely holds the max), then the rest.
+  int64_t top = 0;
+  double top_u = -kInf;
+  for (int64_t k = 0; k < nb; ++k) {
+    const double u = bound(k);
+    if (u > top_u) {
+      top_u = u;
+      top = k;
+    }
+  }
+  if (top_u + kSlack >= M) {
+    scan_block(top);
+    if (M > best.load(std::memory_order_relaxed)) return kInf;
+  }
+  for (int64_t k = 0; k < nb; ++k) {
+    if (k == top || bound(k) + kSlack < M) continue;
+    scan_block(k);
+    if (M > best.load(std::memory_order_relaxed)) return kInf;
+  }
+  return M;
+}
+
+inline void atomic_min(std::atomic<double>& a, double v) {
+  double cur = a.load(std::memory_order_relaxed);
+  while (v < cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Median ("hill") fit
+
+template <class T>
+void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, int64_t L, double xmin_pos,
+                     double* alpha, double* D, int64_t* index) {
+  parallel_for_static(L, 4, [&](int64_t l0, int64_t l1) {
+    std::vector<double> Lt;
+    for (int64_t l = l0; l < l1; ++l) {
+      const int64_t N = e[l] - s[l];
+      const int64_t i = N >= 2 ? static_cast<int64_t>(std::floor(static_cast<double>(N) / xmin_pos)) : N;
+      if (N < 2 || i >= N || i < 0) {
+        alpha[l] = D[l] = kNaN;
+        index[l] = -1;
+        continue;
+      }
+      const int64_t n = N - i;
+      Lt.resize(n);
+      long double S = 0.0L;
+      for (int64_t j = n - 1; j >= 0; --j) {
+        Lt[j] = std::log(static_cast<double>(x[s[l] + i + j]));
+        S += Lt[j];
+      }
+      const double a = hill_alpha(S, Lt[0], n);
+      alpha[l] = a;
+      D[l] = ks_distance_full(Lt.data(), n, a);
+      index[l] = i;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hill_fit_cpu(const at::Tensor& values,
+                                                            const at::Tensor& starts,
+                                                            const at::Tensor& ends, double xmin_pos) {
+  check_common("hill_fit", values, starts, ends);
+  TORCH_CHECK(std::isfinite(xmin_pos) && xmin_pos > 0, "tbfast::hill_fit: xmin_pos must be a positive number, got ",
+              xmin_pos);
+  const int64_t L = starts.size(0);
+  auto f64 = values.options().dtype(at::kDouble);
+  at::Tensor alpha = at::empty({L}, f64), D = at::empty({L}, f64);
+  at::Tensor index = at::empty({L}, values.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "tbfast_hill_fit", [&] {
+    const scalar_t* x = values.const_data_ptr<scalar_t>();
+    check_values("hill_fit", x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), L);
+    hill_fit_kernel(x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), L, xmin_pos,
+                    alpha.mutable_data_ptr<double>(), D.mutable_data_ptr<double>(),
+                    index.mutable_data_ptr<int64_t>());
+  });
+  return {alpha, D, index};
+}
+
+// ---------------------------------------------------------------------------------------------
+// KS scan
+
+struct ScanLayer {
+  int64_t N = 0;       // eigenvalues in the layer
+  int64_t off = 0;     // offset of the layer in logs / suffix
+  int64_t i_lo = 0;    // first visited candidate
+  int64_t m = 0;       // visited candidates [i_lo, i_lo + m)
+  int64_t stride = 1;  // seed spacing (1 = ascending order)
+  int64_t seeds = 0;   // number of seeds
+};
+
+// r-th candidate (relative to i_lo) in visiting order: seeds 0, S, 2S, .. first, then the rest.
+inline int64_t visit_order(const ScanLayer& ly, int64_t r) {
+  if (ly.stride <= 1) return r;
+  if (r < ly.seeds) return r * ly.stride;
+  r -= ly.seeds;
+  const int64_t per = ly.stride - 1;
+  return (r / per) * ly.stride + 1 + (r % per);
+}
+
+template <class T, bool kPrune>
+void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double* lo, const double* hi,
+                    int64_t L, double* alpha_out, double* D_out, int64_t* index_out) {
+  // Layout, visited windows and seeds.
+  std::vector<ScanLayer> layers(L);
+  std::vector<int64_t> work_start(L + 1, 0);
+  int64_t total_vals = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    ScanLayer& ly = layers[l];
+    ly.N = e[l] - s[l];
+    ly.off = total_vals;
+    total_vals += ly.N;
+    if (ly.N >= 2) {
+      const T* xl = x + s[l];
+      const int64_t last = ly.N - 1;  // candidates are 0 .. N-2
+      int64_t i = 0;
+      while (i < last && static_cast<double>(xl[i]) < lo[l]) ++i;
+      ly.i_lo = i;
+      while (i < last && !(static_cast<double>(xl[i]) > hi[l])) ++i;
+      ly.m = i - ly.i_lo;
+      if (kPrune && ly.m >= 2 * kSeeds) {
+        ly.stride = ly.m / kSeeds;
+        ly.seeds = (ly.m + ly.stride - 1) / ly.stride;
+      }
+    }
+    work_start[l + 1] = work_start[l] + ly.m;
+  }
+  const int64_t total_work = work_start[L];
+
+  // Logs and suffix sums, once per layer.
+  std::vector<double> logs(total_vals);
+  std::vector<long double> suffix(total_vals);
+  parallel_for_static(L, 4, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      const ScanLayer& ly = layers[l];
+      long double acc = 0.0L;
+      for (int64_t j = ly.N - 1; j >= 0; --j) {
+        const double v = std::log(static_cast<double>(x[s[l] + j]));
+        logs[ly.off + j] = v;
+        acc += v;
+        suffix[ly.off + j] = acc;
+      }
+    }
+  });
+
+  // Every visited (layer, candidate) pair.
+  std::vector<double> cand_D(total_work, kInf);
+  std::vector<std::atomic<double>> best(L);
+  for (auto& b : best) b.store(kInf, std::memory_order_relaxed);
+  parallel_for_dynamic(total_work, 8, [&](int64_t t) {
+    thread_local std::vector<double> F;
+    const int64_t l = std::upper_bound(work_start.begin(), work_start.end(), t) - work_start.begin() - 1;
+    const ScanLayer& ly = layers[l];
+    const int64_t r = t - work_start[l];
+    const int64_t i = ly.i_lo + visit_order(ly, r);
+    const int64_t n = ly.N - i;
+    const double* Lt = logs.data() + ly.off + i;
+    const double a = hill_alpha(suffix[ly.off + i], Lt[0], n);
+    double Di;
+    if (!(a > 1.0)) {
+      Di = 1.0;
+    } else if (kPrune) {
+      Di = ks_distance_pruned(Lt, n, a, best[l], F);
+    } else {
+      Di = ks_distance_full(Lt, n, a);
+    }
+    cand_D[work_start[l] + (i - ly.i_lo)] = Di;
+    if (kPrune && Di != kInf) atomic_min(best[l], Di);
+  });
+
+  // First argmin per layer (abandoned candidates hold +inf, above the attained minimum).
+  for (int64_t l = 0; l < L; ++l) {
+    const ScanLayer& ly = layers[l];
+    if (ly.N < 2) {
+      alpha_out[l] = D_out[l] = kNaN;
+      index_out[l] = -1;
+      continue;
+    }
+    double Dmin = kInf;
+    int64_t k = -1;
+    for (int64_t i = 0; i < ly.N - 1; ++i) {
+      const bool visited = i >= ly.i_lo && i < ly.i_lo + ly.m;
+      const double Di = visited ? cand_D[work_start[l] + (i - ly.i_lo)] : 1.0;
+      if (Di < Dmin) {
+        Dmin = Di;
+        k = i;
+      }
+    }
+    const bool visited = k >= ly.i_lo && k < ly.i_lo + ly.m;
+    alpha_out[l] = visited ? hill_alpha(suffix[ly.off + k], logs[ly.off + k], ly.N - k) : 0.0;
+    D_out[l] = Dmin;
+    index_out[l] = k;
+  }
+}
+
+template <bool kPrune>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& values,
+                                                           const at::Tensor& starts,
+                                                           const at::Tensor& ends, const at::Tensor& lo,
+                                                           const at::Tensor& hi) {
+  const char* op = kPrune ? "ks_scan" : "_ks_scan_exhaustive";
+  check_common(op, values, starts, ends);
+  const int64_t L = starts.size(0);
+  check_bound_tensor(op, "lo", lo, L);
+  check_bound_tensor(op, "hi", hi, L);
+  auto f64 = values.options().dtype(at::kDouble);
+  at::Tensor alpha = at::empty({L}, f64), D = at::empty({L}, f64);
+  at::Tensor index = at::empty({L}, values.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "tbfast_ks_scan", [&] {
+    const scalar_t* x = values.const_data_ptr<scalar_t>();
+    const int64_t* s = starts.const_data_ptr<int64_t>();
+    const int64_t* e = ends.const_data_ptr<int64_t>();
+    check_values(op, x, s, e, L);
+    ks_scan_kernel<scalar_t, kPrune>(x, s, e, lo.const_data_ptr<double>(), hi.const_data_ptr<double>(), L,
+                                     alpha.mutable_data_ptr<double>(), D.mutable_data_ptr<double>(),
+                                     index.mutable_data_ptr<int64_t>());
+  });
+  return {alpha, D, index};
+}
+
+}  // namespace
+}  // namespace tbfast
+
+TORCH_LIBRARY_FRAGMENT(tbfast, m) {
+  m.def("hill_fit(Tensor values, Tensor starts, Tensor ends, float xmin_pos) -> (Tensor, Tensor, Tensor)");
+  m.def("ks_scan(Tensor values, Tensor starts, Tensor ends, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
+  m.def("_ks_scan_exhaustive(Tensor values, Tensor starts, Tensor ends, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
+  m.impl("hill_fit", &tbfast::hill_fit_cpu);
+  m.impl("ks_scan", &tbfast::ks_scan_cpu<true>);
+  m.impl("_ks_scan_exhaustive", &tbfast::ks_scan_cpu<false>);
+}

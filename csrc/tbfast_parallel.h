@@ -1,0 +1,58 @@
+// Parallel loop helpers shared by tbfast's CPU kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace tbfast {
+
+// True when this build's own loops use OpenMP (compiled with -fopenmp).
+constexpr bool kBuiltWithOpenMP =
+#ifdef _OPENMP
+    true;
+#else
+    false;
+#endif
+
+// Calls f(i) for every i in [0, n), handing out chunks of `chunk` indices dynamically so that
+// items of very different cost (e.g. KS candidates with long and short tails) balance across
+// threads. Runs serially inside another parallel region or with one thread. f must not throw.
+template <class F>
+void parallel_for_dynamic(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  if (chunk < 1) chunk = 1;
+#ifdef _OPENMP
+  const int nt = at::get_num_threads();
+  if (nt > 1 && n > chunk && !at::in_parallel_region() && !omp_in_parallel()) {
+    std::atomic<int64_t> next{0};
+    // No num_threads clause (see pytorch#32008); torch sets the OpenMP thread count.
+#pragma omp parallel
+    {
+      for (;;) {
+        const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
+        if (b >= n) break;
+        const int64_t e = b + chunk < n ? b + chunk : n;
+        for (int64_t i = b; i < e; ++i) f(i);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
+// Static split of [0, n) into contiguous ranges; f(begin, end) may throw (the first exception
+// is rethrown by at::parallel_for).
+template <class F>
+void parallel_for_static(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, grain < 1 ? 1 : grain, f);
+}
+
+}  // namespace tbfast
