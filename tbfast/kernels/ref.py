@@ -98,5 +98,15 @@ def ks_scan_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
 
 def eigvalsh_batched_ref(G: torch.Tensor, workspace_limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascending eigenvalues of a batch of symmetric matrices via ``torch.linalg.eigvalsh``."""
-    w = torch.linalg.eigvalsh(G)
-    return w, torch.zeros(G.shape[0], dtype=torch.int32, device=G.device)
+    info = torch.zeros(G.shape[0], dtype=torch.int32, device=G.device)
+    try:
+        return torch.linalg.eigvalsh(G), info
+    except RuntimeError:  # torch.linalg.LinAlgError: NaN/Inf input or no convergence
+        pass
+    w = torch.full(G.shape[:2], float("nan"), dtype=G.dtype, device=G.device)
+    for b in range(G.shape[0]):  # rare path: isolate the matrices that fail
+        try:
+            w[b] = torch.linalg.eigvalsh(G[b])
+        except RuntimeError:
+            info[b] = 1
+    return w, info

@@ -1,0 +1,89 @@
+"""Independent oracles for the tests: fp64 SVD eigenvalues and SPEC.md formulas written plainly,
+one layer and one candidate at a time. Nothing here calls tbfast."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def svd_eigs(mats: torch.Tensor, scale: float = 1.0) -> np.ndarray:
+    """Ascending squared singular values (fp64) pooled over a stack of matrices."""
+    if mats.dim() == 2:
+        mats = mats.unsqueeze(0)
+    ev = [torch.linalg.svdvals(m.double() * scale).square() for m in mats]
+    return np.sort(torch.cat(ev).numpy())
+
+
+def conv_matrices(w: torch.Tensor) -> torch.Tensor:
+    """(out, in, *kernel) -> (k, out, in), one matrix per kernel position, written plainly."""
+    out_c, in_c = w.shape[:2]
+    positions = [idx for idx in np.ndindex(*w.shape[2:])]
+    return torch.stack([w[(slice(None), slice(None)) + p] for p in positions])
+
+
+def filter_zeros(e: np.ndarray, thresh: float = 1e-5) -> np.ndarray:
+    nz = e[e > thresh]
+    return nz if len(nz) else e
+
+
+def hill(nz: np.ndarray, i: int) -> tuple[float, float]:
+    """alpha and D with xmin = nz[i] (SPEC section 3)."""
+    N = len(nz)
+    n = N - i
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = 1 + n / (np.sum(np.log(nz[i:])) - n * math.log(nz[i]))
+        D = max(abs(1 - (nz[i + j] / nz[i]) ** (1 - alpha) - j / n) for j in range(n))
+    return float(alpha), float(D)
+
+
+def median_fit(nz: np.ndarray, xmin_pos: float = 2.0) -> tuple[float, float, int]:
+    i = int(len(nz) / xmin_pos)
+    a, d = hill(nz, i)
+    return a, d, i
+
+
+def ks_fit(nz: np.ndarray, lo: float = -math.inf, hi: float = math.inf) -> tuple[float, float, int]:
+    """The reference scan: Python loop over candidates, skip below lo, stop above hi."""
+    N = len(nz)
+    alphas = [0.0] * (N - 1)
+    Ds = [1.0] * (N - 1)
+    for i in range(N - 1):
+        if nz[i] < lo:
+            continue
+        if nz[i] > hi:
+            break
+        n = N - i
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = 1 + n / (np.sum(np.log(nz[i:])) - n * math.log(nz[i]))
+        alphas[i] = float(a)
+        if a > 1:
+            Ds[i] = max(abs(1 - (nz[i + j] / nz[i]) ** (1 - a) - j / n) for j in range(n))
+    k = int(np.argmin(Ds))
+    return alphas[k], Ds[k], k
+
+
+def fix_finger_fit(nz: np.ndarray, bins: int = 100, corrected: bool = False) -> tuple[float, float, int]:
+    """SPEC section 5, with the histogram written as torch.histc defines it."""
+    h = np.log10(nz)
+    mn, mx = float(h.min()), float(h.max())
+    if mn == mx:
+        mn, mx = mn - 1, mx + 1
+    counts = [0] * bins
+    for v in h:
+        b = int(math.floor((v - mn) / (mx - mn) * bins))
+        counts[min(max(b, 0), bins - 1)] += 1
+    ih = counts.index(max(counts))
+    xmin2 = 10 ** (mn + ih * (mx - mn) / bins)
+    lo = 0.95 * xmin2 if corrected else math.log10(0.95 * xmin2)
+    return ks_fit(nz, lo, 1.5 * xmin2)
+
+
+def heavy_tailed(rows: int, cols: int, seed: int, df: float = 3.0, dtype=torch.float32) -> torch.Tensor:
+    """A random matrix with Student-t entries (heavy-tailed ESD), fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    chi = torch.randn(rows, cols, int(df), generator=g, dtype=torch.float64).square().sum(-1)
+    return (z / torch.sqrt(chi / df) / math.sqrt(cols)).to(dtype)
