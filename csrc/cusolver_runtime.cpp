@@ -1,0 +1,369 @@
+// cuSOLVER batched symmetric eigenvalues, with libcusolver loaded at run time.
+//
+// tbfast._C is a CPU-only build (no CUDA toolkit, no CUDA headers). This file reaches cuSOLVER
+// through dlopen/dlsym (the ABI subset is declared in cusolver_api.h) and reaches the GPU
+// through ATen and c10 only:
+//   * memory:  at::empty on the CUDA device -> torch's caching allocator, current stream;
+//   * stream:  c10's CUDA device-guard implementation reports torch's current stream
+//              (Stream::native_handle); callers may pass the stream explicitly instead;
+//   * device:  c10::DeviceGuard makes G's device current while handles are created and used.
+//
+// Ops (schemas below):
+//   eigvalsh_batched(G, workspace_limit)            CUDA kernel of the op declared in eig_cpu.cpp
+//   cusolver_eigvalsh(G, workspace_limit, stream)   same, stream given by the caller (-1: current)
+//   cusolver_load(path) -> error ("" on success)    path "" tries the usual sonames
+//   cusolver_status() -> (loaded, path, version, last_error)
+//   cusolver_syev_batched_workspace(n, batch, dtype, device) -> (device_bytes, host_bytes)
+//   cusolver_syev_batched_plan(n, batch, dtype, device, workspace_limit)
+//       -> (matrices per call, device_bytes, host_bytes)
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "cusolver_api.h"
+
+namespace tbfast {
+namespace {
+
+using namespace tbfast::cusolver;
+
+constexpr int64_t kDefaultWorkspaceLimit = int64_t(2) << 30;  // 2 GiB
+
+// ---------------------------------------------------------------------------------------------
+// The library: loaded once per process, never unloaded (handles live until exit).
+
+struct Library {
+  std::mutex mu;
+  void* dl = nullptr;
+  std::string path;
+  std::string last_error;
+  int version = -1;  // cusolverGetVersion, e.g. 12000 for cuSOLVER 12.0.0; -1 unknown
+  DnCreateFn dn_create = nullptr;
+  DnSetStreamFn dn_set_stream = nullptr;
+  DnCreateParamsFn dn_create_params = nullptr;
+  XsyevBatchedBufferSizeFn syev_batched_buffer_size = nullptr;
+  XsyevBatchedFn syev_batched = nullptr;
+};
+
+Library& library() {
+  static Library* lib = new Library();  // intentionally leaked: used by handles until exit
+  return *lib;
+}
+
+template <class Fn>
+Fn symbol(void* dl, const char* name) {
+  return reinterpret_cast<Fn>(dlsym(dl, name));
+}
+
+// Opens one candidate; on success fills `lib` and returns "", else returns why not.
+std::string try_open(Library& lib, const std::string& candidate) {
+  dlerror();
+  void* dl = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!dl) {
+    const char* err = dlerror();
+    return "dlopen(" + candidate + ") failed: " + (err ? err : "unknown error");
+  }
+  int version = -1;
+  if (auto get_version = symbol<GetVersionFn>(dl, "cusolverGetVersion")) {
+    int v = 0;
+    if (get_version(&v) == kStatusSuccess) version = v;
+  }
+  auto create = symbol<DnCreateFn>(dl, "cusolverDnCreate");
+  auto set_stream = symbol<DnSetStreamFn>(dl, "cusolverDnSetStream");
+  auto create_params = symbol<DnCreateParamsFn>(dl, "cusolverDnCreateParams");
+  auto buffer_size = symbol<XsyevBatchedBufferSizeFn>(dl, "cusolverDnXsyevBatched_bufferSize");
+  auto syev = symbol<XsyevBatchedFn>(dl, "cusolverDnXsyevBatched");
+  if (!create || !set_stream || !create_params) {
+    dlclose(dl);
+    return candidate + " is not a usable libcusolver (cusolverDnCreate/SetStream/CreateParams missing)";
+  }
+  if (!buffer_size || !syev) {
+    dlclose(dl);
+    return candidate + " (cuSOLVER version " + std::to_string(version) +
+           ") has no cusolverDnXsyevBatched; it needs cuSOLVER >= 11.7.1 (CUDA 12.6 Update 2 or newer)";
+  }
+  lib.dl = dl;
+  lib.path = candidate;
+  lib.version = version;
+  lib.dn_create = create;
+  lib.dn_set_stream = set_stream;
+  lib.dn_create_params = create_params;
+  lib.syev_batched_buffer_size = buffer_size;
+  lib.syev_batched = syev;
+  lib.last_error.clear();
+  return "";
+}
+
+// Loads libcusolver from `path`, or, when `path` is empty, by the usual sonames (which finds a
+// copy torch already loaded). Returns "" when the library is (already) loaded, else the reason.
+std::string load_library(const std::string& path) {
+  Library& lib = library();
+  std::lock_guard<std::mutex> lock(lib.mu);
+  if (lib.dl) return "";
+  std::vector<std::string> candidates;
+  if (!path.empty()) {
+    candidates.push_back(path);
+  } else {
+    candidates = {"libcusolver.so.12", "libcusolver.so.11", "libcusolver.so"};
+  }
+  std::string reasons;
+  for (const auto& c : candidates) {
+    std::string why = try_open(lib, c);
+    if (why.empty()) return "";
+    if (!reasons.empty()) reasons += "; ";
+    reasons += why;
+  }
+  lib.last_error = reasons;
+  return reasons;
+}
+
+Library& loaded_library() {
+  Library& lib = library();
+  {
+    std::lock_guard<std::mutex> lock(lib.mu);
+    if (lib.dl) return lib;
+  }
+  const std::string why = load_library("");
+  TORCH_CHECK(why.empty(),
+              "tbfast: cuSOLVER is not loaded (", why,
+              "). Load it first with tbfast._cusolver.cusolver_status(), which searches the nvidia "
+              "pip packages and LD_LIBRARY_PATH, or torch.ops.tbfast.cusolver_load(path).");
+  return lib;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-device handle, parameters and host workspace. A cuSOLVER handle is bound to the device
+// that was current when it was created and must not be used concurrently with different
+// streams, so every use holds the device's mutex from cusolverDnSetStream to the last enqueue.
+
+struct DeviceState {
+  std::mutex mu;
+  DnHandle handle = nullptr;
+  DnParams params = nullptr;
+  std::vector<unsigned char> host_workspace;
+};
+
+DeviceState& device_state(c10::DeviceIndex index) {
+  static std::mutex map_mu;
+  static auto* states = new std::unordered_map<int, std::unique_ptr<DeviceState>>();  // leaked
+  std::lock_guard<std::mutex> lock(map_mu);
+  auto& slot = (*states)[static_cast<int>(index)];
+  if (!slot) slot = std::make_unique<DeviceState>();
+  return *slot;
+}
+
+void check_status(Status s, const char* what, int64_t n, int64_t batch) {
+  TORCH_CHECK(s == kStatusSuccess, "tbfast: ", what, " failed with ", status_name(s), " (", s,
+              ") for n=", n, ", batch=", batch);
+}
+
+// Creates the device's handle and params on first use. Caller holds st.mu and a DeviceGuard.
+void ensure_handle(Library& lib, DeviceState& st) {
+  if (st.handle) return;
+  DnHandle h = nullptr;
+  check_status(lib.dn_create(&h), "cusolverDnCreate", 0, 0);
+  DnParams p = nullptr;
+  check_status(lib.dn_create_params(&p), "cusolverDnCreateParams", 0, 0);
+  st.handle = h;
+  st.params = p;
+}
+
+int data_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kCudaR32F;
+    case at::kDouble: return kCudaR64F;
+    default:
+      TORCH_CHECK(false, "tbfast cuSOLVER eigvalsh: expected float32 or float64 matrices, got ", t);
+  }
+}
+
+// Row-major (torch) lower triangle == column-major (cuSOLVER) upper triangle.
+constexpr int kUploTorchLower = kFillModeUpper;
+
+struct Sizes {
+  size_t device = 0;
+  size_t host = 0;
+};
+
+Sizes query(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch, const void* A,
+            const void* W) {
+  Sizes s;
+  check_status(lib.syev_batched_buffer_size(st.handle, st.params, kEigModeNoVector, kUploTorchLower,
+                                            n, dt, A, n, dt, W, dt, &s.device, &s.host, batch),
+               "cusolverDnXsyevBatched_bufferSize", n, batch);
+  return s;
+}
+
+struct Plan {
+  int64_t chunk = 0;  // matrices per cuSOLVER call
+  Sizes sizes;        // workspace for one call of `chunk` matrices
+};
+
+// Largest number of matrices per call whose solver workspace plus the copy of their input
+// (cuSOLVER overwrites it) stays within `limit` bytes; at least one matrix per call.
+Plan plan_chunks(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch, int64_t limit,
+                 size_t elem_size, const void* A, const void* W) {
+  const uint64_t matrix_bytes = uint64_t(n) * uint64_t(n) * elem_size;
+  const uint64_t cap = static_cast<uint64_t>(limit);
+  auto cost = [&](int64_t b, const Sizes& s) { return uint64_t(s.device) + uint64_t(b) * matrix_bytes; };
+  Plan plan;
+  plan.chunk = batch;
+  plan.sizes = query(lib, st, dt, n, batch, A, W);
+  if (cost(batch, plan.sizes) <= cap || batch == 1) return plan;
+  const Sizes one = query(lib, st, dt, n, 1, A, W);
+  const uint64_t per_matrix = std::max<uint64_t>(cost(1, one), 1);
+  int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(cap / per_matrix), 1, batch - 1);
+  Sizes s = query(lib, st, dt, n, chunk, A, W);
+  while (chunk > 1 && cost(chunk, s) > cap) {
+    // workspace need not grow linearly with the batch: shrink proportionally, by >= 1 matrix
+    const int64_t scaled = static_cast<int64_t>(double(chunk) * double(cap) / double(cost(chunk, s)));
+    chunk = std::max<int64_t>(1, std::min<int64_t>(chunk - 1, scaled));
+    s = query(lib, st, dt, n, chunk, A, W);
+  }
+  plan.chunk = chunk;
+  plan.sizes = s;
+  return plan;
+}
+
+void* current_stream(const c10::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  try {
+    return stream.native_handle();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false,
+                "tbfast: this torch build cannot report its CUDA stream to C++ (", e.what(),
+                "); use tbfast._cusolver.eigvalsh_batched_cuda, which passes the stream from Python");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit,
+                                                int64_t stream_arg) {
+  TORCH_CHECK(G.is_cuda(), "tbfast cuSOLVER eigvalsh: G must be a CUDA tensor, got device ", G.device());
+  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2),
+              "tbfast cuSOLVER eigvalsh: expected a (B, n, n) batch of square matrices, got shape ",
+              G.sizes());
+  TORCH_CHECK(workspace_limit >= 0, "tbfast cuSOLVER eigvalsh: workspace_limit must be >= 0, got ",
+              workspace_limit);
+  const int dt = data_type(G.scalar_type());
+  const int64_t batch = G.size(0);
+  const int64_t n = G.size(1);
+  const at::TensorOptions opts = G.options();
+  at::Tensor W = at::empty({batch, n}, opts);
+  at::Tensor info = at::zeros({batch}, opts.dtype(at::kInt));
+  if (batch == 0 || n == 0) return {W, info};
+  TORCH_CHECK(n <= INT32_MAX, "tbfast cuSOLVER eigvalsh: n=", n, " is too large");
+
+  Library& lib = loaded_library();
+  c10::DeviceGuard guard(G.device());
+  Stream stream = stream_arg >= 0 ? reinterpret_cast<Stream>(static_cast<intptr_t>(stream_arg))
+                                  : current_stream(G.device());
+  const int64_t limit = workspace_limit > 0 ? workspace_limit : kDefaultWorkspaceLimit;
+  const size_t elem = G.element_size();
+
+  DeviceState& st = device_state(G.device().index());
+  std::lock_guard<std::mutex> lock(st.mu);
+  ensure_handle(lib, st);
+  check_status(lib.dn_set_stream(st.handle, stream), "cusolverDnSetStream", n, batch);
+
+  const Plan plan = plan_chunks(lib, st, dt, n, batch, limit, elem, G.data_ptr(), W.data_ptr());
+  // Scratch copy of one chunk (cuSOLVER overwrites its input) and the device workspace, both
+  // from torch's caching allocator on the current stream, freed (stream-ordered) on return.
+  at::Tensor A = at::empty({plan.chunk, n, n}, opts);
+  at::Tensor device_ws = at::empty({static_cast<int64_t>(std::max<size_t>(plan.sizes.device, 1))},
+                                   opts.dtype(at::kByte));
+  for (int64_t start = 0; start < batch; start += plan.chunk) {
+    const int64_t b = std::min(plan.chunk, batch - start);
+    at::Tensor a = A.narrow(0, 0, b);
+    a.copy_(G.narrow(0, start, b));
+    Sizes sizes = plan.sizes;
+    if (b != plan.chunk) {
+      sizes = query(lib, st, dt, n, b, a.data_ptr(), W.data_ptr());
+      if (sizes.device > static_cast<size_t>(device_ws.numel())) {
+        device_ws = at::empty({static_cast<int64_t>(sizes.device)}, opts.dtype(at::kByte));
+      }
+    }
+    if (st.host_workspace.size() < std::max<size_t>(sizes.host, 1)) {
+      st.host_workspace.resize(std::max<size_t>(sizes.host, 1));
+    }
+    void* w_ptr = static_cast<char*>(W.data_ptr()) + static_cast<size_t>(start * n) * elem;
+    int* info_ptr = info.data_ptr<int>() + start;
+    check_status(lib.syev_batched(st.handle, st.params, kEigModeNoVector, kUploTorchLower, n, dt,
+                                  a.data_ptr(), n, dt, w_ptr, dt, device_ws.data_ptr(), sizes.device,
+                                  st.host_workspace.data(), sizes.host, info_ptr, b),
+                 "cusolverDnXsyevBatched", n, b);
+  }
+  return {W, info};
+}
+
+std::tuple<at::Tensor, at::Tensor> eigvalsh_batched_cuda(const at::Tensor& G, int64_t workspace_limit) {
+  return syev_batched(G, workspace_limit, -1);
+}
+
+// Workspace planning for (n, batch) matrices of `dtype` on CUDA device `device`, using tiny
+// placeholder buffers (the size queries do not read the matrices).
+std::tuple<int64_t, int64_t, int64_t> plan_op(int64_t n, int64_t batch, at::ScalarType dtype,
+                                              int64_t device, int64_t workspace_limit) {
+  TORCH_CHECK(n >= 1 && batch >= 1, "tbfast cusolver plan: need n >= 1 and batch >= 1, got n=", n,
+              ", batch=", batch);
+  const int dt = data_type(dtype);
+  Library& lib = loaded_library();
+  const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+  c10::DeviceGuard guard(dev);
+  const auto opts = at::TensorOptions().device(dev).dtype(dtype);
+  at::Tensor placeholder_a = at::empty({1}, opts);
+  at::Tensor placeholder_w = at::empty({1}, opts);
+  DeviceState& st = device_state(dev.index());
+  std::lock_guard<std::mutex> lock(st.mu);
+  ensure_handle(lib, st);
+  const int64_t limit = workspace_limit > 0 ? workspace_limit : kDefaultWorkspaceLimit;
+  const Plan plan = plan_chunks(lib, st, dt, n, batch, limit, c10::elementSize(dtype),
+                                placeholder_a.data_ptr(), placeholder_w.data_ptr());
+  return {plan.chunk, static_cast<int64_t>(plan.sizes.device), static_cast<int64_t>(plan.sizes.host)};
+}
+
+std::tuple<int64_t, int64_t> workspace_op(int64_t n, int64_t batch, at::ScalarType dtype, int64_t device) {
+  // An unlimited budget plans the whole batch in one call.
+  const auto plan = plan_op(n, batch, dtype, device, INT64_MAX);
+  return {std::get<1>(plan), std::get<2>(plan)};
+}
+
+std::string load_op(std::string path) { return load_library(path); }
+
+std::tuple<bool, std::string, int64_t, std::string> status_op() {
+  Library& lib = library();
+  std::lock_guard<std::mutex> lock(lib.mu);
+  return {lib.dl != nullptr, lib.path, static_cast<int64_t>(lib.version), lib.last_error};
+}
+
+}  // namespace
+}  // namespace tbfast
+
+TORCH_LIBRARY_FRAGMENT(tbfast, m) {
+  m.def("cusolver_load(str path) -> str", &tbfast::load_op);
+  m.def("cusolver_status() -> (bool, str, int, str)", &tbfast::status_op);
+  m.def("cusolver_syev_batched_workspace(int n, int batch, ScalarType dtype, int device) -> (int, int)",
+        &tbfast::workspace_op);
+  m.def("cusolver_syev_batched_plan(int n, int batch, ScalarType dtype, int device, int workspace_limit)"
+        " -> (int, int, int)",
+        &tbfast::plan_op);
+  m.def("cusolver_eigvalsh(Tensor G, int workspace_limit, int stream) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tbfast, CUDA, m) {
+  m.impl("cusolver_eigvalsh", &tbfast::syev_batched);
+  m.impl("eigvalsh_batched", &tbfast::eigvalsh_batched_cuda);
+}
