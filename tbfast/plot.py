@@ -1,0 +1,191 @@
+"""Plots of an analysis (matplotlib, the optional ``plot`` extra), written as PNG files.
+
+- `plot_esd`: one layer's ESD on log-log axes: the eigenvalue density (log-spaced bins) with the
+  fitted power law ``p(x) = (alpha - 1) / xmin * (x / xmin) ** -alpha`` over the tail and ``xmin``
+  marked; beside it the tail's empirical complementary CDF against the fitted
+  ``(x / xmin) ** (1 - alpha)``.
+- `plot_alpha_overview`: alpha of every layer in model order (the paper's Figure 1, bottom left),
+  with WeightWatcher's 2 <= alpha <= 6 band.
+
+Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas, so the pyplot state and
+the user's backend are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["plot_esd", "plot_alpha_overview", "plot_analysis", "esd_filename"]
+
+logger = logging.getLogger(__name__)
+
+_TYPE_COLORS = {"Linear": "tab:blue", "Embedding": "tab:green", "Conv2d": "tab:orange",
+                "Conv1d": "tab:purple", "LoRA": "tab:red", "matrix": "tab:gray"}
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("tbfast plots need matplotlib: pip install 'tbfast[plot]'") from exc
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def esd_filename(index: int, name: str) -> str:
+    """File name of layer ``index``'s ESD plot: ``esd_007_encoder.layer.0.attention.self.query.png``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "layer"
+    return f"esd_{index:03d}_{safe[:120]}.png"
+
+
+def plot_esd(
+    eigenvalues: torch.Tensor | np.ndarray | Sequence[float],
+    *,
+    alpha: float,
+    xmin: float,
+    name: str = "",
+    D: float | None = None,
+    status: str = "ok",
+    path: str | os.PathLike | None = None,
+    bins: int = 100,
+):
+    """Figure of one layer's ESD with its power-law fit; saved as PNG when ``path`` is given.
+
+    Returns the matplotlib Figure.
+    """
+    e = np.sort(np.asarray(eigenvalues.detach().cpu() if isinstance(eigenvalues, torch.Tensor) else eigenvalues,
+                           dtype=np.float64).ravel())
+    pos = e[e > 0]
+    if pos.size == 0:
+        raise ValueError(f"layer {name!r}: no positive eigenvalue to plot")
+    fig = _figure(11, 4.2)
+    ax, ax2 = fig.subplots(1, 2)
+    fitted = status == "ok" and math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and alpha > 1
+
+    lo, hi = pos[0], pos[-1]
+    if hi <= lo:
+        hi = lo * 1.01
+    edges = np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+    counts, _ = np.histogram(pos, bins=edges)
+    density = counts / (e.size * np.diff(edges))
+    ax.stairs(density, edges, fill=True, color="tab:blue", alpha=0.55, label=f"ESD ({e.size} eigenvalues)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue $\\lambda$ of $W^T W$")
+    ax.set_ylabel("density")
+    title = f"{name}" if name else "ESD"
+    if fitted:
+        tail = e[e >= xmin]
+        frac = tail.size / e.size
+        x = np.logspace(math.log10(xmin), math.log10(hi), 200)
+        pdf = frac * (alpha - 1.0) / xmin * (x / xmin) ** (-alpha)
+        ax.plot(x, pdf, "r--", lw=2, label=f"power law, $\\alpha$ = {alpha:.3f}")
+        ax.axvline(xmin, color="k", ls=":", lw=1.5, label=f"$x_{{min}}$ = {xmin:.4g}")
+        ymin = max(density[density > 0].min() * 0.3, 1e-300)
+        ax.set_ylim(bottom=ymin)
+
+        ccdf = 1.0 - np.arange(tail.size) / tail.size  # P(X >= x) over the tail
+        ax2.loglog(tail, ccdf, "o", ms=3, color="tab:blue", label="tail, empirical")
+        ax2.loglog(x, (x / xmin) ** (1.0 - alpha), "r--", lw=2, label="fitted $(x/x_{min})^{1-\\alpha}$")
+        ax2.axvline(xmin, color="k", ls=":", lw=1.5)
+        ax2.set_title(f"tail: {tail.size} eigenvalues >= $x_{{min}}$" + (f", KS D = {D:.4f}" if D is not None else ""),
+                      fontsize=10)
+        ax2.set_ylim(bottom=min(ccdf[-1], float(((hi / xmin) ** (1.0 - alpha)))) * 0.5, top=1.5)
+        title += f"   $\\alpha$ = {alpha:.3f}"
+    else:
+        ax2.text(0.5, 0.5, f"no power-law fit:\n{status}", ha="center", va="center", transform=ax2.transAxes,
+                 wrap=True)
+        ax2.set_axis_off()
+    ax2.set_xlabel("eigenvalue $\\lambda$")
+    ax2.set_ylabel("$P(\\Lambda \\geq \\lambda)$")
+    if fitted:
+        ax2.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, title: str | None = None):
+    """Bar chart of alpha per layer, in model order (the paper's Figure 1 style).
+
+    ``details`` is the DataFrame from `tbfast.analyze`; rows whose status is not ``"ok"`` are
+    drawn as gaps. Returns the matplotlib Figure (saved as PNG when ``path`` is given).
+    """
+    n = len(details)
+    if n == 0:
+        raise ValueError("no layers to plot")
+    fig = _figure(max(8.0, min(0.22 * n + 2, 40.0)), 4.8)
+    ax = fig.subplots()
+    alpha = np.asarray(details["alpha"], dtype=np.float64)
+    ok = np.asarray(details["status"] == "ok") if "status" in details else np.isfinite(alpha)
+    kinds = list(details["type"]) if "type" in details else ["matrix"] * n
+    colors = [_TYPE_COLORS.get(k, "tab:gray") for k in kinds]
+    x = np.arange(n)
+    ax.bar(x[ok], alpha[ok], color=[c for c, o in zip(colors, ok) if o], width=0.8)
+    ax.axhspan(2.0, 6.0, color="tab:green", alpha=0.08, zorder=0)
+    ax.axhline(2.0, color="tab:green", ls="--", lw=1, label="$\\alpha$ = 2 (below: over-trained)")
+    ax.axhline(6.0, color="tab:red", ls="--", lw=1, label="$\\alpha$ = 6 (above: under-trained)")
+    if ok.any():
+        mean = float(alpha[ok].mean())
+        ax.axhline(mean, color="k", lw=1, label=f"mean $\\alpha$ = {mean:.2f}")
+    if "block" in details:
+        import pandas as pd
+
+        blocks = [None if pd.isna(b) else int(b) for b in details["block"]]
+        for i in range(1, n):
+            if blocks[i] != blocks[i - 1]:
+                ax.axvline(i - 0.5, color="0.75", lw=0.8, zorder=0)
+    names = list(details["name"])
+    if n <= 80:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+    else:
+        ax.set_xlabel("layer (model order)")
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylabel("$\\alpha$ (power-law exponent of the ESD tail)")
+    from matplotlib.patches import Patch
+
+    handles, labels = ax.get_legend_handles_labels()
+    for k in dict.fromkeys(kinds):
+        handles.append(Patch(color=_TYPE_COLORS.get(k, "tab:gray")))
+        labels.append(k)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", ncol=2)
+    ax.set_title(title or f"alpha per layer ({int(ok.sum())} of {n} layers fitted)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool = True) -> list[Path]:
+    """Write ``alpha_overview.png`` and one ``esd_<layer_id>_<name>.png`` per layer into
+    ``out_dir`` (created if missing) for an `tbfast.analyze.Analysis`. Returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    details = analysis.details
+    paths: list[Path] = []
+    p = out / "alpha_overview.png"
+    plot_alpha_overview(details, p)
+    paths.append(p)
+    if esd_plots:
+        spectra = analysis.spectra
+        for i, row in enumerate(details.itertuples(index=False)):
+            p = out / esd_filename(int(row.layer_id), str(row.name))
+            plot_esd(spectra[i], alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D), name=str(row.name),
+                     status=str(row.status), path=p)
+            paths.append(p)
+    logger.info("wrote %d plots to %s", len(paths), out)
+    return paths
