@@ -1,0 +1,164 @@
+"""tbfast.integrations.hf with a real transformers Trainer on tiny random BERT / RoBERTa (CPU, no download).
+
+Each step, a recorder callback checks every optimizer group's lr against
+``scheduler lr * 10 ** (s * (sigmoid(tau * (block alpha - mean)) - 0.5))`` with block alphas from an
+fp64 SVD oracle and the SPEC median-fit formula, computed here independently of tbfast.
+"""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import tbfast  # noqa: E402
+from tbfast.integrations import hf  # noqa: E402
+
+TAU, S = 10.0, (2.0, 1.0)
+
+
+def oracle_block_alphas(model, xmin_pos=1.5):
+    per_block = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        mt = re.match(r"(.*?)\.(\d+)\.(.*)", name)
+        if mt is None:
+            continue
+        e = np.sort((torch.linalg.svdvals(m.weight.detach().double()) ** 2).numpy())
+        N = len(e)
+        i = int(N / xmin_pos)
+        n = N - i
+        alpha = 1 + n / (np.sum(np.log(e[i:])) - n * np.log(e[i]))
+        per_block.setdefault(int(mt.group(2)), []).append(alpha)
+    return {b: float(np.mean(v)) for b, v in per_block.items()}
+
+
+def sigmoid_factors(block_alpha):
+    mean = sum(block_alpha.values()) / len(block_alpha)
+    out = {}
+    for b, a in block_alpha.items():
+        d = a - mean
+        s = S[0] if d <= 0 else S[1]
+        out[b] = 10 ** (s * (1 / (1 + math.exp(-TAU * d)) - 0.5))
+    return out
+
+
+class Recorder(transformers.TrainerCallback):
+    def __init__(self, model):
+        self.model = model
+        self.checked = 0
+        self.factors_seen = []
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        factors = sigmoid_factors(oracle_block_alphas(self.model))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        sched = lr_scheduler.get_last_lr()
+        for gi, g in enumerate(optimizer.param_groups):
+            blocks = {re.match(r"(.*?)\.(\d+)\.(.*)", names[id(p)]) for p in g["params"]}
+            blocks = {int(m.group(2)) if m else None for m in blocks}
+            assert len(blocks) == 1, f"group {gi} spans blocks {blocks}"
+            b = blocks.pop()
+            want = sched[gi] * (factors[b] if b is not None else 1.0)
+            assert math.isclose(g["lr"], want, rel_tol=1e-3), (state.global_step, gi, g["lr"], want)
+            # the Trainer's decay / no-decay split is kept
+            nd = [("bias" in names[id(p)] or "LayerNorm" in names[id(p)]) for p in g["params"]]
+            assert all(nd) if g["weight_decay"] == 0.0 else not any(nd), gi
+        self.factors_seen.append(factors)
+        self.checked += 1
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, num_labels=2)
+    if kind == "bert":
+        cfg = transformers.BertConfig(max_position_embeddings=64, **common)
+        return transformers.BertForSequenceClassification(cfg)
+    cfg = transformers.RobertaConfig(max_position_embeddings=66, pad_token_id=1, **common)
+    return transformers.RobertaForSequenceClassification(cfg)
+
+
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, n=16, seq=12):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randint(3, 100, (n, seq), generator=g)
+        self.y = (self.x[:, 0] > 50).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
+
+
+def make_trainer(model, tmp_path, steps=5, warmup=0, n=16):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-3,
+        weight_decay=0.01, warmup_steps=warmup, lr_scheduler_type="linear", logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=ToyData(n))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_trainer_block_sigmoid(kind, tmp_path):
+    model = tiny(kind)
+    tb = tbfast.TempBalance(model, assign_func="tb_sigmoid", tau=TAU, s=S, granularity="block", xmin_pos=1.5,
+                            remove_first_layer=False, eigs_thresh=10, dtype=torch.float64)
+    trainer = make_trainer(model, tmp_path)
+    cb = hf.attach(trainer, tb)
+    rec = Recorder(model)
+    trainer.add_callback(rec)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    assert rec.checked == 5
+    assert cb.interval == 1 and cb.esd_steps == [0, 1, 2, 3, 4, 5]  # 4 steps/epoch // 10 -> every step
+    # balanced: the two blocks really get different lrs, and training moved the weights
+    assert all(abs(f[0] - f[1]) > 1e-3 for f in rec.factors_seen)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # per-layer table went through Trainer.log
+    logged = [h for h in trainer.state.log_history if any(k.startswith("tempbalance/alpha/") for k in h)]
+    assert len(logged) == 6
+    assert f"tempbalance/lr_factor/block.1" in logged[-1]
+    first = "bert" if kind == "bert" else "roberta"
+    assert f"tempbalance/alpha/{first}.encoder.layer.0.attention.self.query" in logged[-1]
+
+
+def test_esd_interval_rule_and_warmup(tmp_path):
+    assert hf.esd_interval_for(100) == 10
+    assert hf.esd_interval_for(100, 3) == 3
+    assert hf.esd_interval_for(5, 50) == 1
+    model = tiny("bert")
+    tb = tbfast.TempBalance(model, assign_func="tb_sigmoid", s=S, granularity="block", xmin_pos=1.5,
+                            remove_first_layer=False, eigs_thresh=10)
+    # 80 samples / batch 4 = 20 steps per epoch -> interval min(None rule 2) = 2
+    trainer = make_trainer(model, tmp_path, steps=7, warmup=3, n=80)
+    cb = hf.attach(trainer, tb, start_after_warmup=True)
+    lrs = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            lrs.append((state.global_step, [g["lr"] for g in optimizer.param_groups], lr_scheduler.get_last_lr()))
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert cb.interval == 2
+    assert cb.esd_steps == [3, 4, 6]  # first after warm-up, then every 2 steps
+    for step, group_lrs, sched in lrs:
+        if step < 3:
+            assert group_lrs == sched  # untuned during warm-up
+        elif max(sched) > 0:  # the linear schedule ends at 0
+            assert len({round(a / b, 12) for a, b in zip(group_lrs, sched) if b > 0}) > 1
+
+
+def test_attach_refuses_existing_optimizer(tmp_path):
+    model = tiny("bert")
+    tb = tbfast.TempBalance(model, eigs_thresh=10, granularity="block")
+    trainer = make_trainer(model, tmp_path)
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="already has an optimizer"):
+        hf.attach(trainer, tb)
