@@ -14,8 +14,8 @@ Which tensors become layers (the rule for files, where there are no module types
 
 - only floating-point tensors whose last name component is ``weight``; the layer name is the
   tensor name without ``.weight``; biases, buffers, 1-D tensors (norms) and integer tensors are skipped;
-- 2-D: ``Embedding`` when a dotted name component contains ``embed`` or is ``wte`` / ``wpe``,
-  else ``Linear``;
+- 2-D: ``Embedding`` when a dotted name component starts with ``emb`` or contains ``_emb``
+  (``embed_tokens``, ``word_embeddings``, ``tok_emb``, ``emb``) or is ``wte`` / ``wpe``, else ``Linear``;
 - 3-D ``(out, in, k)``: ``Conv1d``, 4-D ``(out, in, kh, kw)``: ``Conv2d``; one ``out x in`` matrix per
   kernel position, scaled by ``sqrt(conv_norm)`` (SPEC section 1);
 - more than 4 dims: skipped.
@@ -348,11 +348,14 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any] | TensorStore)
 # layer discovery
 
 
+_EMBED_RE = re.compile(r"(^|_)emb")
+
+
 def kind_from_name(name: str, ndim: int) -> str | None:
     """The layer kind the file rule gives a ``name`` (without ``.weight``) of ``ndim`` dims."""
     if ndim == 2:
         parts = name.lower().split(".")
-        if any("embed" in p for p in parts) or parts[-1] in ("wte", "wpe"):
+        if any(_EMBED_RE.search(p) for p in parts) or parts[-1] in ("wte", "wpe"):
             return "Embedding"
         return "Linear"
     if ndim == 3:

@@ -81,6 +81,8 @@ def test_kind_rule():
     assert kind_from_name("model.embed_tokens", 2) == "Embedding"
     assert kind_from_name("bert.embeddings.word_embeddings", 2) == "Embedding"
     assert kind_from_name("transformer.wpe", 2) == "Embedding"
+    assert kind_from_name("tok_emb", 2) == "Embedding"
+    assert kind_from_name("encoder.member_proj", 2) == "Linear"
     assert kind_from_name("model.layers.0.mlp.up_proj", 2) == "Linear"
     assert kind_from_name("patch_embed.proj", 4) == "Conv2d"
     assert kind_from_name("x", 3) == "Conv1d"
