@@ -1,0 +1,6 @@
+"""``python -m tbfast.bench``: same as ``tbfast bench``."""
+import sys
+
+from .cli import main
+
+sys.exit(main(sys.argv[1:]))

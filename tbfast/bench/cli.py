@@ -1,0 +1,202 @@
+"""``tbfast bench``: run the benchmarks and print a table with ratios against the reference.
+
+    tbfast bench [--quick] [--device cpu|cuda|auto] [--workloads a,b] [--repeats N]
+                 [--json FILE] [--markdown] [--overhead [--steps N]]
+    python -m tbfast.bench ...   (same)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .esd_bench import METHOD_HELP, METHODS, QUICK_METHODS, run_esd_benchmark
+from .workloads import QUICK_WORKLOADS, WORKLOADS
+
+__all__ = ["main", "build_parser", "environment"]
+
+QUICK_KS_REFERENCE_LAYERS = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tbfast bench", description=(
+        "Race tbfast against the reference ESD estimator (per-layer svdvals, .item() syncs, "
+        "Python KS loop) and measure TempBalance's share of training time."))
+    p.add_argument("--quick", action="store_true",
+                   help=f"small run (< 2 min on a 2-core CPU): workloads {','.join(QUICK_WORKLOADS)}, "
+                        f"methods {','.join(QUICK_METHODS)}, 1 repeat, reference KS loop timed on "
+                        f"{QUICK_KS_REFERENCE_LAYERS} layers per workload and extrapolated (labelled)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the weights live and the work runs (auto: cuda if available)")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma-separated subset of: {','.join(WORKLOADS)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of: {','.join(METHODS)}")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median reported)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the fp64 SVD accuracy oracle")
+    p.add_argument("--no-ks", action="store_true", help="skip the KS-scan benchmark")
+    p.add_argument("--ks-reference-layers", type=int, default=None,
+                   help="time the reference KS loop on this many layers and extrapolate (labelled)")
+    p.add_argument("--overhead", action="store_true",
+                   help="also run the training-overhead benchmark (no TB / reference TB / tbfast TB)")
+    p.add_argument("--overhead-only", action="store_true", help="run only the training-overhead benchmark")
+    p.add_argument("--overhead-model", default=None, choices=["roberta-base", "bert-small"],
+                   help="model of the overhead benchmark (default: roberta-base on CUDA, bert-small on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the overhead benchmark")
+    p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    return p
+
+
+def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
+    """Device name, versions, date and command of this run."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - optional dependency
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+                        break
+        except OSError:
+            pass
+    try:
+        import tbfast
+        backend = tbfast.backend_info()
+        tb_version = tbfast.__version__
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        backend, tb_version = {"error": str(e)}, None
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "tbfast bench " + " ".join(shlex.quote(a) for a in argv),
+        "device": str(device), "device_name": name,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "tbfast": tb_version, "python": platform.python_version(), "backend": backend,
+    }
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def esd_tables(results: list[dict], markdown: bool) -> str:
+    """The ESD table (one row per workload x method) and the KS table."""
+    rows, ks_rows = [], []
+    for r in results:
+        for m in r["methods"].values():
+            ks_agree = "-" if m["ks_index_agreement"] is None else \
+                f"{m['ks_index_agreement'] * 100:.0f}% of {m['ks_index_layers']}"
+            rows.append([r["workload"], str(r["layers"]), m["method"], _fmt_s(m["seconds"]),
+                         _fmt(m["layers_per_s"], ".1f"), _fmt(m["ratio_vs_reference"], ".2f") + "x",
+                         _fmt(m["max_alpha_rel_err"], ".1e"), ks_agree])
+        if r["ks"]:
+            k = r["ks"]
+            ref = _fmt_s(k["reference_seconds"])
+            if k["reference_extrapolated"]:
+                ref += f" (extrapolated from {k['reference_measured_layers']} layers)"
+            ks_rows.append([r["workload"], str(k["layers"]), ref, _fmt_s(k["tbfast_seconds"]),
+                            f"{k['ratio_vs_reference']:.0f}x"])
+    out = ["ESD + median fit + metrics, weights -> host-side table (median of repeats)",
+           _table(["workload", "layers", "method", "time", "layers/s", "vs reference",
+                   "max alpha rel err (fp64 SVD)", "KS xmin index = oracle"], rows, markdown)]
+    if ks_rows:
+        out += ["", "KS scan (SPEC sec. 4) on the same eigenvalues",
+                _table(["workload", "layers", "reference (Python loop)", "tbfast", "speedup"],
+                       ks_rows, markdown)]
+    return "\n".join(out)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tbfast bench: --device cuda but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def _split(arg: str | None, known, what: str) -> list[str] | None:
+    if arg is None:
+        return None
+    items = [x.strip() for x in arg.split(",") if x.strip()]
+    bad = [x for x in items if x not in known]
+    if bad:
+        raise SystemExit(f"tbfast bench: unknown {what} {bad}; known: {', '.join(known)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tbfast bench``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    device = _resolve_device(args.device)
+    workloads = _split(args.workloads, WORKLOADS, "workload") or \
+        (QUICK_WORKLOADS if args.quick else list(WORKLOADS))
+    methods = _split(args.methods, METHODS, "method") or \
+        list(QUICK_METHODS if args.quick else METHODS)
+    repeats = args.repeats or (1 if args.quick else 3)
+    ks_ref_layers = args.ks_reference_layers or (QUICK_KS_REFERENCE_LAYERS if args.quick else None)
+    env = environment(device, argv)
+    report: dict[str, Any] = {"environment": env, "methods": {m: METHOD_HELP[m] for m in methods},
+                              "esd": [], "overhead": None}
+    print(f"# tbfast bench on {env['device_name']} ({env['device']}), torch {env['torch']}, "
+          f"triton {env['triton']}, {env['date']}")
+    print(f"# command: {env['command']}")
+    t_start = time.perf_counter()
+    if not args.overhead_only:
+        for w in workloads:
+            t0 = time.perf_counter()
+            res = run_esd_benchmark(w, device, methods=methods, repeats=repeats,
+                                    oracle=not args.no_oracle, ks=not args.no_ks,
+                                    ks_reference_layers=ks_ref_layers)
+            d = dataclasses.asdict(res)
+            report["esd"].append(d)
+            print(f"# {w}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        print()
+        print(esd_tables(report["esd"], args.markdown))
+        for r in report["esd"]:
+            for note in r["notes"]:
+                print(f"note: {r['workload']}: {note}")
+    if args.overhead or args.overhead_only:
+        from .overhead import format_overhead, run_overhead
+        model = args.overhead_model or ("roberta-base" if device.type == "cuda" else "bert-small")
+        ov = run_overhead(model=model, device=device, steps=args.steps)
+        report["overhead"] = ov
+        print()
+        print(format_overhead(ov, args.markdown))
+    report["total_seconds"] = time.perf_counter() - t_start
+    print(f"\n# total {report['total_seconds']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        print(f"# wrote {args.json}")
+    return 0
