@@ -32,8 +32,10 @@ alpha 0 and D 1; a visited one gets D 1 unless ``alpha_i > 1`` (NaN alpha counts
 A zero eigenvalue gives ``alpha = NaN`` as in the reference; the Hill fit then reports D NaN.
 
 No Python loop over layers or candidates and no host synchronisation: the functions return
-device tensors; the caller synchronises once. Kernels are compiled lazily on first use, so
-``TRITON_INTERPRET=1`` set before the first call (tests on CPU) selects the interpreter.
+device tensors; the caller synchronises once. triton is imported and the kernels wrapped on
+first use only, so importing this module (or asking :func:`triton_available`) never imports
+triton. For CPU tests, ``TRITON_INTERPRET=1`` must be set before triton is first imported in the
+process (triton.language reads it at import).
 
 Metrics (segment sums of e, e^alpha, ...) have no Triton kernel here: batched torch segment ops
 do that work in tbfast.metrics.
@@ -41,17 +43,18 @@ do that work in tbfast.metrics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
+import importlib.util
 import os
 
 import torch
 
-try:  # triton is an optional dependency
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+# triton is optional and imported on first use (_kernels); the kernel bodies below resolve
+# these module globals when triton compiles or interprets them.
+triton = None
+tl = None
 
 __all__ = ["triton_available", "hill_fit_triton", "ks_scan_triton"]
 
@@ -71,9 +74,12 @@ def triton_available() -> tuple[bool, str]:
     True on a CUDA machine with triton importable, or under ``TRITON_INTERPRET=1`` (CPU
     tensors, for tests).
     """
-    if triton is None:
+    if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
-    version = getattr(triton, "__version__", "?")
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
     if _interpreting():
         return True, f"triton {version} interpreter (TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
@@ -206,18 +212,23 @@ def _ks_argmin_kernel(starts_ptr, ends_ptr, alpha_c_ptr, d_c_ptr, alpha_ptr, d_p
     tl.store(index_ptr + layer, tl.where(ok, k, -1))
 
 
-@functools.lru_cache(maxsize=2)
-def _jit_kernels(interpret: bool):
-    """Wrap the kernels with triton.jit (once per interpreter mode)."""
-    del interpret  # only the cache key: triton.jit reads TRITON_INTERPRET when it wraps
+@functools.lru_cache(maxsize=1)
+def _jit_kernels():
+    """Wrap the kernels with triton.jit, once."""
     return (triton.jit(_hill_kernel), triton.jit(_ks_candidates_kernel),
             triton.jit(_ks_argmin_kernel))
 
 
 def _kernels():
+    global triton, tl
     if triton is None:
-        raise RuntimeError("tbfast Triton fit kernels need triton (pip install triton)")
-    return _jit_kernels(_interpreting())
+        try:
+            import triton as _triton
+            import triton.language as _tl
+        except ImportError as exc:
+            raise RuntimeError("tbfast Triton fit kernels need triton (pip install triton)") from exc
+        triton, tl = _triton, _tl
+    return _jit_kernels()
 
 
 # --------------------------------------------------------------------------- host side
@@ -258,6 +269,13 @@ def _as_layer_f64(op: str, name: str, t, num_layers: int, device: torch.device) 
     return t.contiguous()
 
 
+def _device_guard(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _empty_result(num_layers: int, device: torch.device):
     nan = torch.full((num_layers,), float("nan"), dtype=torch.float64, device=device)
     return nan, nan.clone(), torch.full((num_layers,), -1, dtype=torch.int64, device=device)
@@ -288,7 +306,8 @@ def hill_fit_triton(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tens
     alpha = torch.empty(num_layers, dtype=torch.float64, device=values.device)
     d = torch.empty_like(alpha)
     index = torch.empty(num_layers, dtype=torch.int64, device=values.device)
-    hill[(num_layers,)](values.contiguous(), starts, ends, i, alpha, d, index, BLOCK=block)
+    with _device_guard(values.device):
+        hill[(num_layers,)](values.contiguous(), starts, ends, i, alpha, d, index, BLOCK=block)
     return alpha, d, index
 
 
@@ -325,16 +344,16 @@ def ks_scan_triton(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tenso
     num_blocks = torch.div(size - 1 + block_i - 1, block_i, rounding_mode="floor").clamp_min(0)
     blk_end = torch.cumsum(num_blocks, 0)
     blk_begin = blk_end - num_blocks
-    grid = triton.cdiv(values.numel(), block_i) + num_layers
+    grid = -(-values.numel() // block_i) + num_layers
     prog_layer = torch.searchsorted(blk_end, torch.arange(grid, device=device), right=True)
 
     alpha_c = torch.empty(values.numel(), dtype=torch.float64, device=device)
     d_c = torch.empty_like(alpha_c)
-    candidates[(grid,)](values, log_values, starts, ends, lo, hi, prog_layer, blk_begin,
-                        alpha_c, d_c, num_layers, BLOCK_I=block_i, BLOCK_J=block_j)
-
     alpha = torch.empty(num_layers, dtype=torch.float64, device=device)
     d = torch.empty_like(alpha)
     index = torch.empty(num_layers, dtype=torch.int64, device=device)
-    argmin[(num_layers,)](starts, ends, alpha_c, d_c, alpha, d, index, BLOCK=argmin_block)
+    with _device_guard(device):
+        candidates[(grid,)](values, log_values, starts, ends, lo, hi, prog_layer, blk_begin,
+                            alpha_c, d_c, num_layers, BLOCK_I=block_i, BLOCK_J=block_j)
+        argmin[(num_layers,)](starts, ends, alpha_c, d_c, alpha, d, index, BLOCK=argmin_block)
     return alpha, d, index
