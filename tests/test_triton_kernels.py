@@ -342,3 +342,45 @@ def test_dispatch_through_fit_power_law(batch, fit):
     for name in ("alpha", "D"):
         torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name).cpu(),
                                    rtol=RTOL, atol=RTOL, equal_nan=True)
+
+
+def _device_check() -> None:
+    """`python tests/test_triton_kernels.py`: scale check and timings on the GPU (a script for
+    a device session, not a test). Prints max relative errors against the torch reference and
+    the mean time per call after one compiling call."""
+    import time
+
+    from tbfast.kernels import ref
+
+    print(triton_fit.triton_available(), torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
+    g = torch.Generator().manual_seed(0)
+    cases = [[768] * 72, [1024] * 144, [4096] * 4] if DEVICE == "cuda" else [[48] * 3]
+    for lens in cases:
+        specs = [torch.sort(torch.rand(n, generator=g, dtype=torch.float64) ** -0.8 - 0.9)[0]
+                 for n in lens]
+        v = torch.cat(specs).to(DEVICE)
+        off = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
+        s, e = off[:-1].contiguous(), off[1:].contiguous()
+        L = len(lens)
+        lo = torch.full((L,), -math.inf, dtype=torch.float64, device=DEVICE)
+        hi = torch.full((L,), math.inf, dtype=torch.float64, device=DEVICE)
+        for name, fn, args, rfn in (("ks_scan", triton_fit.ks_scan_triton, (v, s, e, lo, hi), ref.ks_scan_ref),
+                                    ("hill_fit", triton_fit.hill_fit_triton, (v, s, e, 2.0), ref.hill_fit_ref)):
+            got, want = fn(*args), rfn(*args)
+            err_a = ((got[0] - want[0]).abs() / want[0].abs()).max().item()
+            err_d = ((got[1] - want[1]).abs() / want[1].abs()).max().item()
+            reps = 50 if DEVICE == "cuda" else 2
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(*args)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / reps * 1e3
+            print(f"{name} {L}x{lens[0]}: {ms:.3f} ms/call; max rel err alpha {err_a:.1e}, "
+                  f"D {err_d:.1e}; index equal {torch.equal(got[2], want[2])}")
+
+
+if __name__ == "__main__":
+    _device_check()
