@@ -4,8 +4,9 @@
 // through dlopen/dlsym (the ABI subset is declared in cusolver_api.h) and reaches the GPU
 // through ATen and c10 only:
 //   * memory:  at::empty on the CUDA device -> torch's caching allocator, current stream;
-//   * stream:  c10's CUDA device-guard implementation reports torch's current stream
-//              (Stream::native_handle); callers may pass the stream explicitly instead;
+//   * stream:  passed in by the caller (tbfast/_cusolver.py passes
+//              torch.cuda.current_stream().cuda_stream); -1 asks torch for its current stream
+//              through torch._C._cuda_getCurrentRawStream (Python C API, no CUDA header);
 //   * device:  c10::DeviceGuard makes G's device current while handles are created and used.
 //
 // Ops (schemas below):
@@ -17,10 +18,10 @@
 //   cusolver_syev_batched_plan(n, batch, dtype, device, workspace_limit)
 //       -> (matrices per call, device_bytes, host_bytes)
 
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/Stream.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -239,15 +240,41 @@ Plan plan_chunks(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch
   return plan;
 }
 
+// torch's current cudaStream_t on `device`, from torch._C._cuda_getCurrentRawStream (the call
+// torch's own generated Triton code uses). Goes through Python because the C++ accessors need
+// CUDA headers (c10::cuda::getCurrentCUDAStream) or a newer torch (c10::Stream::native_handle).
 void* current_stream(const c10::Device& device) {
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-  try {
-    return stream.native_handle();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false,
-                "tbfast: this torch build cannot report its CUDA stream to C++ (", e.what(),
-                "); use tbfast._cusolver.eigvalsh_batched_cuda, which passes the stream from Python");
+  TORCH_CHECK(Py_IsInitialized(), "tbfast cuSOLVER eigvalsh: no Python interpreter to ask for torch's "
+              "current CUDA stream; call torch.ops.tbfast.cusolver_eigvalsh with an explicit stream");
+  PyGILState_STATE gil = PyGILState_Ensure();
+  std::string error;
+  void* stream = nullptr;
+  PyObject* mod = PyImport_ImportModule("torch._C");
+  PyObject* res = mod ? PyObject_CallMethod(mod, "_cuda_getCurrentRawStream", "i",
+                                            static_cast<int>(device.index()))
+                      : nullptr;
+  if (res) {
+    stream = PyLong_AsVoidPtr(res);
   }
+  if (PyErr_Occurred()) {
+    PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject* text = value ? PyObject_Str(value) : nullptr;
+    const char* utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
+    error = utf8 ? utf8 : "unknown Python error";
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+  }
+  Py_XDECREF(res);
+  Py_XDECREF(mod);
+  PyGILState_Release(gil);
+  TORCH_CHECK(error.empty(), "tbfast cuSOLVER eigvalsh: torch._C._cuda_getCurrentRawStream(",
+              static_cast<int>(device.index()), ") failed: ", error,
+              "; call torch.ops.tbfast.cusolver_eigvalsh with an explicit stream");
+  return stream;
 }
 
 std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit,
