@@ -46,7 +46,8 @@ namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr int64_t kBlock = 16;      // sample spacing for the interval bound
+constexpr int64_t kCoarse = 8;      // first samples per candidate: kCoarse + 1 evenly spaced terms
+constexpr int64_t kLeaf = 8;        // blocks this short are evaluated term by term
 constexpr double kSlack = 1e-12;    // margin for rounding in the interval bound (terms are <= 1)
 constexpr int64_t kSeeds = 24;      // seed candidates per layer visited first
 
@@ -157,48 +158,63 @@ double ks_distance_full(const double* Lt, int64_t n, double alpha) {
   return D;
 }
 
-// KS distance with the interval bound and abandonment once the partial max exceeds *best.
-// Requires alpha > 1 (no NaN terms) and n >= 2. Returns +inf when abandoned.
+// KS distance with the interval bound and abandonment once the partial max exceeds `best`.
+// Starts from kCoarse + 1 evenly spaced samples, then refines only blocks whose bound can still
+// raise the running max (bisection, the block with the larger bound first). Requires alpha > 1
+// (no NaN terms) and n >= 2. Returns +inf when abandoned, else the exact max over all terms.
+struct Block {
+  int64_t ja, jb;  // terms at ja and jb are known; (ja, jb) open interval still to bound
+  double Fa, Fb;
+};
+
 double ks_distance_pruned(const double* Lt, int64_t n, double alpha, const std::atomic<double>& best,
-                          std::vector<double>& F) {
+                          std::vector<Block>& stack) {
   const double a1 = 1.0 - alpha, nd = static_cast<double>(n);
-  const int64_t nb = (n - 1 + kBlock - 1) / kBlock;  // blocks between samples at 0, B, 2B, .., n-1
-  F.resize(nb + 1);
   double M = 0.0;
-  for (int64_t k = 0; k <= nb; ++k) {
-    const int64_t j = std::min(k * kBlock, n - 1);
-    F[k] = fit_cdf(Lt, j, a1);
-    M = std::max(M, ks_term(F[k], j, nd));
+  auto eval = [&](int64_t j) {
+    const double F = fit_cdf(Lt, j, a1);
+    M = std::max(M, ks_term(F, j, nd));
+    return F;
+  };
+  // Upper bound of the terms strictly inside (ja, jb) from monotonicity of F_j and j/n.
+  auto bound = [&](const Block& b) {
+    return std::max(b.Fb - static_cast<double>(b.ja + 1) / nd, static_cast<double>(b.jb - 1) / nd - b.Fa);
+  };
+  auto abandoned = [&] { return M > best.load(std::memory_order_relaxed); };
+
+  stack.clear();
+  const int64_t pieces = std::min<int64_t>(kCoarse, n - 1);
+  int64_t prev_j = 0;
+  double prev_F = eval(0);
+  for (int64_t k = 1; k <= pieces; ++k) {
+    const int64_t j = (n - 1) * k / pieces;
+    const double F = eval(j);
+    if (j - prev_j > 1) stack.push_back({prev_j, j, prev_F, F});
+    prev_j = j;
+    prev_F = F;
   }
-  if (M > best.load(std::memory_order_relaxed)) return kInf;
-  auto bound = [&](int64_t k) {
-    const int64_t ja = k * kBlock, jb = std::min(ja + kBlock, n - 1);
-    if (jb - ja <= 1) return -kInf;
-    return std::max(F[k + 1] - static_cast<double>(ja + 1) / nd,
-                    static_cast<double>(jb - 1) / nd - F[k]);
-  };
-  auto scan_block = [&](int64_t k) {
-    const int64_t ja = k * kBlock, jb = std::min(ja + kBlock, n - 1);
-    for (int64_t j = ja + 1; j < jb; ++j) M = std::max(M, ks_term(fit_cdf(Lt, j, a1), j, nd));
-  };
-  // The block with the largest bound first (it most likely holds the max), then the rest.
-  int64_t top = 0;
-  double top_u = -kInf;
-  for (int64_t k = 0; k < nb; ++k) {
-    const double u = bound(k);
-    if (u > top_u) {
-      top_u = u;
-      top = k;
+  if (abandoned()) return kInf;
+  while (!stack.empty()) {
+    const Block b = stack.back();
+    stack.pop_back();
+    if (bound(b) + kSlack < M) continue;  // no term inside can change the max
+    if (b.jb - b.ja <= kLeaf) {
+      for (int64_t j = b.ja + 1; j < b.jb; ++j) eval(j);
+      if (abandoned()) return kInf;
+      continue;
     }
-  }
-  if (top_u + kSlack >= M) {
-    scan_block(top);
-    if (M > best.load(std::memory_order_relaxed)) return kInf;
-  }
-  for (int64_t k = 0; k < nb; ++k) {
-    if (k == top || bound(k) + kSlack < M) continue;
-    scan_block(k);
-    if (M > best.load(std::memory_order_relaxed)) return kInf;
+    const int64_t mid = b.ja + (b.jb - b.ja) / 2;
+    const double Fm = eval(mid);
+    if (abandoned()) return kInf;
+    const Block left{b.ja, mid, b.Fa, Fm}, right{mid, b.jb, Fm, b.Fb};
+    // Pop the half with the larger bound first.
+    if (bound(left) > bound(right)) {
+      stack.push_back(right);
+      stack.push_back(left);
+    } else {
+      stack.push_back(left);
+      stack.push_back(right);
+    }
   }
   return M;
 }
@@ -331,7 +347,7 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
   std::vector<std::atomic<double>> best(L);
   for (auto& b : best) b.store(kInf, std::memory_order_relaxed);
   parallel_for_dynamic(total_work, 8, [&](int64_t t) {
-    thread_local std::vector<double> F;
+    thread_local std::vector<Block> stack;
     const int64_t l = std::upper_bound(work_start.begin(), work_start.end(), t) - work_start.begin() - 1;
     const ScanLayer& ly = layers[l];
     const int64_t r = t - work_start[l];
@@ -343,7 +359,7 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
     if (!(a > 1.0)) {
       Di = 1.0;
     } else if (kPrune) {
-      Di = ks_distance_pruned(Lt, n, a, best[l], F);
+      Di = ks_distance_pruned(Lt, n, a, best[l], stack);
     } else {
       Di = ks_distance_full(Lt, n, a);
     }

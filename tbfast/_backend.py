@@ -54,8 +54,9 @@ def extension_loaded() -> bool:
 
 
 def has_op(name: str) -> bool:
-    """True when ``torch.ops.tbfast.<name>`` is registered (after loading the extension)."""
-    _load()
+    """True when the extension is loaded and registers ``torch.ops.tbfast.<name>``."""
+    if not _load():
+        return False
     try:
         getattr(torch.ops.tbfast, name)
     except (AttributeError, RuntimeError):

@@ -1,0 +1,114 @@
+"""tbfast._backend: loading the extension, op lookup, one-time fallback logs, backend_info()."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+import tbfast
+from tbfast import _backend
+
+EXT_BUILT = _backend.extension_loaded()
+
+
+@pytest.mark.skipif(os.environ.get("TBFAST_REQUIRE_EXTENSION", "") != "1",
+                    reason="TBFAST_REQUIRE_EXTENSION=1 not set (CI sets it)")
+def test_extension_required_and_loaded():
+    info = _backend.backend_info()
+    assert info["extension"]["loaded"], f"tbfast._C failed to load: {info['extension']['reason']}"
+    for op in ("eigvalsh_batched", "hill_fit", "ks_scan"):
+        assert _backend.has_op(op), op
+
+
+def test_backend_info_fields():
+    info = tbfast.backend_info()
+    assert info["extension"]["loaded"] is EXT_BUILT
+    assert info["torch"]["version"] == torch.__version__
+    assert info["devices"]["cpu"] is True
+    assert info["devices"]["cuda"] is torch.cuda.is_available()
+    assert isinstance(info["triton"]["available"], bool)
+    assert isinstance(info["triton"]["interpret"], bool)
+    assert "loaded" in info["cusolver"]
+    assert set(info["ops"]) >= {"eigvalsh_batched", "hill_fit", "ks_scan"}
+    if EXT_BUILT:
+        ext = info["extension"]
+        assert ext["reason"] is None and ext["path"].endswith((".so", ".pyd"))
+        # built against the torch that runs it (an ABI mismatch would not even load)
+        assert ext["build"]["torch_version"] == torch.__version__
+        assert isinstance(ext["build"]["openmp"], bool)
+        assert isinstance(info["lapack"]["syevd"], bool) and info["lapack"]["source"]
+        assert all(info["ops"][n] for n in ("eigvalsh_batched", "hill_fit", "ks_scan"))
+    else:
+        assert info["extension"]["reason"]
+        assert not any(info["ops"].values())
+
+
+def test_triton_interpret_flag_reported(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.backend_info()["triton"]["interpret"] is True
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _backend.backend_info()["triton"]["interpret"] is False
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason="tbfast._C extension not built")
+def test_lapack_found_where_torch_exports_it():
+    # torch built with MKL or OpenBLAS LAPACK exports ?syevd_; the op must find it there
+    if "LAPACK is enabled" not in torch.__config__.show():
+        pytest.skip("this torch has no LAPACK")
+    import ctypes
+
+    try:
+        ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).dsyevd_
+    except (OSError, AttributeError):
+        pytest.skip("libtorch_cpu does not export dsyevd_")
+    assert _backend.backend_info()["lapack"]["syevd"] is True
+
+
+def test_has_op_unknown_name():
+    assert _backend.has_op("no_such_op_anywhere") is False
+
+
+def test_log_fallback_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="tbfast._backend"):
+        _backend.log_fallback_once("test-key-once", "first message")
+        _backend.log_fallback_once("test-key-once", "second message")
+        _backend.log_fallback_once("test-key-other", "other message")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs.count("first message") == 1
+    assert "second message" not in msgs and "other message" in msgs
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch, caplog):
+    """Simulate an unbuilt extension: no ops, one warning naming the reason, info says why."""
+    real_import = importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name == "tbfast._C":
+            raise ImportError("simulated: no compiled module")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_backend.importlib, "import_module", fake_import)
+    monkeypatch.setattr(_backend, "_loaded", None)
+    monkeypatch.setattr(_backend, "_module", None)
+    monkeypatch.setattr(_backend, "_reason", None)
+    monkeypatch.setattr(_backend, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="tbfast._backend"):
+        assert _backend.has_op("ks_scan") is False
+        info = _backend.backend_info()
+        assert _backend.has_op("eigvalsh_batched") is False
+    assert info["extension"]["loaded"] is False
+    assert "simulated: no compiled module" in info["extension"]["reason"]
+    assert info["lapack"]["syevd"] is False
+    warnings = [r for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated: no compiled module" in warnings[0].getMessage()
+
+
+def test_cusolver_module_absent_is_tolerated(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tbfast._cusolver", None)  # import of it raises ImportError
+    cus = _backend.backend_info()["cusolver"]
+    assert cus["loaded"] is False and "unavailable" in cus["reason"]
