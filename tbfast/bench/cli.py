@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead", action="store_true",
                    help="also run the training-overhead benchmark (no TB / reference TB / tbfast TB)")
     p.add_argument("--overhead-only", action="store_true", help="run only the training-overhead benchmark")
-    p.add_argument("--overhead-model", default=None, choices=["roberta-base", "bert-small"],
+    p.add_argument("--overhead-model", default=None, choices=["roberta-base", "bert-small", "bert-tiny"],
                    help="model of the overhead benchmark (default: roberta-base on CUDA, bert-small on CPU)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the overhead benchmark")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
