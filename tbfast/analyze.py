@@ -52,7 +52,7 @@ class Analysis:
 
 def _resolve_layers(source: Any, *, base: Any, include_embedding: bool, types: Iterable[str] | None,
                     include: str | None, exclude: str | None, conv_norm: float, lora_scaling: bool,
-                    min_evals: int, max_evals: int | None) -> list[Layer]:
+                    min_evals: int, max_evals: int | None, max_n: int | None = None) -> list[Layer]:
     if isinstance(source, Layer):
         source = [source]
     if isinstance(source, (list, tuple)) and source and all(isinstance(x, Layer) for x in source):
@@ -78,9 +78,12 @@ def _resolve_layers(source: Any, *, base: Any, include_embedding: bool, types: I
         raise TypeError(f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, "
                         f"a checkpoint path or a list of tbfast.Layer")
     layers = [l for l in layers
-              if l.num_evals >= min_evals and (max_evals is None or l.num_evals <= max_evals)]
+              if l.num_evals >= min_evals and (max_evals is None or l.num_evals <= max_evals)
+              and (max_n is None or max(l.rows, l.cols) <= max_n)]
     if not layers:
-        raise ValueError(f"no layer with {min_evals} to {max_evals} eigenvalues matched the selection")
+        raise ValueError(f"no layer with {min_evals} to {max_evals} eigenvalues"
+                         + (f" and at most {max_n} rows/columns" if max_n is not None else "")
+                         + " matched the selection")
     return layers
 
 
@@ -130,6 +133,7 @@ def analyze_spectra(
     sr_mid_pos: float | None = None,
     min_evals: int = WW_MIN_EVALS,
     max_evals: int | None = WW_MAX_EVALS,
+    max_n: int | None = None,
     include_embedding: bool = True,
     types: Iterable[str] | None = None,
     include: str | None = None,
@@ -147,7 +151,8 @@ def analyze_spectra(
     canonical_fit(fit)  # validate the name before any work
     layers = _resolve_layers(source, base=base, include_embedding=include_embedding, types=types,
                              include=include, exclude=exclude, conv_norm=conv_norm,
-                             lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals)
+                             lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,
+                             max_n=max_n)
     logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit, dtype)
     spectra = esd(layers, method=method, dtype=dtype, device=device, memory_budget=memory_budget,
                   progress=progress)
@@ -169,7 +174,8 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``fit``: ``"ks"`` / ``"goodness-of-fit"`` (default; WeightWatcher's power-law fit),
       ``"median"`` (TempBalance's Hill estimator at ``xmin_pos``), ``"fix-finger"``;
     - ``min_evals=10``, ``max_evals=15000``: WeightWatcher's default layer selection (eigenvalue
-      counts); ``min_evals=0, max_evals=None`` keeps every layer;
+      counts); ``min_evals=0, max_evals=None`` keeps every layer; ``max_n`` (default None) drops
+      layers whose larger side exceeds it (WeightWatcher's ``max_N=50000``);
     - ``include_embedding=True``, ``types``, ``include`` / ``exclude`` (regexes on layer names),
       ``conv_norm=0.5``;
     - ``base``: a model, state dict or checkpoint; each layer becomes ``W - W_base``; for a LoRA

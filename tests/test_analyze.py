@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import weakref
 
@@ -119,6 +118,7 @@ def test_median_fit_and_selection(net):
         assert row.alpha == pytest.approx(a, rel=1e-9)
         assert row.xmin == pytest.approx(e[i], rel=1e-10)
     assert list(analyze(net, max_evals=30)["name"]) == ["emb", "fc1", "fc2"]  # conv: 9 * 6 = 54
+    assert list(analyze(net, max_n=30)["name"]) == ["conv"]  # WeightWatcher's max_N: larger side <= 30
 
 
 def test_file_matches_model(net, tmp_path):
@@ -185,7 +185,6 @@ class TrackingStore(MappingStore):
         self.max_alive = 0
 
     def load(self, name):
-        gc.collect()
         alive = sum(r() is not None for r in self.refs)
         self.max_alive = max(self.max_alive, alive + 1)
         t = super().load(name).clone()  # a fresh tensor per load, as a file reader returns
@@ -195,14 +194,14 @@ class TrackingStore(MappingStore):
 
 def test_memory_budget_bounds_tensors_held():
     g = torch.Generator().manual_seed(5)
-    sd = {f"layers.{i}.weight": torch.randn(64, 48, generator=g) for i in range(12)}
+    sd = {f"layers.{i}.weight": torch.randn(64, 48, generator=g) for i in range(8)}
     per_layer = (64 * 48 + 2 * 48 * 48) * 8  # fp64 weights + Gram bytes, as the ESD stage counts
     store = TrackingStore(sd)
     small = analyze(store, memory_budget=2 * per_layer)
     assert store.max_alive <= 2  # at most two layers' weights in memory at once
     big = analyze(sd)
     np.testing.assert_allclose(small["alpha"], big["alpha"], rtol=1e-12)
-    assert len(small) == 12
+    assert len(small) == 8
 
 
 def test_progress_bar(net, capsys):
