@@ -119,12 +119,12 @@ def _one_run(run: str, model_name: str, device: torch.device, steps: int, lr: fl
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))   # one host sync per step in every run
-        _sync(device)
-        t0 = time.perf_counter()
+        _sync(device)  # same sync in every run, so only TempBalance's own work is timed below
         if tb is not None:
+            t0 = time.perf_counter()
             tb.step(opt, sched.get_last_lr()[-1])
             _sync(device)
-        tb_seconds += time.perf_counter() - t0
+            tb_seconds += time.perf_counter() - t0
         lr_history.append([float(gr["lr"]) for gr in opt.param_groups])
         if pos == steps_per_epoch - 1 or step == steps - 1:
             t0 = time.perf_counter()
