@@ -17,6 +17,9 @@
 //   cusolver_syev_batched_workspace(n, batch, dtype, device) -> (device_bytes, host_bytes)
 //   cusolver_syev_batched_plan(n, batch, dtype, device, workspace_limit)
 //       -> (matrices per call, device_bytes, host_bytes)
+//
+// CPU tensors (and device = -1) are accepted only when the loaded library is the host-memory
+// test double of tests/test_cuda.py, which lets the chunking and indexing be tested without a GPU.
 
 #include <Python.h>
 
@@ -58,6 +61,9 @@ struct Library {
   DnCreateParamsFn dn_create_params = nullptr;
   XsyevBatchedBufferSizeFn syev_batched_buffer_size = nullptr;
   XsyevBatchedFn syev_batched = nullptr;
+  // A test double (tests/test_cuda.py) that works on host memory exports this symbol; only
+  // then do the ops accept CPU tensors, so the chunking and indexing run without a GPU.
+  bool host_memory = false;
 };
 
 Library& library() {
@@ -105,6 +111,7 @@ std::string try_open(Library& lib, const std::string& candidate) {
   lib.dn_create_params = create_params;
   lib.syev_batched_buffer_size = buffer_size;
   lib.syev_batched = syev;
+  lib.host_memory = dlsym(dl, "tbfast_fake_cusolver_host_memory") != nullptr;
   lib.last_error.clear();
   return "";
 }
@@ -130,6 +137,12 @@ std::string load_library(const std::string& path) {
   }
   lib.last_error = reasons;
   return reasons;
+}
+
+bool host_memory_library_loaded() {
+  Library& lib = library();
+  std::lock_guard<std::mutex> lock(lib.mu);
+  return lib.dl != nullptr && lib.host_memory;
 }
 
 Library& loaded_library() {
@@ -225,9 +238,14 @@ Plan plan_chunks(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch
   plan.chunk = batch;
   plan.sizes = query(lib, st, dt, n, batch, A, W);
   if (cost(batch, plan.sizes) <= cap || batch == 1) return plan;
+  // Model the cost as fixed + marginal * b from the queries at b = 1 and b = batch, take the
+  // largest chunk the model allows, then query and shrink until the real cost fits.
   const Sizes one = query(lib, st, dt, n, 1, A, W);
-  const uint64_t per_matrix = std::max<uint64_t>(cost(1, one), 1);
-  int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(cap / per_matrix), 1, batch - 1);
+  const double cost_one = double(cost(1, one));
+  const double marginal = std::max((double(cost(batch, plan.sizes)) - cost_one) / double(batch - 1), 1.0);
+  const double fixed = std::max(cost_one - marginal, 0.0);
+  const double fit = double(cap) > fixed ? (double(cap) - fixed) / marginal : 1.0;
+  int64_t chunk = fit >= double(batch - 1) ? batch - 1 : std::max<int64_t>(1, static_cast<int64_t>(fit));
   Sizes s = query(lib, st, dt, n, chunk, A, W);
   while (chunk > 1 && cost(chunk, s) > cap) {
     // workspace need not grow linearly with the batch: shrink proportionally, by >= 1 matrix
@@ -279,7 +297,9 @@ void* current_stream(const c10::Device& device) {
 
 std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit,
                                                 int64_t stream_arg) {
-  TORCH_CHECK(G.is_cuda(), "tbfast cuSOLVER eigvalsh: G must be a CUDA tensor, got device ", G.device());
+  const bool on_host = G.is_cpu() && host_memory_library_loaded();  // test double only
+  TORCH_CHECK(G.is_cuda() || on_host, "tbfast cuSOLVER eigvalsh: G must be a CUDA tensor, got device ",
+              G.device());
   TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2),
               "tbfast cuSOLVER eigvalsh: expected a (B, n, n) batch of square matrices, got shape ",
               G.sizes());
@@ -295,8 +315,10 @@ std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t wor
   TORCH_CHECK(n <= INT32_MAX, "tbfast cuSOLVER eigvalsh: n=", n, " is too large");
 
   Library& lib = loaded_library();
-  c10::DeviceGuard guard(G.device());
+  c10::OptionalDeviceGuard guard;
+  if (!on_host) guard.reset_device(G.device());
   Stream stream = stream_arg >= 0 ? reinterpret_cast<Stream>(static_cast<intptr_t>(stream_arg))
+                  : on_host       ? nullptr
                                   : current_stream(G.device());
   const int64_t limit = workspace_limit > 0 ? workspace_limit : kDefaultWorkspaceLimit;
   const size_t elem = G.element_size();
@@ -348,8 +370,13 @@ std::tuple<int64_t, int64_t, int64_t> plan_op(int64_t n, int64_t batch, at::Scal
               ", batch=", batch);
   const int dt = data_type(dtype);
   Library& lib = loaded_library();
-  const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
-  c10::DeviceGuard guard(dev);
+  // device < 0: host memory, accepted only by the test double
+  TORCH_CHECK(device >= 0 || lib.host_memory, "tbfast cusolver plan: device must be a CUDA device index, got ",
+              device);
+  const c10::Device dev = device >= 0 ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device))
+                                      : c10::Device(c10::DeviceType::CPU);
+  c10::OptionalDeviceGuard guard;
+  if (dev.is_cuda()) guard.reset_device(dev);
   const auto opts = at::TensorOptions().device(dev).dtype(dtype);
   at::Tensor placeholder_a = at::empty({1}, opts);
   at::Tensor placeholder_w = at::empty({1}, opts);
@@ -388,6 +415,11 @@ TORCH_LIBRARY_FRAGMENT(tbfast, m) {
         " -> (int, int, int)",
         &tbfast::plan_op);
   m.def("cusolver_eigvalsh(Tensor G, int workspace_limit, int stream) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
+  // Only for the host-memory test double; any other CPU call gets "must be a CUDA tensor".
+  m.impl("cusolver_eigvalsh", &tbfast::syev_batched);
 }
 
 TORCH_LIBRARY_IMPL(tbfast, CUDA, m) {

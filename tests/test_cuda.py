@@ -194,6 +194,187 @@ def test_loader_failure_paths_in_subprocess(tmp_path):
     assert out["again"] == ""
 
 
+# A host-memory test double of libcusolver: the same C entry points, "device" pointers are host
+# pointers, eigenvalues by cyclic Jacobi in double precision, input read per the documented
+# column-major layout A_k(i, j) = A[i + lda*j + lda*n*k] from the `uplo` triangle. It records
+# the calls so the tests can see the chunking, the stream and the triangle tbfast passes.
+FAKE_HOST_CUSOLVER = r"""
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+int tbfast_fake_cusolver_host_memory = 1;
+static int calls = 0, last_uplo = -1;
+static int64_t max_batch = 0;
+static void* last_stream = (void*)-1;
+int fake_calls(void) { return calls; }
+long long fake_max_batch(void) { return max_batch; }
+long long fake_last_stream(void) { return (long long)(intptr_t)last_stream; }
+int fake_last_uplo(void) { return last_uplo; }
+int cusolverGetVersion(int* v) { *v = 12001; return 0; }
+int cusolverDnCreate(void** h) { *h = (void*)0x1; return 0; }
+int cusolverDnSetStream(void* h, void* s) { last_stream = s; return h ? 0 : 1; }
+int cusolverDnCreateParams(void** p) { *p = (void*)0x2; return 0; }
+static size_t dev_need(int64_t n, int64_t b, int dt) { return 4096 + (size_t)(b * n) * (dt ? 8 : 4) * 3; }
+static int bad_args(void* h, void* p, int jobz, int uplo, int64_t n, int dta, const void* A, int64_t lda,
+                    int dtw, const void* W, int ct, int64_t b) {
+  return !h || !p || !A || !W || jobz != 0 || (uplo != 0 && uplo != 1) || n < 1 || lda < n || dta != dtw ||
+         dta != ct || (dta != 0 && dta != 1) || b < 1;
+}
+int cusolverDnXsyevBatched_bufferSize(void* h, void* p, int jobz, int uplo, int64_t n, int dta, const void* A,
+                                      int64_t lda, int dtw, const void* W, int ct, size_t* dev, size_t* host,
+                                      int64_t b) {
+  if (bad_args(h, p, jobz, uplo, n, dta, A, lda, dtw, W, ct, b)) return 3;
+  *dev = dev_need(n, b, dta);
+  *host = 64;
+  return 0;
+}
+static void jacobi(double* a, int n) {
+  for (int sweep = 0; sweep < 100; ++sweep) {
+    double off = 0, diag = 0;
+    for (int p = 0; p < n; ++p) {
+      diag += a[p * n + p] * a[p * n + p];
+      for (int q = p + 1; q < n; ++q) off += a[p * n + q] * a[p * n + q];
+    }
+    if (off <= 1e-32 * diag || off == 0) return;
+    for (int p = 0; p < n; ++p)
+      for (int q = p + 1; q < n; ++q) {
+        double apq = a[p * n + q];
+        if (apq == 0) continue;
+        double theta = (a[q * n + q] - a[p * n + p]) / (2 * apq);
+        double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1));
+        double c = 1 / sqrt(t * t + 1), s = t * c;
+        for (int k = 0; k < n; ++k) {
+          double akp = a[k * n + p], akq = a[k * n + q];
+          a[k * n + p] = c * akp - s * akq;
+          a[k * n + q] = s * akp + c * akq;
+        }
+        for (int k = 0; k < n; ++k) {
+          double apk = a[p * n + k], aqk = a[q * n + k];
+          a[p * n + k] = c * apk - s * aqk;
+          a[q * n + k] = s * apk + c * aqk;
+        }
+      }
+  }
+}
+int cusolverDnXsyevBatched(void* h, void* p, int jobz, int uplo, int64_t n, int dta, void* A, int64_t lda,
+                           int dtw, void* W, int ct, void* dbuf, size_t dbytes, void* hbuf, size_t hbytes,
+                           int* info, int64_t b) {
+  if (bad_args(h, p, jobz, uplo, n, dta, A, lda, dtw, W, ct, b)) return 3;
+  if (!dbuf || dbytes < dev_need(n, b, dta) || !hbuf || hbytes < 64 || !info) return 31;
+  ++calls;
+  if (b > max_batch) max_batch = b;
+  last_uplo = uplo;
+  double* m = malloc(sizeof(double) * n * n);
+  for (int64_t k = 0; k < b; ++k) {
+    int finite = 1;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        int stored = uplo == 0 ? i >= j : i <= j; /* cuBLAS lower: row >= column */
+        int64_t r = stored ? i : j, c = stored ? j : i;
+        int64_t at = r + lda * c + lda * n * k;
+        double v = dta ? ((double*)A)[at] : ((float*)A)[at];
+        finite &= isfinite(v) != 0;
+        m[i * n + j] = v;
+      }
+    for (int64_t e = 0; e < lda * n; ++e) { /* cuSOLVER destroys its input */
+      if (dta) ((double*)A)[lda * n * k + e] = -7.0; else ((float*)A)[lda * n * k + e] = -7.0f;
+    }
+    info[k] = finite ? 0 : (int)n;
+    if (finite) jacobi(m, (int)n);
+    for (int64_t i = 0; i < n; ++i) { /* ascending: insertion sort of the diagonal */
+      double v = finite ? m[i * n + i] : 0.0;
+      int64_t j = i;
+      double* w = (double*)W;
+      float* wf = (float*)W;
+      while (j > 0 && (dta ? w[n * k + j - 1] : wf[n * k + j - 1]) > v) {
+        if (dta) w[n * k + j] = w[n * k + j - 1]; else wf[n * k + j] = wf[n * k + j - 1];
+        --j;
+      }
+      if (dta) w[n * k + j] = v; else wf[n * k + j] = (float)v;
+    }
+  }
+  free(m);
+  return 0;
+}
+"""
+
+
+@needs_ops
+def test_op_indexing_chunking_and_stream_with_host_test_double(tmp_path):
+    """The C++ op end to end on the host-memory test double (in a subprocess: the library stays loaded)."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler to build the test double")
+    src = tmp_path / "fake_host_cusolver.c"
+    src.write_text(FAKE_HOST_CUSOLVER)
+    lib = tmp_path / "libcusolver_host_fake.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), "-lm"], check=True,
+                   capture_output=True)
+    script = textwrap.dedent(f"""
+        import ctypes, json, math, torch, tbfast._C
+        ops = torch.ops.tbfast
+        assert ops.cusolver_load({str(lib)!r}) == ""
+        fake = ctypes.CDLL({str(lib)!r})
+        fake.fake_max_batch.restype = ctypes.c_longlong
+        fake.fake_last_stream.restype = ctypes.c_longlong
+        gen = torch.Generator().manual_seed(1)
+        B, n = 13, 9
+        S = torch.randn(B, n, n, dtype=torch.float64, generator=gen)
+        S = S + S.transpose(1, 2)
+        junk = 1e3 * torch.randn(B, n, n, dtype=torch.float64, generator=gen)
+        G = torch.tril(S) + torch.triu(junk, diagonal=1)   # only the lower triangle is meaningful
+        ref = torch.linalg.eigvalsh(torch.tril(S) + torch.tril(S, -1).transpose(1, 2))
+        out = {{}}
+        def err(w):
+            return float(((w.double() - ref).abs() / ref.abs().amax(1, keepdim=True)).max())
+        G_before = G.clone()
+        w, info = ops.cusolver_eigvalsh(G, 0, 12345)
+        out["one_call"] = dict(err=err(w), info=info.tolist(), calls=fake.fake_calls(),
+                               max_batch=fake.fake_max_batch(), stream=fake.fake_last_stream(),
+                               uplo=fake.fake_last_uplo(), unchanged=bool(torch.equal(G, G_before)),
+                               dtype=str(w.dtype))
+        w32, info32 = ops.cusolver_eigvalsh(G.float(), 0, 0)
+        out["fp32"] = dict(err=err(w32), dtype=str(w32.dtype), stream=fake.fake_last_stream())
+        elem = 8
+        full = ops.cusolver_syev_batched_plan(n, B, torch.float64, -1, 0)
+        # the double needs 4096 + 3*n*8 bytes per matrix of workspace, tbfast adds an n*n*8 copy:
+        # room for exactly 4 matrices per call
+        limit = 4096 + 4 * (3 * n * elem + n * n * elem) + 100
+        chunk, dev, host = ops.cusolver_syev_batched_plan(n, B, torch.float64, -1, limit)
+        out["plan"] = dict(full=list(full), chunk=chunk, dev=dev, host=host, limit=limit,
+                           one=list(ops.cusolver_syev_batched_plan(n, B, torch.float64, -1, 1)),
+                           ws=list(ops.cusolver_syev_batched_workspace(n, B, torch.float64, -1)))
+        before = fake.fake_calls()
+        w_split, _ = ops.cusolver_eigvalsh(G, limit, 7)
+        out["split"] = dict(calls=fake.fake_calls() - before, same=bool(torch.equal(w_split, w)),
+                            max_batch_seen=fake.fake_max_batch())
+        before = fake.fake_calls()
+        w_one, _ = ops.cusolver_eigvalsh(G, 1, 7)
+        out["one_each"] = dict(calls=fake.fake_calls() - before, same=bool(torch.equal(w_one, w)))
+        G_nan = G.clone(); G_nan[5, 3, 1] = math.nan
+        w_nan, info_nan = ops.cusolver_eigvalsh(G_nan, 0, 7)
+        out["nan"] = dict(info=info_nan.tolist(), others_same=bool(torch.equal(w_nan[:5], w[:5])))
+        print(json.dumps(out))
+        """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    one = out["one_call"]
+    assert one["err"] < 1e-12 and one["info"] == [0] * 13 and one["dtype"] == "torch.float64"
+    assert (one["calls"], one["max_batch"], one["stream"]) == (1, 13, 12345)
+    assert one["uplo"] == 1  # row-major lower triangle == column-major upper (CUBLAS_FILL_MODE_UPPER)
+    assert one["unchanged"]  # the solver overwrote a scratch copy, not G
+    assert out["fp32"]["err"] < 1e-5 and out["fp32"]["dtype"] == "torch.float32" and out["fp32"]["stream"] == 0
+    plan = out["plan"]
+    assert plan["full"][0] == 13 and plan["one"][0] == 1 and plan["ws"] == plan["full"][1:]
+    assert plan["chunk"] == 4 and plan["dev"] + 4 * 9 * 9 * 8 <= plan["limit"] and plan["host"] == 64
+    assert out["split"] == {"calls": 4, "same": True, "max_batch_seen": 13}  # 4 + 4 + 4 + 1
+    assert out["one_each"] == {"calls": 13, "same": True}
+    assert out["nan"]["info"] == [0] * 5 + [9] + [0] * 7 and out["nan"]["others_same"]
+
+
 # ============================================================================ GPU
 
 cuda = pytest.mark.cuda
@@ -263,12 +444,12 @@ def test_workspace_split_gives_same_result():
     assert full_chunk == B and dev_bytes >= 0
     ws_dev, ws_host = torch.ops.tbfast.cusolver_syev_batched_workspace(n, B, torch.float64, dev)
     assert ws_dev == dev_bytes and ws_host >= 0
-    # a budget for about ten matrices: chunks of fewer than B that respect the budget
-    _, one_dev, _ = torch.ops.tbfast.cusolver_syev_batched_plan(n, 1, torch.float64, dev, 0)
-    budget = 10 * (one_dev + n * n * 8)
+    # half of what the whole batch needs (workspace + scratch copy): must split, each chunk within budget
+    matrix_bytes = n * n * 8
+    budget = (dev_bytes + B * matrix_bytes) // 2
     chunk, chunk_dev, _ = torch.ops.tbfast.cusolver_syev_batched_plan(n, B, torch.float64, dev, budget)
     assert 1 <= chunk < B
-    assert chunk == 1 or chunk_dev + chunk * n * n * 8 <= budget
+    assert chunk == 1 or chunk_dev + chunk * matrix_bytes <= budget
     assert torch.ops.tbfast.cusolver_syev_batched_plan(n, B, torch.float64, dev, 1)[0] == 1
 
     G64 = heavy_tailed_grams(B, n, seed=9)
