@@ -235,8 +235,10 @@ void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, int64_t L, 
     std::vector<double> Lt;
     for (int64_t l = l0; l < l1; ++l) {
       const int64_t N = e[l] - s[l];
-      const int64_t i = N >= 2 ? static_cast<int64_t>(std::floor(static_cast<double>(N) / xmin_pos)) : N;
-      if (N < 2 || i >= N || i < 0) {
+      // i = int(N / xmin_pos) as in Python; checked as a double first (N / tiny is inf)
+      const double q = std::floor(static_cast<double>(N) / xmin_pos);
+      const int64_t i = q < static_cast<double>(N) ? static_cast<int64_t>(q) : N;
+      if (N < 2 || i >= N) {
         alpha[l] = D[l] = kNaN;
         index[l] = -1;
         continue;
@@ -348,6 +350,7 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
   for (auto& b : best) b.store(kInf, std::memory_order_relaxed);
   parallel_for_dynamic(total_work, 8, [&](int64_t t) {
     thread_local std::vector<Block> stack;
+    if (stack.capacity() < 256) stack.reserve(256);  // depth <= kCoarse + 2 log2(n): no allocation
     const int64_t l = std::upper_bound(work_start.begin(), work_start.end(), t) - work_start.begin() - 1;
     const ScanLayer& ly = layers[l];
     const int64_t r = t - work_start[l];

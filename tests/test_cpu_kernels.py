@@ -162,8 +162,9 @@ def test_hill_fit_short_layers_and_xmin_pos_past_end():
     assert math.isnan(alpha[0]) and math.isnan(D[0]) and index[0] == -1
     assert math.isnan(alpha[1]) and math.isnan(D[1]) and index[1] == -1
     assert index[2] == 1 and alpha[2] == INF and D[2] == 0.0  # n = 1: one-point tail
-    alpha, D, index = torch.ops.tbfast.hill_fit(values, starts, ends, 0.9)  # i = int(N / 0.9) >= N
-    assert index.tolist() == [-1, -1, -1] and torch.isnan(alpha).all() and torch.isnan(D).all()
+    for xmin_pos in (0.9, 1e-300):  # i = int(N / xmin_pos) >= N (N / 1e-300 overflows to inf)
+        alpha, D, index = torch.ops.tbfast.hill_fit(values, starts, ends, xmin_pos)
+        assert index.tolist() == [-1, -1, -1] and torch.isnan(alpha).all() and torch.isnan(D).all()
 
 
 # ---------------------------------------------------------------------------------------------
