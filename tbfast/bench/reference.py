@@ -86,18 +86,19 @@ def reference_fit(nz: torch.Tensor, pl_fitting: str = "median", xmin_pos: float 
 def reference_esd(net: nn.Module, *, EVALS_THRESH: float = 1e-5, bins: int = 100,
                   xmin_pos: float = 2.0, conv_norm: float = 0.5, filter_zeros: bool = False,
                   pl_fitting: str = "median", layer_types: Sequence[type] = _DEFAULT_TYPES,
-                  max_layers: int | None = None) -> dict[str, list[Any]]:
+                  max_layers: int | None = None, only: set[str] | None = None
+                  ) -> dict[str, list[Any]]:
     """The reference ESD estimator: metrics of every ``layer_types`` module in module order.
 
     Returns a dict of lists (one entry per layer): name, num_evals, spectral_norm, norm, alpha,
     alphahat, D, xmin, xmin_index, stable_rank, norm_stable_rank. ``max_layers`` stops after that
-    many layers (used to time the slow KS scan on a subset).
+    many layers and ``only`` keeps just the named layers (to run the slow KS scan on a subset).
     """
     out: dict[str, list[Any]] = {k: [] for k in (
         "name", "num_evals", "spectral_norm", "norm", "alpha", "alphahat", "D", "xmin",
         "xmin_index", "stable_rank", "norm_stable_rank")}
     for name, m in net.named_modules():
-        if not isinstance(m, tuple(layer_types)):
+        if not isinstance(m, tuple(layer_types)) or (only is not None and name not in only):
             continue
         if max_layers is not None and len(out["name"]) >= max_layers:
             break
