@@ -180,15 +180,20 @@ def main(argv: list[str] | None = None) -> int:
           f"triton {env['triton']}, {env['date']}")
     print(f"# command: {env['command']}")
     t_start = time.perf_counter()
+    failures: list[str] = []
     if not args.overhead_only:
         for w in workloads:
             t0 = time.perf_counter()
-            res = run_esd_benchmark(w, device, methods=methods, repeats=repeats,
-                                    oracle=not args.no_oracle, ks=not args.no_ks,
-                                    ks_reference_layers=ks_ref_layers,
-                                    oracle_layers=oracle_layers)
-            d = dataclasses.asdict(res)
-            report["esd"].append(d)
+            try:
+                res = run_esd_benchmark(w, device, methods=methods, repeats=repeats,
+                                        oracle=not args.no_oracle, ks=not args.no_ks,
+                                        ks_reference_layers=ks_ref_layers,
+                                        oracle_layers=oracle_layers)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other workloads
+                failures.append(f"{w}: {type(e).__name__}: {e}")
+                print(f"# {w}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                continue
+            report["esd"].append(dataclasses.asdict(res))
             print(f"# {w}: done in {time.perf_counter() - t0:.1f} s", flush=True)
         print()
         print(esd_tables(report["esd"], args.markdown))
@@ -198,14 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.overhead or args.overhead_only:
         from .overhead import format_overhead, run_overhead
         model = args.overhead_model or ("roberta-base" if device.type == "cuda" else "bert-small")
-        ov = run_overhead(model=model, device=device, steps=args.steps)
-        report["overhead"] = ov
-        print()
-        print(format_overhead(ov, args.markdown))
+        try:
+            ov = run_overhead(model=model, device=device, steps=args.steps)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"overhead: {type(e).__name__}: {e}")
+            print(f"# overhead: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        else:
+            for r in ov["runs"].values():  # per-step lrs are long; keep the last one in the JSON
+                r["final_lrs"] = r.pop("lr_history")[-1]
+            report["overhead"] = ov
+            print()
+            print(format_overhead(ov, args.markdown))
+    report["failures"] = failures
     report["total_seconds"] = time.perf_counter() - t_start
     print(f"\n# total {report['total_seconds']:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
         print(f"# wrote {args.json}")
-    return 0
+    return 1 if failures else 0
