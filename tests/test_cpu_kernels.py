@@ -76,6 +76,19 @@ def oracle_ks(x: list[float], lo: float = -INF, hi: float = INF) -> tuple[float,
 # Spectra
 
 
+def _numpy_eigvalsh(A: np.ndarray) -> np.ndarray:
+    """numpy's float64 eigvalsh on one BLAS thread (its spinning thread pool next to torch's
+    OpenMP pool makes a 2-core machine crawl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return np.linalg.eigvalsh(A)
+    with threadpool_limits(1, user_api="blas"):
+        return np.linalg.eigvalsh(A)
+
+
+
+
 def _spectra() -> list[list[float]]:
     """At least 20 ascending spectra: heavy- and light-tailed, N = 2, 3, .., ties, zeros."""
     rng = np.random.default_rng(1234)
@@ -91,9 +104,9 @@ def _spectra() -> list[list[float]]:
         out.append(rng.uniform(0.5, 1.5, n))                  # light tail
     for n, df in ((60, 2.0), (120, 3.0), (200, 5.0)):         # Gram spectra of Student-t weights
         W = rng.standard_t(df, (n, n + 20)) / math.sqrt(n)
-        out.append(np.clip(np.linalg.eigvalsh(W @ W.T), 0, None))
+        out.append(np.clip(_numpy_eigvalsh(W @ W.T), 0, None))
     W = rng.standard_normal((150, 150)) / math.sqrt(150)      # Marchenko-Pastur bulk, light tail
-    out.append(np.clip(np.linalg.eigvalsh(W @ W.T), 0, None))
+    out.append(np.clip(_numpy_eigvalsh(W @ W.T), 0, None))
     ties = np.round(rng.pareto(2.0, 80) * 4) / 4 + 0.25       # many exact ties, tied maximum
     out.append(np.append(ties, [ties.max()] * 3))
     z = rng.pareto(1.2, 70) + 0.1
@@ -357,7 +370,7 @@ def test_eigvalsh_batched_matches_numpy(n, dtype, use_lapack):
     batch = 1 if n == 300 else 5
     for kind in ("random", "gram", "rank_deficient", "repeated"):
         A = _sym_batch(kind, batch, n, rng)
-        want = np.linalg.eigvalsh(A)  # float64 oracle, ascending
+        want = _numpy_eigvalsh(A)  # float64 oracle, ascending
         G = torch.from_numpy(A).to(dtype).contiguous()
         w, info = torch.ops.tbfast._eigvalsh_batched_path(G, 0, use_lapack)
         if use_lapack:
@@ -379,7 +392,7 @@ def test_eigvalsh_batched_reads_lower_triangle_and_many_matrices():
     G = torch.from_numpy(np.tril(A) + junk)  # upper triangle is garbage
     w, info = torch.ops.tbfast.eigvalsh_batched(G, 0)
     assert info.tolist() == [0] * 37
-    np.testing.assert_allclose(w.numpy(), np.linalg.eigvalsh(A), rtol=0, atol=1e-10 * np.abs(A).max())
+    np.testing.assert_allclose(w.numpy(), _numpy_eigvalsh(A), rtol=0, atol=1e-10 * np.abs(A).max())
     # a small workspace limit (one matrix at a time) gives the same eigenvalues
     w1, _ = torch.ops.tbfast.eigvalsh_batched(G, 1)
     assert torch.equal(w, w1)
