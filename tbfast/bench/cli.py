@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from typing import Any
@@ -59,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _backend_info() -> tuple[dict[str, Any], str | None]:
+    """tbfast.backend_info() from a child process, so a broken extension cannot kill the run."""
+    code = "import json, tbfast; print(json.dumps([tbfast.backend_info(), tbfast.__version__], default=str))"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        if p.returncode == 0:
+            info, version = json.loads(p.stdout.strip().splitlines()[-1])
+            return info, version
+        return {"error": f"backend_info exited with {p.returncode}: {p.stderr.strip()[-500:]}"}, None
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        return {"error": f"backend_info failed: {e}"}, None
+
+
 def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
     """Device name, versions, date and command of this run."""
     try:
@@ -78,12 +92,7 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
                         break
         except OSError:
             pass
-    try:
-        import tbfast
-        backend = tbfast.backend_info()
-        tb_version = tbfast.__version__
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        backend, tb_version = {"error": str(e)}, None
+    backend, tb_version = _backend_info()
     return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "tbfast bench " + " ".join(shlex.quote(a) for a in argv),
