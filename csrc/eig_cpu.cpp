@@ -177,6 +177,9 @@ void check_input(const at::Tensor& G, int64_t workspace_limit) {
 // workspace_limit (bytes of per-matrix copies held at once; 0 = no cap).
 int64_t concurrent_workers(const at::Tensor& G, int64_t workspace_limit) {
   const int64_t B = G.size(0);
+  const int64_t n = G.size(1);
+  // Tiny matrices: a thread team costs more than the solves (about n^3 flops each).
+  if (B * n * n * n < (int64_t{1} << 21)) return 1;
   int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
   if (workspace_limit > 0) {
     const int64_t per = std::max<int64_t>(1, G.size(1) * G.size(1) * G.element_size());

@@ -101,7 +101,9 @@ template <class T>
 void check_values(const char* op, const T* x, const int64_t* s, const int64_t* e, int64_t L) {
   std::vector<int8_t> bad(L, 0);
   std::vector<int64_t> where(L, 0);
-  parallel_for_static(L, 8, [&](int64_t l0, int64_t l1) {
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) total += e[l] - s[l];
+  parallel_for_static(L, 8, total, [&](int64_t l0, int64_t l1) {
     for (int64_t l = l0; l < l1; ++l) {
       for (int64_t p = s[l]; p < e[l]; ++p) {
         const double v = static_cast<double>(x[p]);
@@ -231,7 +233,9 @@ inline void atomic_min(std::atomic<double>& a, double v) {
 template <class T>
 void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, int64_t L, double xmin_pos,
                      double* alpha, double* D, int64_t* index) {
-  parallel_for_static(L, 4, [&](int64_t l0, int64_t l1) {
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) total += e[l] - s[l];
+  parallel_for_static(L, 4, 8 * total, [&](int64_t l0, int64_t l1) {
     std::vector<double> Lt;
     for (int64_t l = l0; l < l1; ++l) {
       const int64_t N = e[l] - s[l];
@@ -331,7 +335,7 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
   // Logs and suffix sums, once per layer.
   std::vector<double> logs(total_vals);
   std::vector<long double> suffix(total_vals);
-  parallel_for_static(L, 4, [&](int64_t l0, int64_t l1) {
+  parallel_for_static(L, 4, total_vals, [&](int64_t l0, int64_t l1) {
     for (int64_t l = l0; l < l1; ++l) {
       const ScanLayer& ly = layers[l];
       long double acc = 0.0L;
@@ -348,7 +352,10 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
   std::vector<double> cand_D(total_work, kInf);
   std::vector<std::atomic<double>> best(L);
   for (auto& b : best) b.store(kInf, std::memory_order_relaxed);
-  parallel_for_dynamic(total_work, 8, [&](int64_t t) {
+  // Cost estimate: a candidate evaluates at least kCoarse + 1 terms (each an exp and a division,
+  // ~4 units), the exhaustive scan its whole tail.
+  const int64_t per_candidate = kPrune ? 4 * (kCoarse + 1) : 2 * total_vals / std::max<int64_t>(L, 1);
+  parallel_for_dynamic(total_work, 8, total_work * per_candidate, [&](int64_t t) {
     thread_local std::vector<Block> stack;
     if (stack.capacity() < 256) stack.reserve(256);  // depth <= kCoarse + 2 log2(n): no allocation
     const int64_t l = std::upper_bound(work_start.begin(), work_start.end(), t) - work_start.begin() - 1;

@@ -20,16 +20,22 @@ constexpr bool kBuiltWithOpenMP =
     false;
 #endif
 
+// Below this much work (roughly: scalar operations) a loop runs on the calling thread: waking a
+// thread team costs more than it saves, and on a busy machine every parallel region also waits
+// for its slowest (possibly descheduled) thread.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
 // Calls f(i) for every i in [0, n), handing out chunks of `chunk` indices dynamically so that
 // items of very different cost (e.g. KS candidates with long and short tails) balance across
 // threads. Runs serially inside another parallel region or with one thread. f must not throw.
+// `work` estimates the loop's total cost; small loops run serially.
 template <class F>
-void parallel_for_dynamic(int64_t n, int64_t chunk, const F& f) {
+void parallel_for_dynamic(int64_t n, int64_t chunk, int64_t work, const F& f) {
   if (n <= 0) return;
   if (chunk < 1) chunk = 1;
 #ifdef _OPENMP
   const int nt = at::get_num_threads();
-  if (nt > 1 && n > chunk && !at::in_parallel_region() && !omp_in_parallel()) {
+  if (nt > 1 && n > chunk && work >= kMinParallelWork && !at::in_parallel_region() && !omp_in_parallel()) {
     std::atomic<int64_t> next{0};
     // No num_threads clause (see pytorch#32008); torch sets the OpenMP thread count.
 #pragma omp parallel
@@ -49,9 +55,14 @@ void parallel_for_dynamic(int64_t n, int64_t chunk, const F& f) {
 
 // Static split of [0, n) into contiguous ranges; f(begin, end) may throw (the first exception
 // is rethrown by at::parallel_for).
+// `work` estimates the loop's total cost; small loops run serially.
 template <class F>
-void parallel_for_static(int64_t n, int64_t grain, const F& f) {
+void parallel_for_static(int64_t n, int64_t grain, int64_t work, const F& f) {
   if (n <= 0) return;
+  if (work < kMinParallelWork) {
+    f(int64_t{0}, n);
+    return;
+  }
   at::parallel_for(0, n, grain < 1 ? 1 : grain, f);
 }
 
