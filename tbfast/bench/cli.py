@@ -105,6 +105,8 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
 def _fmt_s(x: float | None) -> str:
     if x is None:
         return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} us"
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
