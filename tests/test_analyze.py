@@ -224,3 +224,11 @@ def test_nan_weights_name_the_layer(net):
     sd["fc1.weight"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="fc1"):
         analyze(sd)
+
+
+def test_public_entry_points():
+    import tbfast
+
+    assert callable(tbfast.analyze) and callable(tbfast.summary)
+    assert tbfast.analyze is analyze and tbfast.summary is summary
+    assert callable(tbfast.analyze)  # a second access still gives the function, not the submodule
