@@ -224,7 +224,11 @@ def layer_metrics(
     if on_invalid not in ("raise", "mark"):
         raise ValueError(f"on_invalid must be 'raise' or 'mark', got {on_invalid!r}")
     spectra = esd(source, method=method, dtype=dtype, check_finite=False, **esd_options)
-    pl = fit_power_law(spectra, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+    # NaN/Inf eigenvalues (from NaN/Inf weights) are zeroed for the fit only: those layers get a
+    # status from compute_metrics, which reads the original values (no host sync here)
+    sane = Spectra(values=torch.nan_to_num(spectra.values, nan=0.0, posinf=0.0, neginf=0.0),
+                   offsets=spectra.offsets, layers=spectra.layers)
+    pl = fit_power_law(sane, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
                        evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
     m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos)
     if on_invalid == "raise":
