@@ -220,6 +220,9 @@ std::tuple<at::Tensor, at::Tensor> eigvalsh_batched_cpu_path(const at::Tensor& G
   return eigvalsh_impl(G, workspace_limit, use_lapack);
 }
 
+}  // namespace
+
+// JSON: where the ?syevd symbols were found (called by tbfast._C.lapack_info in module.cpp).
 std::string lapack_info() {
   const Lapack& l = lapack();
   std::ostringstream out;
@@ -232,13 +235,11 @@ std::string lapack_info() {
   return out.str();
 }
 
-}  // namespace
 }  // namespace tbfast
 
 TORCH_LIBRARY_FRAGMENT(tbfast, m) {
   m.def("eigvalsh_batched(Tensor G, int workspace_limit) -> (Tensor, Tensor)");
   m.def("_eigvalsh_batched_path(Tensor G, int workspace_limit, bool use_lapack) -> (Tensor, Tensor)");
-  m.def("lapack_info() -> str", &tbfast::lapack_info);
 }
 
 TORCH_LIBRARY_IMPL(tbfast, CPU, m) {

@@ -73,11 +73,13 @@ def log_fallback_once(key: str, msg: str, level: int = logging.WARNING) -> None:
     logger.log(level, msg)
 
 
-def _json_op(name: str) -> dict[str, Any] | None:
-    if not has_op(name):
+def _json_info(name: str) -> dict[str, Any] | None:
+    """A JSON info string from a plain function of tbfast._C (not a torch op)."""
+    fn = getattr(_module, name, None)
+    if fn is None:
         return None
     try:
-        return json.loads(getattr(torch.ops.tbfast, name)())
+        return json.loads(fn())
     except Exception as exc:  # report, never raise, from an info function
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -116,19 +118,36 @@ def backend_info() -> dict[str, Any]:
     """
     loaded = _load()
     ext: dict[str, Any] = {"loaded": loaded, "path": getattr(_module, "__file__", None), "reason": _reason}
-    ext["build"] = _json_op("build_info") if loaded else None
-    lapack = _json_op("lapack_info") if loaded else None
+    ext["build"] = _json_info("build_info") if loaded else None
+    lapack = _json_info("lapack_info") if loaded else None
     names = ("eigvalsh_batched", "hill_fit", "ks_scan", "cusolver_eigvalsh")
     cuda = torch.cuda.is_available()
     devices: dict[str, Any] = {"cpu": True, "cuda": cuda, "cuda_device_count": torch.cuda.device_count() if cuda else 0,
                                "cuda_name": torch.cuda.get_device_name(0) if cuda else None}
+    triton = _triton_info()
+    cusolver = _cusolver_info()
+    fits_cpp = has_op("hill_fit") and has_op("ks_scan")
+    eig_cpp = has_op("eigvalsh_batched")
+    active = {
+        "cpu": {"eigensolver": ("C++ batched " + ("LAPACK ?syevd" if (lapack or {}).get("syevd") else "at::linalg_eigvalsh"))
+                if eig_cpp else "torch.linalg.eigvalsh",
+                "fits": "C++ kernels" if fits_cpp else "torch reference"},
+    }
+    if cuda:
+        triton_ok = triton["available"]
+        active["cuda"] = {
+            "eigensolver": (f"cuSOLVER XsyevBatched for n <= {cusolver.get('max_n')}, torch.linalg.eigvalsh above"
+                            if cusolver.get("loaded") else "torch.linalg.eigvalsh"),
+            "fits": "Triton kernels" if triton_ok else "torch reference",
+        }
     return {
+        "active": active,
         "extension": ext,
         "lapack": lapack if lapack is not None else {"syevd": False, "source": "extension not loaded"},
         "ops": {n: has_op(n) for n in names},
         "torch": {"version": torch.__version__, "cuda_version": torch.version.cuda,
                   "num_threads": torch.get_num_threads()},
         "devices": devices,
-        "triton": _triton_info(),
-        "cusolver": _cusolver_info(),
+        "triton": triton,
+        "cusolver": cusolver,
     }

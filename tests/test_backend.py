@@ -23,6 +23,12 @@ def test_extension_required_and_loaded():
     assert info["extension"]["loaded"], f"tbfast._C failed to load: {info['extension']['reason']}"
     for op in ("eigvalsh_batched", "hill_fit", "ks_scan"):
         assert _backend.has_op(op), op
+    assert info["lapack"]["syevd"], info["lapack"]
+    assert info["active"]["cpu"] == {"eigensolver": "C++ batched LAPACK ?syevd", "fits": "C++ kernels"}
+    assert info["triton"]["available"], "CI must exercise the Triton kernels (interpreter on CPU)"
+    # the fast paths are the ones the dispatchers pick
+    from tbfast.powerlaw import _pick_backend
+    assert _pick_backend(torch.zeros(3), "auto") == "cpp"
 
 
 def test_backend_info_fields():
