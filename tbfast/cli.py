@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--xmin-pos", type=float, default=2.0, help="median fit: xmin at eigenvalue int(N / XMIN_POS)")
     a.add_argument("--filter-zeros", action="store_true", help="fit only eigenvalues above 1e-5")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    a.add_argument("--dtype", default="float64", choices=["float32", "float64"],
-                   help="compute precision (default float64, exact; float32 is faster on GPUs)")
+    a.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="compute precision (default float32; float64 agrees with WeightWatcher to round-off)")
     a.add_argument("--min-evals", type=int, default=10, help="skip layers with fewer eigenvalues (default 10)")
     a.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues (default "
                    "15000; 0 = no limit)")

@@ -13,6 +13,8 @@ from torch import nn
 from tbfast.analyze import COLUMNS, analyze, summary
 from tbfast.checkpoint import MappingStore
 
+F64 = torch.float64  # exactness tests compute in float64 (the default is float32)
+
 pd = pytest.importorskip("pandas")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -75,7 +77,7 @@ def _weights(net):
 
 
 def test_model_rows_match_oracle(net):
-    df = analyze(net)
+    df = analyze(net, dtype=F64)
     assert list(df.columns) == list(COLUMNS)
     assert list(df["name"]) == ["emb", "conv", "fc1", "fc2"]  # module order; tiny (4 evals) left out
     assert list(df["type"]) == ["Embedding", "Conv2d", "Linear", "Linear"]
@@ -108,7 +110,7 @@ def test_model_rows_match_oracle(net):
 
 
 def test_median_fit_and_selection(net):
-    df = analyze(net, fit="median", xmin_pos=1.5, min_evals=0, include_embedding=False)
+    df = analyze(net, fit="median", xmin_pos=1.5, min_evals=0, include_embedding=False, dtype=F64)
     assert list(df["name"]) == ["conv", "fc1", "tiny", "fc2"]
     ws = _weights(net)
     for row in df.itertuples(index=False):
@@ -124,8 +126,8 @@ def test_median_fit_and_selection(net):
 def test_file_matches_model(net, tmp_path):
     f = tmp_path / "net.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(f))
-    from_file = analyze(f).set_index("name")
-    from_model = analyze(net).set_index("name")
+    from_file = analyze(f, dtype=F64).set_index("name")
+    from_model = analyze(net, dtype=F64).set_index("name")
     assert set(from_file.index) == set(from_model.index)
     for name in from_model.index:
         assert from_file.loc[name, "type"] == from_model.loc[name, "type"]
@@ -135,7 +137,7 @@ def test_file_matches_model(net, tmp_path):
 
 def test_delta_against_base(net):
     base = {k: v + 0.05 * torch.randn_like(v) for k, v in net.state_dict().items()}
-    df = analyze(net.state_dict(), base=base, min_evals=0)
+    df = analyze(net.state_dict(), base=base, min_evals=0, dtype=F64)
     ws = _weights(net)
     for row in df.itertuples(index=False):
         d = ws[row.name] - base[row.name + ".weight"].numpy()
@@ -143,7 +145,7 @@ def test_delta_against_base(net):
         assert row.spectral_norm == pytest.approx(e[-1], rel=1e-9)
         assert row.alpha == pytest.approx(ks_oracle(e)[0], rel=1e-9)
     # same with a model source and a base state dict
-    dm = analyze(net, base=base, min_evals=0).set_index("name")
+    dm = analyze(net, base=base, min_evals=0, dtype=F64).set_index("name")
     for row in df.itertuples(index=False):
         assert dm.loc[row.name, "alpha"] == pytest.approx(row.alpha, rel=1e-12)
 
@@ -158,7 +160,7 @@ def test_lora_adapter_directory(tmp_path):
                                                      init_lora_weights=False))
     pm.save_pretrained(str(tmp_path / "adapter"))
     merged = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
-    df = analyze(tmp_path / "adapter", base=tmp_path / "base.bin")
+    df = analyze(tmp_path / "adapter", base=tmp_path / "base.bin", dtype=F64)
     assert list(df["name"]) == ["0", "2"] and set(df["type"]) == {"LoRA"}
     for row in df.itertuples(index=False):
         e = esd_oracle(merged[row.name + ".weight"])
@@ -195,7 +197,7 @@ class TrackingStore(MappingStore):
 def test_memory_budget_bounds_tensors_held():
     g = torch.Generator().manual_seed(5)
     sd = {f"layers.{i}.weight": torch.randn(64, 48, generator=g) for i in range(8)}
-    per_layer = (64 * 48 + 2 * 48 * 48) * 8  # fp64 weights + Gram bytes, as the ESD stage counts
+    per_layer = (64 * 48 + 2 * 48 * 48) * 4  # fp32 weights + Gram bytes, as the ESD stage counts
     store = TrackingStore(sd)
     small = analyze(store, memory_budget=2 * per_layer)
     assert store.max_alive <= 2  # at most two layers' weights in memory at once

@@ -53,7 +53,7 @@ def test_default_is_minilm(capsys):
 def test_csv_and_table(small_ckpt, tmp_path, capsys):
     f, sd = small_ckpt
     csv = tmp_path / "out" / "metrics.csv"
-    assert cli.main(["analyze", str(f), "--csv", str(csv), "--fit", "median", "--no-progress"]) == 0
+    assert cli.main(["analyze", str(f), "--csv", str(csv), "--fit", "median", "--dtype", "float64", "--no-progress"]) == 0
     df = pd.read_csv(csv)
     assert list(df["name"]) == ["embed", "layers.0.fc", "layers.1.fc"]
     for row in df.itertuples(index=False):

