@@ -301,7 +301,8 @@ def _resolve_failures(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor) -> t
     return w
 
 
-def eigvalsh_batched_cuda(G: torch.Tensor, workspace_limit: int = 0) -> torch.Tensor:
+def eigvalsh_batched_cuda(G: torch.Tensor, workspace_limit: int = 0, *,
+                          deferred: list | None = None) -> torch.Tensor:
     """Ascending eigenvalues ``(B, n)`` of a CUDA batch ``(B, n, n)`` of symmetric matrices.
 
     Reads the lower triangle only, like ``torch.linalg.eigvalsh``. Uses cuSOLVER's
@@ -309,6 +310,8 @@ def eigvalsh_batched_cuda(G: torch.Tensor, workspace_limit: int = 0) -> torch.Te
     ``workspace_limit`` bytes (0: :data:`DEFAULT_WORKSPACE_LIMIT`). Falls back to
     ``torch.linalg.eigvalsh`` when cuSOLVER is unavailable or fails, and re-solves matrices it
     reports as not converged; each reason is logged once. Non-finite matrices give NaN rows.
+    With a ``deferred`` list, nothing is re-solved here and the host does not synchronise: a
+    device bool tensor (True = not converged or non-finite) is appended for the caller to check.
     """
     if not isinstance(G, torch.Tensor) or G.dim() != 3 or G.shape[1] != G.shape[2]:
         raise ValueError(f"eigvalsh_batched_cuda: expected a (B, n, n) tensor, got {getattr(G, 'shape', type(G).__name__)}")
@@ -334,5 +337,8 @@ def eigvalsh_batched_cuda(G: torch.Tensor, workspace_limit: int = 0) -> torch.Te
         _log_once(f"failed-{type(exc).__name__}",
                   f"cuSOLVER batched eigensolver failed ({exc}); using torch.linalg.eigvalsh")
         return torch.linalg.eigvalsh(G)
+    if deferred is not None:
+        deferred.append((info != 0) | ~torch.isfinite(w).all(dim=1))
+        return w
     return _resolve_failures(G, w, info)
 

@@ -48,11 +48,14 @@ def _resolve_nonconverged(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor, 
     return w
 
 
-def eigvalsh_batched(G: torch.Tensor, *, backend: str = "auto", workspace_limit: int = 0) -> torch.Tensor:
+def eigvalsh_batched(G: torch.Tensor, *, backend: str = "auto", workspace_limit: int = 0,
+                     checks: list | None = None) -> torch.Tensor:
     """Ascending eigenvalues of a batch ``(B, n, n)`` of symmetric float32/float64 matrices.
 
     Only the lower triangle is read. ``backend``: ``auto`` (by device), ``cpp``, ``cusolver``
     or ``torch``. ``workspace_limit`` bounds the GPU solver's workspace in bytes (0 = default).
+    With a ``checks`` list, the GPU solver does not synchronise to check convergence: it appends
+    a device bool tensor (True = matrix failed) that the caller must check later.
     """
     if not isinstance(G, torch.Tensor) or G.dim() != 3 or G.shape[1] != G.shape[2]:
         raise ValueError(f"expected a (B, n, n) tensor, got {getattr(G, 'shape', type(G).__name__)}")
@@ -71,7 +74,7 @@ def eigvalsh_batched(G: torch.Tensor, *, backend: str = "auto", workspace_limit:
             cs = _cuda_solver()
             if cs is not None and cs.cusolver_status().get("loaded") and (
                     backend == "cusolver" or cs.use_batched_solver(n, B)):
-                return cs.eigvalsh_batched_cuda(G, workspace_limit)
+                return cs.eigvalsh_batched_cuda(G, workspace_limit, deferred=checks)
             if backend == "cusolver":
                 raise RuntimeError(f"cuSOLVER batched solver requested but unavailable: {cs and cs.cusolver_status()}")
             if cs is not None and not cs.cusolver_status().get("loaded"):

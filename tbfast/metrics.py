@@ -6,6 +6,7 @@ layers) and copied to the host in one transfer: one host synchronisation per cal
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
@@ -13,10 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._transfer import to_device
 from .powerlaw import PowerLawFit, fit_power_law
 from .spectra import Spectra, esd
 
 __all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "METRIC_COLUMNS"]
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
     "num_evals", "spectral_norm", "norm", "log_norm", "log_spectral_norm", "alpha", "alphahat", "D",
@@ -117,15 +121,20 @@ def _warning(alpha: float) -> str:
     return ""
 
 
-def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | None = None) -> ESDMetrics:
-    """Shape metrics of every layer from its eigenvalues and power-law fit (SPEC section 2)."""
+def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | None = None,
+                    eig_checks: list | None = None) -> ESDMetrics:
+    """Shape metrics of every layer from its eigenvalues and power-law fit (SPEC section 2).
+
+    ``eig_checks`` (device bool tensors from a deferred GPU eigensolve) ride along in the single
+    device -> host copy; ``extra["eig_failed"]`` says whether any matrix failed.
+    """
     values = spectra.values
     L = len(spectra)
     dev = values.device
     e = values.double()
     counts = spectra.counts
-    seg = torch.as_tensor(np.repeat(np.arange(L), counts.numpy())).to(dev, non_blocking=True)
-    off = spectra.offsets.to(dev, non_blocking=True)
+    seg = to_device(np.repeat(np.arange(L), counts.numpy()), dev)
+    off = spectra.device_offsets()
     starts_all, ends = off[:-1], off[1:]
     last = (ends - 1).clamp(min=0)
     lam_max = e[last]
@@ -147,7 +156,7 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
 
     # matrix entropy (WeightWatcher): rank from singular values, p = e / sum(e) + 1e-10
     sv = e.clamp(min=0).sqrt()
-    big = torch.tensor([max(l.rows, l.cols) for l in spectra.layers], dtype=torch.float64).to(dev, non_blocking=True)
+    big = to_device(np.array([max(l.rows, l.cols) for l in spectra.layers], dtype=np.float64), dev)
     tol = sv[last] * big * torch.finfo(values.dtype).eps
     rank = _segment_sum((sv > tol[seg]).double(), seg, L)
     p = e / norm[seg] + 1e-10
@@ -158,8 +167,12 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
         lam_max, norm, alpha, fit.D, fit.xmin, s_sum, s_len, s_mid, alpha_norm, ent,
         fit.xmin_index.double(), (fit.ends - fit.starts).double(), finite.double(),
     ])
+    if eig_checks:
+        failed = torch.stack([c.any() for c in eig_checks]).any()
+        cols = torch.cat([cols, failed.double().expand(1, L)])
     host = cols.cpu()  # the single host synchronisation
-    (lam_max, norm, alpha, D, xmin, s_sum, s_len, s_mid, alpha_norm, ent, xidx, n_fit, finite) = host
+    eig_failed = bool(host[13, 0]) if eig_checks and L else False
+    (lam_max, norm, alpha, D, xmin, s_sum, s_len, s_mid, alpha_norm, ent, xidx, n_fit, finite) = host[:13]
     log_norm = torch.log10(norm)
     log_spec = torch.log10(lam_max)
     stable_rank = s_sum / lam_max  # max(s) = lambda_max: zero filtering only drops small ones
@@ -194,7 +207,7 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
         log_spectral_norm=log_spec, alpha=alpha, alphahat=alphahat, D=D, xmin=xmin,
         xmin_index=xidx.to(torch.int64), xmax=lam_max.clone(), stable_rank=stable_rank,
         norm_stable_rank=norm_stable_rank, eig_ratio=eig_ratio, log_alpha_norm=log_alpha_norm,
-        entropy=ent, warning=warning, status=status, fit=fit.fit,
+        entropy=ent, warning=warning, status=status, fit=fit.fit, extra={"eig_failed": eig_failed},
     )
 
 
@@ -223,14 +236,22 @@ def layer_metrics(
     """
     if on_invalid not in ("raise", "mark"):
         raise ValueError(f"on_invalid must be 'raise' or 'mark', got {on_invalid!r}")
-    spectra = esd(source, method=method, dtype=dtype, check_finite=False, **esd_options)
+    checks: list = []
+    spectra = esd(source, method=method, dtype=dtype, check_finite=False, eig_checks=checks, **esd_options)
     # NaN/Inf eigenvalues (from NaN/Inf weights) are zeroed for the fit only: those layers get a
     # status from compute_metrics, which reads the original values (no host sync here)
     sane = Spectra(values=torch.nan_to_num(spectra.values, nan=0.0, posinf=0.0, neginf=0.0),
                    offsets=spectra.offsets, layers=spectra.layers)
     pl = fit_power_law(sane, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
                        evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
-    m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos)
+    m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos, eig_checks=checks)
+    if m.extra.get("eig_failed"):
+        # rare: the batched GPU solver flagged a matrix; redo the whole pass with torch's solver
+        log.warning("batched eigensolver did not converge on some matrix; recomputing with torch.linalg.eigvalsh")
+        return layer_metrics(source, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+                             evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
+                             sr_mid_pos=sr_mid_pos, method=method, dtype=dtype, backend=backend,
+                             on_invalid=on_invalid, **{**esd_options, "eig_backend": "torch"})
     if on_invalid == "raise":
         bad = [n for n, s in zip(m.names, m.status) if s == "weights contain NaN or Inf"]
         if bad:

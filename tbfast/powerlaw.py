@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import _backend
+from ._transfer import to_device
 from .kernels import ref
 from .spectra import Spectra
 
@@ -148,16 +149,18 @@ def fit_power_law(
     paths). ``spectra``: a `Spectra` or a ``(values, offsets)`` pair of a ragged batch."""
     method = canonical_fit(fit)
     if isinstance(spectra, Spectra):
-        values, offsets = spectra.values, spectra.offsets
+        values, off = spectra.values, spectra.device_offsets()
     else:
         values, offsets = spectra
+        off = None
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
         raise ValueError("values must be a 1-D tensor of concatenated ascending eigenvalues")
     if values.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"eigenvalues must be float32 or float64, got {values.dtype}")
     if method == "median" and not xmin_pos > 1:
         raise ValueError(f"xmin_pos must be > 1 (xmin = eigenvalue at int(N / xmin_pos)), got {xmin_pos}")
-    off = offsets.to(values.device, non_blocking=True)
+    if off is None:
+        off = to_device(offsets, values.device)
     starts, ends = off[:-1].contiguous(), off[1:].contiguous()
     if filter_zeros:
         starts = zero_filtered_starts(values, starts, ends, evals_thresh)

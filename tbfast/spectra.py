@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._transfer import to_device
 from .eig import eigvalsh_batched
 from .layers import Layer, find_layers, layers_from_matrices
 
@@ -55,10 +56,17 @@ class Spectra:
     def to_list(self) -> list[torch.Tensor]:
         return [self[i] for i in range(len(self))]
 
-    def bounds(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(starts, ends) int64 tensors on ``device`` (default: the values' device)."""
-        device = device or self.values.device
-        off = self.offsets.to(device, non_blocking=True)
+    def device_offsets(self) -> torch.Tensor:
+        """``offsets`` on the values' device (copied once, without a host sync)."""
+        cached = self.__dict__.get("_device_offsets")
+        if cached is None or cached.device != self.values.device:
+            cached = to_device(self.offsets, self.values.device)
+            self.__dict__["_device_offsets"] = cached
+        return cached
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, ends) int64 tensors on the values' device."""
+        off = self.device_offsets()
         return off[:-1], off[1:]
 
 
@@ -103,7 +111,7 @@ def _matmul_precision(allow_tf32: bool):
 
 
 def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype: torch.dtype,
-                       device: torch.device | None, backend: str) -> torch.Tensor:
+                       device: torch.device | None, backend: str, eig_checks: list | None) -> torch.Tensor:
     """Eigenvalues ``(sum k, n)`` of every matrix of the chunk's layers, in chunk order."""
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for pos, i in enumerate(chunk):
@@ -124,7 +132,7 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
     for (rows, cols), poss in by_shape.items():
         M = torch.cat([mats_per_pos[p].to(device=dev, dtype=dtype) for p in poss], dim=0)
         sl = np.concatenate([np.arange(first[p], first[p + 1]) for p in poss])
-        idx = torch.as_tensor(sl, device=dev)
+        idx = to_device(sl, dev)
         if method == "svd":
             sv = torch.linalg.svdvals(M)
             out.index_copy_(0, idx, sv.square().flip(-1))
@@ -135,16 +143,17 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
             else:
                 G.index_copy_(0, idx, Gs)
     if method != "svd":
-        out = eigvalsh_batched(G, backend=backend)
+        out = eigvalsh_batched(G, backend=backend, checks=eig_checks)
     scales = [layers[i].scale for i in chunk]
     if any(s != 1.0 for s in scales):
-        sq = torch.tensor(np.repeat(np.square(scales), ks), dtype=dtype).to(dev, non_blocking=True)
+        sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)
         out = out * sq.unsqueeze(1)
     return out.clamp_(min=0)
 
 
 def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: torch.device | None,
-                  memory_budget: int, progress: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  memory_budget: int, progress: bool, backend: str,
+                  eig_checks: list | None) -> tuple[torch.Tensor, torch.Tensor]:
     counts = np.array([l.num_evals for l in layers], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     elem = torch.finfo(dtype).bits // 8
@@ -161,11 +170,11 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
             log.info("tqdm not installed: no progress bar")
     out: torch.Tensor | None = None
     for chunk in chunks:
-        w = _chunk_eigenvalues(layers, chunk, method, dtype, device, backend)
+        w = _chunk_eigenvalues(layers, chunk, method, dtype, device, backend, eig_checks)
         if out is None:
             out = torch.empty(int(offsets[-1]), dtype=dtype, device=w.device)
         dst = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in chunk])
-        out.index_copy_(0, torch.as_tensor(dst).to(w.device, non_blocking=True), w.reshape(-1))
+        out.index_copy_(0, to_device(dst, w.device), w.reshape(-1))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -173,7 +182,7 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
     assert out is not None
     if any(l.k > 1 for l in layers):
         # pooled layers (convolutions): sort each segment; two stable sorts keep segments apart
-        seg = torch.as_tensor(np.repeat(np.arange(len(layers)), counts)).to(out.device, non_blocking=True)
+        seg = to_device(np.repeat(np.arange(len(layers)), counts), out.device)
         order = torch.argsort(out, stable=True)
         order = order[torch.argsort(seg[order], stable=True)]
         out = out[order]
@@ -191,6 +200,7 @@ def esd(
     eig_backend: str = "auto",
     allow_tf32: bool = False,
     check_finite: bool = True,
+    eig_checks: list | None = None,
     **layer_options: Any,
 ) -> Spectra:
     """Empirical spectral densities of every layer of ``source`` as one ragged batch.
@@ -203,6 +213,8 @@ def esd(
     (default: the weights' device). ``memory_budget`` (bytes, default 1 GiB) bounds the matrices
     and Gram matrices held at once; results do not depend on it. With ``check_finite`` a layer
     whose weights hold NaN or Inf raises a ValueError naming it (one host sync).
+    ``eig_checks``: a list that receives the GPU eigensolver's per-matrix failure flags instead
+    of checking them here (so the caller can check them with its own single host sync).
     """
     if method not in ESD_METHODS:
         raise ValueError(f"unknown ESD method {method!r}; choose from {ESD_METHODS}")
@@ -220,7 +232,7 @@ def esd(
     dev = torch.device(device) if device is not None else None
     with _matmul_precision(allow_tf32):
         values, offsets = _layer_values(layers, "svd" if method == "svd" else "gram", dtype, dev,
-                                        budget, progress, eig_backend)
+                                        budget, progress, eig_backend, eig_checks)
     spectra = Spectra(values=values, offsets=offsets, layers=layers)
     if check_finite:
         raise_on_nonfinite(spectra)
