@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ._backend import backend_info
+from .analyze import analyze, summary
 from .layers import Layer, block_index, find_layers, layers_from_matrices
 from .metrics import ESDMetrics, compute_metrics, layer_metrics
 from .powerlaw import PowerLawFit, fit_power_law
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend_info", "Layer", "block_index", "find_layers", "layers_from_matrices", "ESDMetrics",
-    "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd",
+    "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd", "analyze", "summary",
     "__version__",
 ]
 
@@ -30,7 +31,4 @@ def __getattr__(name: str):
     if name in ("TempBalance", "Tempbalance"):
         from . import tempbalance
         return getattr(tempbalance, name)
-    if name in ("analyze", "summary"):
-        from . import analyze as _analyze
-        return getattr(_analyze, name)
     raise AttributeError(f"module 'tbfast' has no attribute {name!r}")

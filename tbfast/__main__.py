@@ -1,0 +1,5 @@
+"""``python -m tbfast`` runs the ``tbfast`` command line."""
+
+from .cli import main
+
+raise SystemExit(main())
