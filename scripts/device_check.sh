@@ -7,7 +7,9 @@
 # xml), the ESD benchmark and an eigensolver timing (torch.linalg.eigvalsh vs tbfast's cuSOLVER
 # batched path), all within about 6 minutes: every step has its own time limit and the whole
 # run a deadline, and a failing step never stops the next one. Writes at most these files:
-#   device_check.log  junit_cuda.xml  junit_triton.xml  eig_gpu.json  bench_gpu.json  summary.json
+#   device_check.log  junit_gpu.xml  eig_gpu.json  bench_gpu.json  summary.json
+# Knobs: TBFAST_CHECK_BUDGET (s), TBFAST_CHECK_BENCH_ARGS (extra `tbfast bench` flags),
+# TBFAST_CHECK_BENCH_LIMIT (s), TBFAST_CHECK_EIG_SIZES ("72x768,16x1536").
 # TBFAST_CHECK_SKIP_BUILD=1 reuses an extension already built in tbfast/ (a rerun on a warm machine).
 set -u
 
@@ -92,7 +94,7 @@ build() {
 }
 
 report_backends() {
-  $PY -c "import tbfast; print(tbfast.backend_info())"
+  $PY -X faulthandler -c "import tbfast, json; print(json.dumps(tbfast.backend_info(), indent=1, default=str))"
   $PY - <<'EOF'
 import logging
 logging.basicConfig(level=logging.INFO)
@@ -110,7 +112,7 @@ EOF
 eig_timing() {
   $PY - "$OUTDIR/eig_gpu.json" <<'EOF'
 """torch.linalg.eigvalsh vs tbfast's cuSOLVER batched path on fp32 heavy-tailed Grams."""
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 import torch
 from tbfast import _cusolver
 
@@ -130,7 +132,10 @@ def timed(fn, reps):
     return statistics.median(ts)
 
 gen = torch.Generator(device=dev).manual_seed(0)
-for B, n in [(72, 768), (72, 256), (37, 384), (96, 128), (1, 768), (16, 1536), (8, 2048), (4, 4096)]:
+SIZES = [(72, 768), (72, 256), (37, 384), (96, 128), (1, 768), (16, 1536), (8, 2048), (4, 4096)]
+if os.environ.get("TBFAST_CHECK_EIG_SIZES"):  # e.g. "72x768,72x256"
+    SIZES = [tuple(int(v) for v in s.split("x")) for s in os.environ["TBFAST_CHECK_EIG_SIZES"].split(",")]
+for B, n in SIZES:
     z = torch.randn(B, n, n, device=dev, generator=gen)
     chi2 = torch.randn(B, n, n, 3, device=dev, generator=gen).square().sum(-1)
     W = z / torch.sqrt(chi2 / 3)                       # Student-t (df=3) weights
@@ -168,7 +173,8 @@ EOF
 
 bench() {
   if $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tbfast.bench.__main__') is None)" 2>/dev/null; then
-    $PY -m tbfast.bench --device cuda --json "$OUTDIR/bench_gpu.json"
+    # shellcheck disable=SC2086
+    $PY -m tbfast.bench --device cuda --json "$OUTDIR/bench_gpu.json" --markdown ${TBFAST_CHECK_BENCH_ARGS:-}
   else
     echo "tbfast.bench has no __main__ (python -m tbfast.bench missing); benchmark skipped"
     return 3
@@ -184,10 +190,11 @@ echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git st
 run_step env 30 env_info
 run_step build 200 build
 run_step backends 60 report_backends
-run_step cuda_tests 120 $PY -m pytest tests -m cuda -q -rs --junitxml="$OUTDIR/junit_cuda.xml" -p no:cacheprovider
-run_step triton_tests 90 $PY -m pytest tests/test_triton_kernels.py -q -rs --junitxml="$OUTDIR/junit_triton.xml" -p no:cacheprovider
+# one pytest process: the CUDA-marked tests (cuSOLVER, whole GPU pipeline) and the Triton kernels on the GPU
+run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_gpu_pipeline.py tests/test_triton_kernels.py -q -rs -x \
+  --junitxml="$OUTDIR/junit_gpu.xml" -p no:cacheprovider
+run_step bench ${TBFAST_CHECK_BENCH_LIMIT:-120} bench
 run_step eig_timing 60 eig_timing
-run_step bench 90 bench
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s) ==================="
@@ -200,7 +207,7 @@ $PY - "$OUTDIR" "${STEPS[@]}" <<'EOF'
 import json, os, sys, xml.etree.ElementTree as ET
 outdir, steps = sys.argv[1], [s.split() for s in sys.argv[2:]]
 summary = {"steps": [{"step": s[0], "rc": s[1], "seconds": int(s[2])} for s in steps], "junit": {}}
-for name in ("junit_cuda.xml", "junit_triton.xml"):
+for name in ("junit_gpu.xml",):
     path = os.path.join(outdir, name)
     if not os.path.exists(path):
         print(f"{name}: missing"); continue
