@@ -6,7 +6,6 @@
 
 #include <torch/library.h>
 
-#include <sstream>
 #include <string>
 
 #include "tbfast_parallel.h"
@@ -17,21 +16,28 @@
 
 namespace {
 
-// JSON object describing how this extension was built.
-std::string build_info() {
-  std::ostringstream out;
-  out << "{\"torch_version\": \"" << TBFAST_TORCH_VERSION << "\"";
-  out << ", \"openmp\": " << (tbfast::kBuiltWithOpenMP ? "true" : "false");
+#define TBFAST_STR_(x) #x
+#define TBFAST_STR(x) TBFAST_STR_(x)
+
 #ifdef _OPENMP
-  out << ", \"openmp_version\": " << _OPENMP;
+#define TBFAST_OPENMP_JSON ", \"openmp\": true, \"openmp_version\": " TBFAST_STR(_OPENMP)
+#else
+#define TBFAST_OPENMP_JSON ", \"openmp\": false"
 #endif
 #if defined(__clang__)
-  out << ", \"compiler\": \"clang " << __clang_major__ << "." << __clang_minor__ << "\"";
+#define TBFAST_COMPILER "clang " TBFAST_STR(__clang_major__) "." TBFAST_STR(__clang_minor__)
 #elif defined(__GNUC__)
-  out << ", \"compiler\": \"gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "\"";
+#define TBFAST_COMPILER "gcc " TBFAST_STR(__GNUC__) "." TBFAST_STR(__GNUC_MINOR__)
+#else
+#define TBFAST_COMPILER "unknown"
 #endif
-  out << ", \"cplusplus\": " << __cplusplus << "}";
-  return out.str();
+
+// JSON object describing how this extension was built: one string literal assembled by the
+// preprocessor, so nothing is formatted at run time. (Formatting numbers with
+// std::ostringstream here segfaulted on the GPU machine, torch 2.11+cu130 with its /opt/gcc g++.)
+const char* build_info() {
+  return "{\"torch_version\": \"" TBFAST_TORCH_VERSION "\"" TBFAST_OPENMP_JSON
+         ", \"compiler\": \"" TBFAST_COMPILER "\", \"cplusplus\": \"" TBFAST_STR(__cplusplus) "\"}";
 }
 
 }  // namespace
@@ -44,10 +50,7 @@ namespace {
 
 // The info functions are plain CPython functions, not torch ops: they must work (and be safe to
 // call) whatever the torch build, since tbfast.backend_info() calls them first.
-PyObject* py_build_info(PyObject*, PyObject*) {
-  const std::string s = build_info();
-  return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
-}
+PyObject* py_build_info(PyObject*, PyObject*) { return PyUnicode_FromString(build_info()); }
 
 PyObject* py_lapack_info(PyObject*, PyObject*) {
   const std::string s = tbfast::lapack_info();
