@@ -296,3 +296,14 @@ def test_deferred_eigensolver_failure_is_recomputed(monkeypatch, caplog):
     assert "recomputing" in caplog.text
     for l, W in enumerate(mats):
         assert float(m.alpha[l]) == pytest.approx(median_fit(svd_eigs(W))[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (300, 700), (1000, 512)])
+def test_blocked_cpu_gram_lower_triangle(shape):
+    from tbfast.spectra import gram_lower
+    M = heavy_tailed(*shape, seed=4).double().unsqueeze(0)
+    if shape[0] < shape[1]:
+        M = M.mT
+    G = gram_lower(M)[0]
+    full = (M[0].mT @ M[0])
+    torch.testing.assert_close(torch.tril(G), torch.tril(full), rtol=1e-12, atol=1e-12)
