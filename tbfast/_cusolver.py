@@ -15,7 +15,6 @@ import ctypes.util
 import glob
 import importlib
 import logging
-import math
 import os
 import site
 import sys
@@ -283,6 +282,8 @@ def _solve(G: torch.Tensor, workspace_limit: int, stream: int) -> tuple[torch.Te
 
 def _resolve_failures(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
     """Re-solve the matrices cuSOLVER flagged (info != 0) or returned non-finite values for."""
+    from .eig import resolve_failed
+
     bad_mask = (info != 0) | ~torch.isfinite(w).all(dim=1)
     if not bool(bad_mask.any()):  # the one host synchronisation of a call
         return w
@@ -291,14 +292,7 @@ def _resolve_failures(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor) -> t
     _log_once("nonconverged",
               f"cuSOLVER cusolverDnXsyevBatched: {bad.numel()} of {G.shape[0]} matrices (n={G.shape[1]}) "
               f"not converged or non-finite (info {codes[:8]}); solved again with torch.linalg.eigvalsh")
-    sub = G[bad]
-    finite = torch.isfinite(sub).flatten(1).all(dim=1)
-    fixed = torch.full_like(w[bad], math.nan)  # non-finite input: NaN, reported by the caller per layer
-    if bool(finite.any()):
-        fixed[finite] = torch.linalg.eigvalsh(sub[finite])
-    w = w.clone()
-    w[bad] = fixed
-    return w
+    return resolve_failed(G, w, bad_mask)
 
 
 def eigvalsh_batched_cuda(G: torch.Tensor, workspace_limit: int = 0, *,

@@ -31,21 +31,29 @@ def _cuda_solver():
     return _cusolver
 
 
-def _resolve_nonconverged(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor, solver: str) -> torch.Tensor:
-    bad = torch.nonzero(info != 0).flatten()
+def resolve_failed(G: torch.Tensor, w: torch.Tensor, bad_mask: torch.Tensor) -> torch.Tensor:
+    """Re-solve the matrices flagged in ``bad_mask`` with ``torch.linalg.eigvalsh``; matrices
+    holding NaN/Inf get NaN rows (the caller reports them per layer). One host sync."""
+    bad = torch.nonzero(bad_mask).flatten()
     if bad.numel() == 0:
         return w
-    _backend.log_fallback_once(
-        f"nonconverged-{solver}",
-        f"{solver}: {bad.numel()} matrix(es) did not converge; solved again with torch.linalg.eigvalsh")
     sub = G[bad]
     finite = torch.isfinite(sub).flatten(1).all(dim=1)
-    fixed = torch.full_like(w[bad], math.nan)  # non-finite input: NaN, reported by the caller per layer
+    fixed = torch.full_like(w[bad], math.nan)
     if bool(finite.any()):
         fixed[finite] = torch.linalg.eigvalsh(sub[finite])
     w = w.clone()
     w[bad] = fixed
     return w
+
+
+def _resolve_nonconverged(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor, solver: str) -> torch.Tensor:
+    bad = info != 0
+    if bool(bad.any()):
+        _backend.log_fallback_once(
+            f"nonconverged-{solver}",
+            f"{solver}: {int(bad.sum())} matrix(es) did not converge; solved again with torch.linalg.eigvalsh")
+    return resolve_failed(G, w, bad)
 
 
 def eigvalsh_batched(G: torch.Tensor, *, backend: str = "auto", workspace_limit: int = 0,
