@@ -90,7 +90,8 @@ def _chunks(items: list[int], layers: list[Layer], elem: int, budget: int) -> It
     for i in items:
         L = layers[i]
         n = L.gram_size
-        cost = L.k * (L.rows * L.cols + 2 * n * n) * elem
+        # the matrices as read plus their converted copy, the Gram matrices and the solver's copy
+        cost = L.k * (2 * L.rows * L.cols + 2 * n * n) * elem
         if chunk and used + cost > budget:
             yield chunk
             chunk, used = [], 0
