@@ -64,11 +64,6 @@ class Spectra:
             self.__dict__["_device_offsets"] = cached
         return cached
 
-    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(starts, ends) int64 tensors on the values' device."""
-        off = self.device_offsets()
-        return off[:-1], off[1:]
-
 
 def resolve_layers(source: Any, **layer_options: Any) -> list[Layer]:
     """Layers from a model, a list of `Layer`, a tensor, a sequence or a mapping of tensors."""
