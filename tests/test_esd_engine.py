@@ -139,12 +139,13 @@ def _spectra_set(n=24):
     return out
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the compiled kernels and the torch reference
 @pytest.mark.parametrize("fit", ["ks", "fix-finger", "fix-finger-corrected"])
-def test_scans_match_per_candidate_loop_on_24_spectra(fit):
+def test_scans_match_per_candidate_loop_on_24_spectra(fit, backend):
     mats = _spectra_set()
     sp = tbfast.esd(mats, dtype=torch.float64)
     kw = dict(fit="fix-finger", xmin_bound="corrected") if fit == "fix-finger-corrected" else dict(fit=fit)
-    got = tbfast.fit_power_law(sp, **kw)
+    got = tbfast.fit_power_law(sp, backend=backend, **kw)
     for l, W in enumerate(mats):
         e = sp[l].numpy()  # same eigenvalues for both, so the scan itself is compared
         if fit == "ks":

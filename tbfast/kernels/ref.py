@@ -42,13 +42,16 @@ def _tail_d(x: torch.Tensor, i: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
     return dev.amax(dim=1)
 
 
+def _unfitted(L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha = D = NaN and index = -1 for L layers: the result of a layer that cannot be fitted."""
+    alpha = torch.full((L,), math.nan, dtype=torch.float64, device=device)
+    return alpha, alpha.clone(), torch.full((L,), -1, dtype=torch.int64, device=device)
+
+
 def hill_fit_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, xmin_pos: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Median ("xmin_mid") Hill fit of every layer (SPEC section 3)."""
-    L = len(starts)
-    alpha = torch.full((L,), math.nan, dtype=torch.float64, device=values.device)
-    D = alpha.clone()
-    index = torch.full((L,), -1, dtype=torch.int64, device=values.device)
+    alpha, D, index = _unfitted(len(starts), values.device)
     for l, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
         N = e - s
         i = int(N / xmin_pos)
@@ -67,10 +70,7 @@ def ks_scan_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
                 lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Goodness-of-fit scan over every xmin candidate (SPEC sections 4-5), per layer, with the
     candidate window ``[lo, hi]`` of the fix-finger variant (``-inf, inf`` for the plain scan)."""
-    L = len(starts)
-    alpha = torch.full((L,), math.nan, dtype=torch.float64, device=values.device)
-    D = alpha.clone()
-    index = torch.full((L,), -1, dtype=torch.int64, device=values.device)
+    alpha, D, index = _unfitted(len(starts), values.device)
     for l, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
         N = e - s
         if N < 2:
