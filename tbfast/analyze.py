@@ -19,9 +19,9 @@ from torch import nn
 
 from .checkpoint import checkpoint_layers, is_peft_adapter, lora_layers, open_checkpoint
 from .layers import Layer, find_layers
-from .metrics import ESDMetrics, compute_metrics
-from .powerlaw import PowerLawFit, canonical_fit, fit_power_law
-from .spectra import Spectra, esd
+from .metrics import ESDMetrics, esd_fit_metrics
+from .powerlaw import PowerLawFit, canonical_fit
+from .spectra import Spectra
 
 __all__ = ["analyze", "analyze_spectra", "summary", "Analysis", "COLUMNS", "SUMMARY_COLUMNS",
            "WW_MIN_EVALS", "WW_MAX_EVALS"]
@@ -154,11 +154,10 @@ def analyze_spectra(
                              lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,
                              max_n=max_n)
     logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit, dtype)
-    spectra = esd(layers, method=method, dtype=dtype, device=device, memory_budget=memory_budget,
-                  progress=progress)
-    pl = fit_power_law(spectra, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
-                       evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
-    m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos)
+    spectra, pl, m = esd_fit_metrics(
+        layers, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros, evals_thresh=evals_thresh,
+        bins=bins, xmin_bound=xmin_bound, sr_mid_pos=sr_mid_pos, method=method, dtype=dtype,
+        backend=backend, on_invalid="raise", device=device, memory_budget=memory_budget, progress=progress)
     return Analysis(details=_frame(spectra.layers, m), spectra=spectra, fit=pl, metrics=m)
 
 

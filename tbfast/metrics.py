@@ -18,7 +18,7 @@ from ._transfer import to_device
 from .powerlaw import PowerLawFit, fit_power_law
 from .spectra import Spectra, esd
 
-__all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "METRIC_COLUMNS"]
+__all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "esd_fit_metrics", "METRIC_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,16 @@ def layer_metrics(
     (``on_invalid='raise'``, default) or get a status (``on_invalid='mark'``). Other layers that
     cannot be fitted (all-zero, too few eigenvalues) always get a status with the reason.
     """
+    return esd_fit_metrics(source, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+                           evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
+                           sr_mid_pos=sr_mid_pos, method=method, dtype=dtype, backend=backend,
+                           on_invalid=on_invalid, **esd_options)[2]
+
+
+def esd_fit_metrics(source: Any, *, fit: str, xmin_pos: float, filter_zeros: bool, evals_thresh: float,
+                    bins: int, xmin_bound: str, sr_mid_pos: float | None, method: str, dtype: torch.dtype,
+                    backend: str, on_invalid: str, **esd_options: Any) -> tuple[Spectra, PowerLawFit, ESDMetrics]:
+    """`layer_metrics`, also returning the spectra and the fit (for reports and plots)."""
     if on_invalid not in ("raise", "mark"):
         raise ValueError(f"on_invalid must be 'raise' or 'mark', got {on_invalid!r}")
     checks: list = []
@@ -248,12 +258,12 @@ def layer_metrics(
     if m.extra.get("eig_failed"):
         # rare: the batched GPU solver flagged a matrix; redo the whole pass with torch's solver
         log.warning("batched eigensolver did not converge on some matrix; recomputing with torch.linalg.eigvalsh")
-        return layer_metrics(source, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
-                             evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
-                             sr_mid_pos=sr_mid_pos, method=method, dtype=dtype, backend=backend,
-                             on_invalid=on_invalid, **{**esd_options, "eig_backend": "torch"})
+        return esd_fit_metrics(source, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+                               evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
+                               sr_mid_pos=sr_mid_pos, method=method, dtype=dtype, backend=backend,
+                               on_invalid=on_invalid, **{**esd_options, "eig_backend": "torch"})
     if on_invalid == "raise":
         bad = [n for n, s in zip(m.names, m.status) if s == "weights contain NaN or Inf"]
         if bad:
             raise ValueError(f"weights contain NaN or Inf in layer(s): {', '.join(bad)}")
-    return m
+    return spectra, pl, m
