@@ -98,6 +98,11 @@ class TempBalance:
     - ``xmin_bound``, ``dtype``, ``method``, ``backend``: passed to `tbfast.layer_metrics`.
     - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
       (anything with ``names``, optional ``status``, and columns by ``table[name]``).
+    - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
+      weights, starts their ESD on a worker thread (a side stream on CUDA) and returns without
+      waiting; the newest finished ESD becomes the schedule at the next ``step`` / ``apply``
+      (``lag`` steps old), `synchronize` waits for it. The first schedule (from
+      ``build_optimizer_param_group`` or the first active ``step``) is computed synchronously.
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -137,6 +142,7 @@ class TempBalance:
         method: str = "auto",
         backend: str = "auto",
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
+        asynchronous: bool = False,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -161,6 +167,9 @@ class TempBalance:
             raise ValueError(f"eigs_thresh and start_step must be >= 0 (got {eigs_thresh}, {start_step})")
         if linear_map_equal not in ("mid", "reference"):
             raise ValueError(f"linear_map_equal must be 'mid' or 'reference', got {linear_map_equal!r}")
+        if asynchronous and metrics_fn is not None:
+            raise ValueError("asynchronous=True computes the ESD of a weight snapshot with tbfast's own pipeline; "
+                             "it cannot be combined with metrics_fn")
         if lr_slope is None:
             lr_slope = float(lr_max_ratio) - float(lr_min_ratio)
         if float(lr_min_ratio) + float(lr_slope) < 0:
@@ -200,6 +209,12 @@ class TempBalance:
         self.method = method
         self.backend = backend
         self.metrics_fn = metrics_fn
+        self.asynchronous = bool(asynchronous)
+        #: optimizer step whose weights produced the current schedule (None before the first ESD)
+        self.schedule_step: Optional[int] = None
+        self._background: Any = None  # BackgroundESD, created on the first asynchronous request
+        self._side_streams: dict = {}
+        self._restored: Optional[tuple[int, Any]] = None  # finished ESD restored from a state_dict
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
@@ -215,20 +230,80 @@ class TempBalance:
         """Whether balancing is on (``step`` called at least ``start_step`` times)."""
         return self.step_count >= self.start_step
 
-    def compute_metrics(self) -> Any:
-        """ESD table of every analysed layer (nn.Conv2d and nn.Linear, module order). The model is not changed."""
+    def compute_metrics(self, layers: Optional[list] = None) -> Any:
+        """ESD table of every analysed layer (nn.Conv2d and nn.Linear, module order). The model is not changed.
+
+        ``layers``: `tbfast.layers.Layer` records to use instead of the live model (a snapshot).
+        """
         if self.metrics_fn is not None:
             return self.metrics_fn(self.net)
         from .metrics import layer_metrics
 
         fit = "goodness-of-fit" if self.pl_fitting == "ks" else self.pl_fitting
+        source = self.analysed_layers() if layers is None else layers
         with torch.no_grad():
             return layer_metrics(
-                self.net, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
+                source, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
                 evals_thresh=self.EVALS_THRESH, bins=self.bins, xmin_bound=self.xmin_bound,
                 method=self.method, dtype=self.dtype, backend=self.backend,
-                types=("Linear", "Conv2d"), conv_norm=self.conv_norm,
             )
+
+    def analysed_layers(self) -> list:
+        """The `Layer` records TempBalance analyses: nn.Linear and nn.Conv2d, module order."""
+        from .layers import find_layers
+
+        return find_layers(self.net, types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
+
+    # ------------------------------------------------------------------ asynchronous ESD
+    @property
+    def lag(self) -> Optional[int]:
+        """Optimizer steps between the weights of the current schedule and now (0 when synchronous)."""
+        return None if self.schedule_step is None else self.step_count - self.schedule_step
+
+    def refresh(self) -> None:
+        """Request a new ESD: computed now (synchronous) or started in the background (asynchronous)."""
+        if not self.asynchronous:
+            self.update()
+            self.schedule_step = self.step_count
+            return
+        self._promote()
+        if not self.ratios:  # nothing to balance with yet: the first schedule is synchronous
+            self.update()
+            self.schedule_step = self.step_count
+            return
+        from .background import BackgroundESD, snapshot_layers
+
+        if self._background is None:
+            self._background = BackgroundESD(lambda layers: self.compute_metrics(layers))
+        self._background.submit(snapshot_layers(self.analysed_layers(), self.step_count, self._side_streams))
+
+    def synchronize(self) -> None:
+        """Wait for the background ESD (if any) and make the newest finished one the schedule."""
+        if self._background is not None:
+            self._background.wait()
+        self._promote()
+
+    def close(self) -> None:
+        """Stop the background worker (a running ESD finishes; its result is dropped)."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+
+    def _promote(self) -> bool:
+        """Make the newest finished background ESD the schedule; True if there was one."""
+        done = self._restored
+        self._restored = None
+        if self._background is not None:
+            newer = self._background.take()
+            if newer is not None:
+                done = newer
+        if done is None:
+            return False
+        step, table = done
+        self.update(table)
+        self.schedule_step = step
+        logger.debug("TempBalance: background ESD of step %d in use at step %d", step, self.step_count)
+        return True
 
     @staticmethod
     def _column(table: Any, key: str) -> np.ndarray:
@@ -423,6 +498,7 @@ class TempBalance:
         """
         untuned_lr = float(untuned_lr)
         self.update()
+        self.schedule_step = self.step_count
         groups, untuned = self.layout()
         lrs = [untuned_lr * self.ratio(key) for _, key, _ in groups]
         if not initialize:
@@ -442,7 +518,7 @@ class TempBalance:
         """
         self.step_count += 1
         if self.active:
-            self.update()
+            self.refresh()
         return self.apply(optimizer, untuned_lr)
 
     # ------------------------------------------------------------------ writing into optimizers
@@ -481,6 +557,8 @@ class TempBalance:
         the untuned lr remembered from that write; this makes re-applying after every
         lr-scheduler step idempotent.
         """
+        if self.asynchronous:
+            self._promote()
         if untuned_lr is not None:
             untuned_lr = float(untuned_lr)
             if not math.isfinite(untuned_lr) or untuned_lr < 0:
@@ -518,8 +596,24 @@ class TempBalance:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Everything needed to resume: step count and the latest schedule (factors, scores)."""
+        """Everything needed to resume: step count and the latest schedule (factors, scores).
+
+        Asynchronous mode: an ESD in flight is waited for (not made current) and saved as the
+        finished result the next ``step`` / ``apply`` will use, so a resumed run continues
+        exactly as the uninterrupted one. Only tensors, numbers, strings, lists and dicts: the
+        state loads with ``torch.load(weights_only=True)``.
+        """
+        pending = None
+        if self._background is not None:
+            self._background.wait()
+            ready = self._background.take()
+            if ready is not None:
+                self._restored = ready  # still to be promoted here too
+        if self._restored is not None:
+            pending = {"step": self._restored[0], "table": _table_state(self._restored[1])}
         return {
+            "schedule_step": self.schedule_step,
+            "pending_esd": pending,
             "step_count": self.step_count,
             "ratios": dict(self.ratios),
             "scores": dict(self.scores),
@@ -539,6 +633,9 @@ class TempBalance:
         self.scores = OrderedDict(state["scores"])
         self.tuned_layers = list(state["tuned_layers"])
         self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
+        self.schedule_step = state.get("schedule_step", self.step_count)
+        pending = state.get("pending_esd")
+        self._restored = None if pending is None else (int(pending["step"]), _table_from_state(pending["table"]))
 
     # ------------------------------------------------------------------ reporting
     def table(self):
@@ -561,6 +658,19 @@ class TempBalance:
     def __repr__(self) -> str:
         return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
                 f"metric={self.esd_metric_for_tb!r}, pl_fitting={self.pl_fitting!r}, layers={len(self.tuned_layers)})")
+
+
+def _table_state(table: Any) -> dict:
+    """An ESD table as plain data (tensors, lists, strings) for a state_dict."""
+    from dataclasses import fields
+
+    return {f.name: getattr(table, f.name) for f in fields(table) if f.name != "extra"}
+
+
+def _table_from_state(state: dict) -> Any:
+    from .metrics import ESDMetrics
+
+    return ESDMetrics(**state)
 
 
 #: The original's class name.

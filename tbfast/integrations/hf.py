@@ -136,7 +136,7 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         return max(1, state.max_steps)
 
     def _esd(self, state: Any) -> None:
-        self.tb.update()
+        self.tb.refresh()  # in the background for TempBalance(asynchronous=True)
         self.esd_steps.append(state.global_step)
         if not self.log_table:
             return
