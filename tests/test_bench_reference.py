@@ -221,3 +221,29 @@ def test_overhead_runs_agree():
     first = runs["reference"]["lr_history"][0]  # the last step's lr decays to 0
     assert len(set(round(x, 12) for x in first[:-1])) > 1
     assert "TempBalance share of wall time: reference" in format_overhead(ov)
+
+
+def test_overhead_async_run_and_paper_calibration(monkeypatch):
+    from tbfast.bench import overhead
+    # paper's split: (265.73 - 65.40) / 10 s per epoch over 65.40 / 11 s per ESD
+    assert overhead.paper_ratio() == pytest.approx(((265.73 - 65.40) / 10) / (65.40 / 11))
+    cal = {"reference_esd_seconds": 0.5, "train_step_seconds": 0.2, "eval_seconds_per_example": 0.01}
+    monkeypatch.setattr(overhead, "_calibrate", lambda *a, **k: dict(cal))
+    seen = {}
+    real = overhead.run_overhead
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**{**kw, "model": "bert-tiny", "seq_len": 16, "eval_examples": 8})
+
+    monkeypatch.setattr(overhead, "run_overhead", spy)
+    ov = overhead.run_paper_overhead(model="bert-tiny", runs=("none", "tbfast", "tbfast-async"))
+    # eval examples chosen so that (train step + eval) / reference ESD = the paper's ratio
+    want = round((overhead.paper_ratio() * 0.5 - 0.2) / 0.01)
+    assert seen["eval_examples"] == want == ov["calibration"]["eval_examples"]
+    assert seen["steps"] == 10 and seen["train_examples"] == 13 and seen["batch_size"] == 16
+    runs = ov["runs"]
+    assert 0 < runs["tbfast-async"]["tempbalance_share"] < 1
+    assert "async_lr_max_rel_diff" in ov
+    text = overhead.format_overhead(ov)
+    assert "asynchronous" in text and "paper setting" in text

@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead", action="store_true",
                    help="also run the training-overhead benchmark (no TB / reference TB / tbfast TB)")
     p.add_argument("--overhead-only", action="store_true", help="run only the training-overhead benchmark")
-    p.add_argument("--overhead-model", default=None, choices=["roberta-base", "bert-small", "bert-tiny"],
+    p.add_argument("--paper", action="store_true",
+                   help="run only the overhead benchmark in the paper's setting (13 examples, 10 epochs, "
+                        "ESD every step, calibrated to the paper's time split)")
+    p.add_argument("--overhead-model", default=None, choices=["roberta-base", "roberta-small", "bert-small", "bert-tiny"],
                    help="model of the overhead benchmark (default: roberta-base on CUDA, bert-small on CPU)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the overhead benchmark")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# command: {env['command']}")
     t_start = time.perf_counter()
     failures: list[str] = []
+    if args.paper:
+        args.overhead_only = True
     if not args.overhead_only:
         for w in workloads:
             t0 = time.perf_counter()
@@ -257,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         from .overhead import format_overhead, run_overhead
         model = args.overhead_model or ("roberta-base" if device.type == "cuda" else "bert-small")
         try:
-            ov = run_overhead(model=model, device=device, steps=args.steps)
+            if args.paper:
+                from .overhead import run_paper_overhead
+                ov = run_paper_overhead(model=args.overhead_model, device=device)
+            else:
+                ov = run_overhead(model=model, device=device, steps=args.steps)
         except Exception as e:  # noqa: BLE001
             failures.append(f"overhead: {type(e).__name__}: {e}")
             print(f"# overhead: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
