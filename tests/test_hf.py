@@ -162,3 +162,22 @@ def test_attach_refuses_existing_optimizer(tmp_path):
     trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="already has an optimizer"):
         hf.attach(trainer, tb)
+
+
+def test_trainer_asynchronous_esd(tmp_path):
+    model = tiny("bert")
+    opts = dict(assign_func="tb_sigmoid", tau=TAU, s=S, granularity="block", xmin_pos=1.5,
+                remove_first_layer=False, eigs_thresh=10)
+    tb = tbfast.TempBalance(model, asynchronous=True, **opts)
+    trainer = make_trainer(model, tmp_path, steps=4)
+    cb = hf.attach(trainer, tb)
+    trainer.train()
+    assert cb.esd_steps == [0, 1, 2, 3, 4]
+    assert tb.lag is not None and 0 <= tb.lag <= 4
+    tb.synchronize()
+    # the last snapshot holds the final weights: its ESD equals a synchronous one on them
+    assert tb.schedule_step == 4
+    oracle = tbfast.TempBalance(model, **opts)
+    oracle.update()
+    assert tb.ratios == oracle.ratios
+    tb.close()
