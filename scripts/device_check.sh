@@ -5,16 +5,18 @@
 #
 # Builds the extension in place, reports the backends, runs the CUDA and Triton tests (junit
 # xml), the ESD benchmark and an eigensolver timing (torch.linalg.eigvalsh vs tbfast's cuSOLVER
-# batched path), all within about 6 minutes: every step has its own time limit and the whole
+# batched path) and the TempBalance overhead benchmarks (paper setting, every step), all within
+# about 9 minutes: every step has its own time limit and the whole
 # run a deadline, and a failing step never stops the next one. Writes at most these files:
-#   device_check.log  junit_gpu.xml  eig_gpu.json  bench_gpu.json  summary.json
+#   device_check.log  junit_gpu.xml  eig_gpu.json  bench_gpu.json  paper_gpu.json  overhead_gpu.json
+#   summary.json
 # Knobs: TBFAST_CHECK_BUDGET (s), TBFAST_CHECK_BENCH_ARGS (extra `tbfast bench` flags),
 # TBFAST_CHECK_BENCH_LIMIT (s), TBFAST_CHECK_EIG_SIZES ("72x768,16x1536").
 # TBFAST_CHECK_SKIP_BUILD=1 reuses an extension already built in tbfast/ (a rerun on a warm machine).
 set -u
 
 START=$(date +%s)
-TOTAL_BUDGET=${TBFAST_CHECK_BUDGET:-350}   # seconds for all steps together
+TOTAL_BUDGET=${TBFAST_CHECK_BUDGET:-540}   # seconds for all steps together
 DEADLINE=$((START + TOTAL_BUDGET))
 
 OUTDIR=${1:-${OUT:-./out}}
@@ -191,10 +193,17 @@ run_step env 30 env_info
 run_step build 200 build
 run_step backends 60 report_backends
 # one pytest process: the CUDA-marked tests (cuSOLVER, whole GPU pipeline) and the Triton kernels on the GPU
-run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_gpu_pipeline.py tests/test_triton_kernels.py -q -rs -x \
+run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_gpu_pipeline.py tests/test_triton_kernels.py \
+  tests/test_async.py::test_cuda_async_step_makes_no_host_sync -q -rs \
   --junitxml="$OUTDIR/junit_gpu.xml" -p no:cacheprovider
 run_step bench ${TBFAST_CHECK_BENCH_LIMIT:-120} bench
 run_step eig_timing 60 eig_timing
+# TempBalance's share of training time: the paper's setting (calibrated) and the ESD-every-step one,
+# with the synchronous and asynchronous tbfast rows
+run_step paper ${TBFAST_CHECK_PAPER_LIMIT:-100} $PY -m tbfast.bench --paper --device cuda --markdown \
+  --json "$OUTDIR/paper_gpu.json"
+run_step overhead ${TBFAST_CHECK_OVERHEAD_LIMIT:-100} $PY -m tbfast.bench --overhead-only --device cuda --markdown \
+  --json "$OUTDIR/overhead_gpu.json"
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s) ==================="
