@@ -158,10 +158,10 @@ def esd_tables(results: list[dict], markdown: bool) -> str:
 
 
 def target_checks(results: list[dict], device_type: str) -> list[dict[str, Any]]:
-    """The figures the issues quote for RoBERTa-base-shaped, each with its target and verdict.
+    """The project's speed targets for RoBERTa-base-shaped, each with its target and verdict.
 
-    CPU (issue 2): ESD + median fit >= 3x faster than the reference; KS scan >= 100x faster than
-    the per-candidate loop. CUDA (issue 4): ESD + median fit + all metrics to a host table
+    CPU: ESD + median fit >= 3x faster than the reference; KS scan >= 100x faster than
+    the per-candidate loop. CUDA: ESD + median fit + all metrics to a host table
     <= 80 ms; KS scan <= 5 ms; alpha within 1e-3 of fp64 SVD; KS xmin index = oracle on >= 95%.
     """
     out = []
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {r['workload']}: {note}")
         report["targets"] = target_checks(report["esd"], device.type)
         if report["targets"]:
-            print("\ntargets (issues 2 and 4), tbfast on roberta-base-shaped:")
+            print("\nspeed targets, tbfast on roberta-base-shaped:")
             for t in report["targets"]:
                 print(f"  {t['what']}: {t['value']:.4g} (target {t['op']} {t['target']:g}): "
                       f"{'met' if t['met'] else 'NOT met'}")
