@@ -4,6 +4,8 @@ Readers (all lazy: a tensor is read only when its layer's ``matrices()`` is call
 
 - a ``.safetensors`` file, or a directory of safetensors shards (with or without a
   ``*.safetensors.index.json``), read through ``safetensors.safe_open`` (memory-mapped);
+  an index's shard names must stay inside its directory (no ``..``, not absolute; symlinks
+  inside the directory are followed) and it is checked against the shards' contents;
 - a ``.pt`` / ``.bin`` / ``.pth`` file or a directory of ``.bin`` shards, read with
   ``torch.load(mmap=True, weights_only=True)``;
 - an in-memory state dict;
