@@ -653,7 +653,7 @@ def lora_layers(
     if base is None:
         raise _no_base_error(d)
     cfg = _adapter_config(d)
-    if cfg.get("peft_type", "LORA").upper() != "LORA":
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"{d}: peft_type {cfg.get('peft_type')!r} is not supported (only LoRA)")
     if cfg.get("use_dora"):
         raise ValueError(f"{d}: DoRA adapters are not supported (only plain LoRA)")
