@@ -65,9 +65,6 @@ def _resolve_layers(source: Any, *, base: Any, include_embedding: bool, types: I
                              include=include, exclude=exclude, base=base, lora_scaling=lora_scaling,
                              min_evals=min_evals)
     elif isinstance(source, (str, os.PathLike)) and is_peft_adapter(source):
-        if base is None:
-            return checkpoint_layers(source, min_evals=min_evals, max_evals=max_evals,
-                                     include=include, exclude=exclude)
         layers = lora_layers(source, base, lora_scaling=lora_scaling, include=include, exclude=exclude,
                              min_evals=min_evals, max_evals=max_evals)
     elif isinstance(source, (str, os.PathLike, Mapping)) or hasattr(source, "infos"):
@@ -85,6 +82,25 @@ def _resolve_layers(source: Any, *, base: Any, include_embedding: bool, types: I
                          + (f" and at most {max_n} rows/columns" if max_n is not None else "")
                          + " matched the selection")
     return layers
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device, or a one-line error: ValueError for a name torch does not
+    know, RuntimeError for CUDA requested where torch has none (or fewer devices)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available "
+                               f"(this torch build or machine has no usable GPU); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} "
+                               f"CUDA device(s) are visible")
+    return dev
 
 
 def _frame(layers: list[Layer], m: ESDMetrics):
@@ -149,6 +165,7 @@ def analyze_spectra(
 ) -> Analysis:
     """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments."""
     canonical_fit(fit)  # validate the name before any work
+    _check_device(device)
     layers = _resolve_layers(source, base=base, include_embedding=include_embedding, types=types,
                              include=include, exclude=exclude, conv_norm=conv_norm,
                              lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,

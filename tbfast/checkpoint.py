@@ -4,6 +4,8 @@ Readers (all lazy: a tensor is read only when its layer's ``matrices()`` is call
 
 - a ``.safetensors`` file, or a directory of safetensors shards (with or without a
   ``*.safetensors.index.json``), read through ``safetensors.safe_open`` (memory-mapped);
+  an index's shard names must stay inside its directory (no ``..``, not absolute; symlinks
+  inside the directory are followed) and it is checked against the shards' contents;
 - a ``.pt`` / ``.bin`` / ``.pth`` file or a directory of ``.bin`` shards, read with
   ``torch.load(mmap=True, weights_only=True)``;
 - an in-memory state dict;
@@ -29,7 +31,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -277,31 +279,82 @@ class TorchFileStore(TensorStore):
 _NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|scaler|rng_state.*|trainer_state)\.(bin|pt|pth)$")
 
 
-def _from_index(index: Path) -> list[Path]:
+def _shard_path(index: Path, shard: Any) -> Path:
+    """The file an index's ``weight_map`` names, inside the index's directory. Absolute names and
+    names with ``..`` components are refused (a hostile index must not make tbfast read outside
+    the checkpoint); symlinks inside the directory (Hugging Face cache snapshots) are followed."""
+    if not isinstance(shard, str) or not shard:
+        raise CorruptCheckpointError(f"{index}: weight_map values must be shard file names, got {shard!r}")
+    if (PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute() or PureWindowsPath(shard).drive
+            or ".." in re.split(r"[\\/]", shard)):
+        raise CorruptCheckpointError(f"{index}: shard name {shard!r} points outside the checkpoint directory "
+                                     f"(absolute path or '..'); refused")
+    return index.parent / shard
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The shard files an index names (in first-use order) and its tensor -> shard map."""
     try:
         meta = json.loads(index.read_text())
-        weight_map = meta["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from e
-    files = []
-    for shard in dict.fromkeys(weight_map.values()):
-        p = index.parent / shard
-        if not p.is_file():
-            raise CheckpointNotFoundError(f"{index} names shard {shard!r}, which does not exist in {index.parent}")
-        files.append(p)
-    return files
+    except (ValueError, OSError) as e:
+        raise CorruptCheckpointError(f"{index}: not a valid shard index ({e})") from e
+    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = ("nothing" if weight_map is None else "an empty map" if weight_map == {}
+               else f"a {type(weight_map).__name__}")
+        raise CorruptCheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object of "
+                                     f"tensor name -> shard file; got {got})")
+    where: dict[str, Path] = {}
+    files: list[Path] = []
+    for name, shard in weight_map.items():
+        p = where[name] = _shard_path(index, shard)
+        if p not in files:
+            if not p.is_file():
+                raise CheckpointNotFoundError(f"{index} names shard {shard!r}, which does not exist in {index.parent}")
+            files.append(p)
+    return files, where
+
+
+def _index_store(index: Path) -> TensorStore:
+    """A store over the shards an index names, checked against the index: a tensor the index
+    places in a shard that does not hold it is an error; shard files in the directory that the
+    index does not list, and tensors the index does not list, are warned about."""
+    files, where = _read_index(index)
+    safetensors = index.name.lower().endswith(".safetensors.index.json")
+    store: SafetensorsStore | TorchFileStore = (SafetensorsStore if safetensors else TorchFileStore)(
+        files, str(index.parent))
+    held = store._where
+    for name, p in where.items():
+        if held.get(name) != p:
+            other = f" (it is in {held[name].name})" if name in held else ""
+            raise CorruptCheckpointError(f"{index}: the weight_map places tensor {name!r} in {p.name}, "
+                                         f"which does not hold it{other}")
+    unlisted = [n for n in held if n not in where]
+    if unlisted:
+        logger.warning("%s: %d tensor(s) in the shards are not listed in the index, read anyway: %s", index,
+                       len(unlisted), ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""))
+    if safetensors:
+        present = index.parent.glob("*.safetensors")
+    else:
+        present = (q for ext in ("bin", "pt", "pth") for q in index.parent.glob(f"*.{ext}")
+                   if not _NOT_WEIGHTS.match(q.name))
+    extra = sorted(q.name for q in present if q not in files)
+    if extra:
+        logger.warning("%s: %d shard file(s) in %s are not listed in the index, ignored: %s", index, len(extra),
+                       index.parent, ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+    return store
 
 
 def _dir_store(d: Path) -> TensorStore:
     idx = sorted(d.glob("*.safetensors.index.json"))
     if idx:
-        return SafetensorsStore(_from_index(idx[0]), str(d))
+        return _index_store(idx[0])
     st = sorted(d.glob("*.safetensors"), key=lambda p: _natural_key(p.name))
     if st:
         return SafetensorsStore(st, str(d))
     idx = sorted(d.glob("*.bin.index.json"))
     if idx:
-        return TorchFileStore(_from_index(idx[0]), str(d))
+        return _index_store(idx[0])
     tf = sorted(d.glob("pytorch_model*.bin"), key=lambda p: _natural_key(p.name))
     if not tf:
         tf = sorted((p for ext in ("bin", "pt", "pth") for p in d.glob(f"*.{ext}") if not _NOT_WEIGHTS.match(p.name)),
@@ -328,8 +381,7 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any] | TensorStore)
         return _dir_store(p)
     name = p.name.lower()
     if name.endswith(".index.json"):
-        files = _from_index(p)
-        return (SafetensorsStore if files[0].suffix == ".safetensors" else TorchFileStore)(files, str(p.parent))
+        return _index_store(p)
     if name.endswith(".safetensors"):
         return SafetensorsStore([p])
     if name.endswith((".pt", ".bin", ".pth", ".ckpt")):
@@ -419,6 +471,7 @@ def checkpoint_layers(
     exclude: str | None = None,
     min_evals: int = 0,
     max_evals: int | None = None,
+    lora_scaling: bool = True,
 ) -> list[Layer]:
     """`Layer` records for every weight matrix of a checkpoint (see the module doc for the rule).
 
@@ -426,14 +479,14 @@ def checkpoint_layers(
     lacks are skipped with a warning. ``types`` restricts kinds; ``include`` / ``exclude`` are
     regular expressions searched in layer names; layers with fewer than ``min_evals`` or more
     than ``max_evals`` eigenvalues are dropped. Nothing is read from disk except headers.
+    A PEFT LoRA adapter directory goes to `lora_layers` (``base`` required; ``lora_scaling``
+    applies to adapters only).
     """
     if conv_norm <= 0:
         raise ValueError(f"conv_norm must be positive, got {conv_norm}")
     if isinstance(source, (str, os.PathLike)) and is_peft_adapter(source):
-        if base is None:
-            base = _adapter_base_path(Path(source))
-        return lora_layers(source, base, include=include, exclude=exclude, min_evals=min_evals,
-                           max_evals=max_evals)
+        return lora_layers(source, base, lora_scaling=lora_scaling, include=include, exclude=exclude,
+                           min_evals=min_evals, max_evals=max_evals)
     store = open_checkpoint(source)
     bstore = _base_store(base) if base is not None else None
     bkeys = {i.name: i for i in bstore.infos()} if bstore is not None else {}
@@ -532,20 +585,31 @@ def is_peft_adapter(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in _ADAPTER_FILES)
 
 
-def _adapter_base_path(d: Path) -> Path:
-    cfg = _adapter_config(d)
-    b = cfg.get("base_model_name_or_path")
-    if b and Path(b).expanduser().exists():
-        return Path(b).expanduser()
-    raise ValueError(f"{d} is a LoRA adapter: pass its base checkpoint (base=...); the adapter config names "
-                     f"{b!r}, which is not a local path")
+def _no_base_error(d: Path) -> ValueError:
+    """The error for an adapter directory without ``base``. The adapter config's
+    ``base_model_name_or_path`` is only quoted, never opened: tbfast reads only the paths the
+    user names."""
+    try:
+        b = _adapter_config(d).get("base_model_name_or_path")
+    except CheckpointError:
+        b = None
+    hint = f" (its adapter_config.json names {b!r})" if isinstance(b, str) and b else ""
+    return ValueError(f"{d} is a PEFT LoRA adapter: pass the base checkpoint it was trained on with base=... "
+                      f"(CLI: --base PATH){hint}; the adapter alone is not analysed")
 
 
 def _adapter_config(d: Path) -> dict:
+    f = d / "adapter_config.json"
     try:
-        return json.loads((d / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{d / 'adapter_config.json'}: not valid JSON ({e})") from e
+        cfg = json.loads(f.read_text())
+    except (ValueError, OSError) as e:
+        raise CorruptCheckpointError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpointError(f"{f}: expected a JSON object, got a {type(cfg).__name__}")
+    if cfg.get("alpha_pattern") is not None and not isinstance(cfg["alpha_pattern"], dict):
+        raise CorruptCheckpointError(f"{f}: 'alpha_pattern' must be an object (module pattern -> alpha), "
+                                     f"got a {type(cfg['alpha_pattern']).__name__}")
+    return cfg
 
 
 def _pattern_value(module: str, patterns: Mapping[str, Any], default: Any) -> Any:
@@ -578,14 +642,18 @@ def lora_layers(
     ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``; ``rank_pattern`` and
     ``alpha_pattern`` honoured; ``r`` is read from ``A``'s shape). ``lora_scaling=False`` uses
     ``s = 1`` (the reference quirk, SPEC section 1). Names drop PEFT's ``base_model.model.`` prefix.
+    ``base`` is required: the config's ``base_model_name_or_path`` is never opened (a ValueError
+    quotes it).
     """
     d = Path(adapter)
     if not d.is_dir():
         raise CheckpointNotFoundError(f"LoRA adapter directory not found: {d}")
     if not is_peft_adapter(d):
         raise CheckpointNotFoundError(f"{d}: not a PEFT adapter (needs adapter_config.json and one of {_ADAPTER_FILES})")
+    if base is None:
+        raise _no_base_error(d)
     cfg = _adapter_config(d)
-    if cfg.get("peft_type", "LORA").upper() != "LORA":
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"{d}: peft_type {cfg.get('peft_type')!r} is not supported (only LoRA)")
     if cfg.get("use_dora"):
         raise ValueError(f"{d}: DoRA adapters are not supported (only plain LoRA)")
@@ -610,7 +678,11 @@ def lora_layers(
 
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
-    alpha0 = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    try:
+        alpha0 = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    except (TypeError, ValueError):
+        raise CorruptCheckpointError(f"{d / 'adapter_config.json'}: lora_alpha {cfg.get('lora_alpha')!r} "
+                                     f"is not a number") from None
     rslora = bool(cfg.get("use_rslora", False))
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     ainfos = {i.name: i for i in astore.infos()}

@@ -79,14 +79,30 @@ def resolve_layers(source: Any, **layer_options: Any) -> list[Layer]:
     return layers_from_matrices(source, conv_norm=conv_norm)
 
 
+def _layer_bytes(L: Layer, elem: int) -> int:
+    """Bytes the ESD stage counts against ``memory_budget`` for one layer: the matrices as read
+    plus their converted copy, the Gram matrices and the solver's copy."""
+    n = L.gram_size
+    return L.k * (2 * L.rows * L.cols + 2 * n * n) * elem
+
+
+def _warn_over_budget(layers: list[Layer], elem: int, budget: int) -> None:
+    """One warning when layers need more than the budget on their own (a layer is never split,
+    so it is computed alone and the budget is exceeded)."""
+    over = [(b, l.name) for l in layers if (b := _layer_bytes(l, elem)) > budget]
+    if not over:
+        return
+    need, name = max(over)
+    more = f"; {len(over) - 1} more layer(s) also exceed it" if len(over) > 1 else ""
+    log.warning("memory_budget of %d bytes exceeded: layer %r alone needs %d bytes (%.1f MiB) of weights and "
+                "Gram matrices; it is computed by itself%s", budget, name, need, need / 2**20, more)
+
+
 def _chunks(items: list[int], layers: list[Layer], elem: int, budget: int) -> Iterator[list[int]]:
     chunk: list[int] = []
     used = 0
     for i in items:
-        L = layers[i]
-        n = L.gram_size
-        # the matrices as read plus their converted copy, the Gram matrices and the solver's copy
-        cost = L.k * (2 * L.rows * L.cols + 2 * n * n) * elem
+        cost = _layer_bytes(layers[i], elem)
         if chunk and used + cost > budget:
             yield chunk
             chunk, used = [], 0
@@ -174,6 +190,7 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
     for i, l in enumerate(layers):
         groups[l.gram_size].append(i)
     chunks = [c for n in groups for c in _chunks(groups[n], layers, elem, memory_budget)]
+    _warn_over_budget(layers, elem, memory_budget)
     bar = None
     if progress:
         try:
