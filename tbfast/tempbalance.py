@@ -215,6 +215,20 @@ class TempBalance:
         """Whether balancing is on (``step`` called at least ``start_step`` times)."""
         return self.step_count >= self.start_step
 
+    def set_step(self, step_count: int, start_step: Optional[int] = None) -> None:
+        """Align the step counter with an outer loop (e.g. a Trainer's global step); optionally move ``start_step``."""
+        if int(step_count) < 0 or (start_step is not None and int(start_step) < 0):
+            raise ValueError(f"step_count and start_step must be >= 0 (got {step_count}, {start_step})")
+        self.step_count = int(step_count)
+        if start_step is not None:
+            self.start_step = int(start_step)
+
+    def layer_values(self, column: str = "alpha") -> "OrderedDict[str, float]":
+        """``layer name -> value`` of one column of the latest ESD table (empty before the first ESD)."""
+        if self.metrics is None:
+            return OrderedDict()
+        return OrderedDict(zip(self.metrics.names, (float(v) for v in self._column(self.metrics, column))))
+
     def compute_metrics(self) -> Any:
         """ESD table of every analysed layer (nn.Conv2d and nn.Linear, module order). The model is not changed."""
         if self.metrics_fn is not None:
