@@ -18,6 +18,9 @@ Where tbfast deliberately differs from the original:
 - A tuned layer whose ESD could not be fitted (metric status not "ok", or a non-finite score)
   raises a ValueError naming it instead of producing a NaN learning rate.
 - Param groups hold lists of parameters (the original passes one-shot generators).
+- A layer whose fitted ESD tail is flat (`tbfast.metrics.flat_tail`, e.g. an orthogonally
+  initialised layer with alpha ~1e6) gets a logged warning naming it at every ESD; its alpha is
+  used as is (the original's numbers) unless ``flat_policy='untuned'``.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ SCORE_METRICS = (
 )
 GRANULARITIES = ("layer", "block", "layer_in_block")
 BALANCE = ("lr", "weight_decay", "both")
+FLAT_POLICIES = ("keep", "untuned")
+_ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")  # scores that a flat tail makes meaningless
 _UNTUNED = None  # key of parameters at the untuned learning rate
 
 # keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict())
@@ -98,6 +103,11 @@ class TempBalance:
     - ``xmin_bound``, ``dtype``, ``method``, ``backend``: passed to `tbfast.layer_metrics`.
     - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
       (anything with ``names``, optional ``status``, and columns by ``table[name]``).
+    - ``flat_policy``: what to do with a scheduled layer whose fitted tail is flat
+      (`tbfast.metrics.flat_tail`, checked when the score is alpha, alphahat or log_alpha_norm):
+      'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
+      'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
+      left out of the scores that the assignment function and ``normalize`` see).
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -137,6 +147,7 @@ class TempBalance:
         method: str = "auto",
         backend: str = "auto",
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
+        flat_policy: str = "keep",
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -161,6 +172,8 @@ class TempBalance:
             raise ValueError(f"eigs_thresh and start_step must be >= 0 (got {eigs_thresh}, {start_step})")
         if linear_map_equal not in ("mid", "reference"):
             raise ValueError(f"linear_map_equal must be 'mid' or 'reference', got {linear_map_equal!r}")
+        if flat_policy not in FLAT_POLICIES:
+            raise ValueError(f"flat_policy must be one of {FLAT_POLICIES}, got {flat_policy!r}")
         if lr_slope is None:
             lr_slope = float(lr_max_ratio) - float(lr_min_ratio)
         if float(lr_min_ratio) + float(lr_slope) < 0:
@@ -200,12 +213,14 @@ class TempBalance:
         self.method = method
         self.backend = backend
         self.metrics_fn = metrics_fn
+        self.flat_policy = flat_policy
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
         self.scores: "OrderedDict[str, float]" = OrderedDict()  #: score per layer, or per block key
         self.ratios: "OrderedDict[str, float]" = OrderedDict()  #: lr / untuned lr per schedule key
         self.layer_lrs: "OrderedDict[str, float]" = OrderedDict()  #: last lr per tuned layer
+        self.flat_layers: list[str] = []  #: scheduled layers whose fitted tail was flat at the last ESD
         self.step_count = 0
         self._layer_ratio: "OrderedDict[str, float]" = OrderedDict()
 
@@ -289,15 +304,19 @@ class TempBalance:
                 raise ValueError(f"TempBalance: layer {names[i]!r} has no usable ESD fit ({status[i]})")
             if not math.isfinite(all_scores[i]):
                 raise ValueError(f"TempBalance: layer {names[i]!r} has a non-finite {self.esd_metric_for_tb} ({all_scores[i]})")
-        sel_names = [names[i] for i in rows]
-        sel_scores = all_scores[rows]
+        flat = self._flat(table, rows)
+        fit_rows = [i for i in rows if not (flat[i] and self.flat_policy == "untuned")]
+        sel_names = [names[i] for i in fit_rows]
+        sel_scores = all_scores[fit_rows]
         opts = dict(lr_min_ratio=self.lr_min_ratio, lr_max_ratio=self.lr_max_ratio, tau=self.tau, s=self.s,
                     equal_scores=self.linear_map_equal)
 
         ratios: "OrderedDict[str, float]" = OrderedDict()
         scores: "OrderedDict[str, float]" = OrderedDict()
         layer_ratio: "OrderedDict[str, float]" = OrderedDict()
-        if self.granularity == "layer":
+        if not sel_names:
+            pass  # every scheduled layer is flat and flat_policy='untuned': all at factor 1.0 (below)
+        elif self.granularity == "layer":
             r = np.asarray(assign_lrs(self.assign_func, sel_scores, 1.0, names=sel_names, **opts), dtype=np.float64)
             if self.normalize:
                 r = normalize_mean(r, 1.0)
@@ -331,18 +350,74 @@ class TempBalance:
                 for n, v, j in zip(sub_names, sub, in_block):
                     ratios[n] = layer_ratio[n] = float(v)
                     scores[n] = float(sel_scores[j])
+        if len(fit_rows) < len(rows):
+            ratios, scores, layer_ratio = self._flat_untuned(names, all_scores, rows, ratios, scores, layer_ratio)
         bad = [k for k, v in ratios.items() if not (math.isfinite(v) and v >= 0)]
         if bad:
             raise ValueError(f"TempBalance: invalid learning-rate factor for {bad[:5]}: {[ratios[k] for k in bad[:5]]}")
 
         self.metrics = table
-        self.tuned_layers = sel_names
+        self.tuned_layers = [names[i] for i in rows]
+        self.flat_layers = [names[i] for i in rows if flat[i]]
         self.scores = scores
         self.ratios = ratios
         self._layer_ratio = layer_ratio
         logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(ratios),
                      min(ratios.values()), max(ratios.values()))
         return ratios
+
+    def _flat(self, table: Any, rows: list[int]) -> dict[int, bool]:
+        """Row -> whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
+        from .metrics import flat_tail
+
+        names = list(table.names)
+        if self.esd_metric_for_tb not in _ALPHA_SCORES:
+            return {i: False for i in rows}
+        try:
+            alpha = self._column(table, "alpha")
+        except KeyError:  # a metrics_fn table without alpha
+            return {i: False for i in rows}
+        is_flat = flat_tail(alpha[rows]).tolist()
+        flat = dict(zip(rows, is_flat))
+        hit = [f"{names[i]} (alpha={alpha[i]:.4g})" for i in rows if flat[i]]
+        if hit:
+            logger.warning(
+                "TempBalance: flat ESD tail (alpha >= 1001: the tail eigenvalues lie within 0.1%% of xmin on "
+                "average, so alpha is not a power-law exponent) in %s; %s", ", ".join(hit),
+                "left at the untuned lr (flat_policy='untuned')" if self.flat_policy == "untuned"
+                else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
+        return flat
+
+    def _flat_untuned(self, names: list[str], all_scores: np.ndarray, rows: list[int], ratios: "OrderedDict",
+                      scores: "OrderedDict", layer_ratio: "OrderedDict") -> tuple["OrderedDict", "OrderedDict", "OrderedDict"]:
+        """flat_policy='untuned': the same keys as without flat layers, the left-out ones at factor 1.0."""
+        new_r: "OrderedDict[str, float]" = OrderedDict()
+        new_s: "OrderedDict[str, float]" = OrderedDict()
+        new_l: "OrderedDict[str, float]" = OrderedDict()
+        if self.granularity == "layer":
+            for i in rows:
+                n = names[i]
+                new_r[n] = new_l[n] = ratios.get(n, 1.0)
+                new_s[n] = scores.get(n, float(all_scores[i]))
+            return new_r, new_s, new_l
+        in_block: "OrderedDict[Any, list[int]]" = OrderedDict()
+        for i in rows:
+            b = block_of(names[i], self.block_pattern)
+            if b is not None:
+                in_block.setdefault(b, []).append(i)
+        for b, idx in in_block.items():  # a block whose layers are all flat: factor 1.0
+            k = f"block.{b}"
+            new_r[k] = ratios.get(k, 1.0)
+            new_s[k] = scores.get(k, float(np.mean(all_scores[idx])))
+        for b, idx in in_block.items():
+            for i in idx:
+                n = names[i]
+                if self.granularity == "layer_in_block":
+                    new_r[n] = new_l[n] = ratios.get(n, 1.0)
+                    new_s[n] = scores.get(n, float(all_scores[i]))
+                else:  # 'block': every parameter of the block follows the block lr
+                    new_l[n] = new_r[f"block.{b}"]
+        return new_r, new_s, new_l
 
     # ------------------------------------------------------------------ parameters -> keys
     def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
