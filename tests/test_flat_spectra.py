@@ -185,3 +185,29 @@ def test_tempbalance_untuned_policy_blocks():
 def test_flat_policy_validated():
     with pytest.raises(ValueError, match="flat_policy"):
         tbfast.TempBalance(Net(), flat_policy="drop")
+
+
+def test_tempbalance_untuned_policy_layer_in_block():
+    net = Blocks()
+    tb = tbfast.TempBalance(net, eigs_thresh=10, granularity="layer_in_block", flat_policy="untuned",
+                            remove_first_layer=False, remove_last_layer=False)
+    groups, count = tb.build_optimizer_param_group(untuned_lr=1.0)
+    a = {n: oracle_tail(m.weight)[0] for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+    m0, m1 = (a["blocks.0.a"] + a["blocks.0.b"]) / 2, a["blocks.1.b"]
+    block = {0: HI if m0 > m1 else LO, 1: LO if m0 > m1 else HI, 2: 1.0}
+    big0 = "blocks.0.a" if a["blocks.0.a"] > a["blocks.0.b"] else "blocks.0.b"
+    want = {
+        # inside block 0: the two layers span [LO, HI] x the block lr
+        "blocks.0.a": (HI if big0 == "blocks.0.a" else LO) * block[0],
+        "blocks.0.b": (HI if big0 == "blocks.0.b" else LO) * block[0],
+        "blocks.1.b": (LO + HI) / 2 * block[1],  # the only non-flat layer of block 1: the middle
+        "blocks.1.a": 1.0, "blocks.2.a": 1.0, "blocks.2.b": 1.0,  # flat: untuned
+        "blocks.0.ln": block[0], "blocks.1.ln": block[1], "blocks.2.ln": 1.0,  # other block params
+    }
+    owner = {id(p): n.rsplit(".", 1)[0] for n, p in net.named_parameters()}
+    seen = set()
+    for g in groups[:count]:
+        layer = owner[id(g["params"][0])]
+        seen.add(layer)
+        assert g["lr"] == pytest.approx(want[layer], rel=1e-9), layer
+    assert seen == set(want)
