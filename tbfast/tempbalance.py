@@ -368,7 +368,7 @@ class TempBalance:
 
     def _flat(self, table: Any, rows: list[int]) -> dict[int, bool]:
         """Row -> whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
-        from .metrics import flat_tail
+        from .metrics import FLAT_TAIL_SPREAD, flat_tail
 
         names = list(table.names)
         if self.esd_metric_for_tb not in _ALPHA_SCORES:
@@ -382,8 +382,9 @@ class TempBalance:
         hit = [f"{names[i]} (alpha={alpha[i]:.4g})" for i in rows if flat[i]]
         if hit:
             logger.warning(
-                "TempBalance: flat ESD tail (alpha >= 1001: the tail eigenvalues lie within 0.1%% of xmin on "
-                "average, so alpha is not a power-law exponent) in %s; %s", ", ".join(hit),
+                "TempBalance: flat ESD tail (alpha >= %g: the tail eigenvalues lie within %g%% of xmin on "
+                "average, so alpha is not a power-law exponent) in %s; %s", 1 + 1 / FLAT_TAIL_SPREAD,
+                100 * FLAT_TAIL_SPREAD, ", ".join(hit),
                 "left at the untuned lr (flat_policy='untuned')" if self.flat_policy == "untuned"
                 else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
         return flat
