@@ -18,7 +18,8 @@ from ._transfer import to_device
 from .powerlaw import PowerLawFit, fit_power_law
 from .spectra import Spectra, esd
 
-__all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "esd_fit_metrics", "METRIC_COLUMNS"]
+__all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "esd_fit_metrics", "METRIC_COLUMNS",
+           "flat_tail", "FLAT_TAIL_SPREAD", "FLAT_WARNING"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,29 @@ def _segment_sum(x: torch.Tensor, seg: torch.Tensor, L: int) -> torch.Tensor:
     return out.index_add_(0, seg, x)
 
 
+#: Largest mean log-spread ``mean_i ln(lambda_i / xmin)`` of the fitted tail that counts as flat.
+FLAT_TAIL_SPREAD = 1e-3
+#: ``warning`` of a layer whose fitted tail is flat (instead of WeightWatcher's "under-trained").
+FLAT_WARNING = "flat-spectrum"
+
+
+def flat_tail(alpha: Any) -> np.ndarray:
+    """Which layers have a flat (degenerate) fitted ESD tail, from their alpha: a bool array.
+
+    Every tbfast fit (median, KS, fix-finger) reports the Hill / maximum-likelihood exponent of
+    its tail, ``alpha = 1 + n / sum_i ln(lambda_i / xmin)``, so ``1 / (alpha - 1)`` is the tail's
+    mean log-spread. The tail is flat when that spread is at most `FLAT_TAIL_SPREAD` (the tail
+    eigenvalues lie within 0.1% of xmin on average), i.e. ``alpha >= 1 + 1 / FLAT_TAIL_SPREAD``
+    (1001). Such an alpha measures round-off, not a power law: an orthogonal or scaled-identity
+    matrix has all eigenvalues equal and gets alpha ~1e6 in float32. Real layers stay far below
+    (heavy-tailed ~2-6, very rectangular random ones below 100, see docs/ANALYZE.md). Non-finite
+    alphas are not flagged here (they already carry a fit-failure status).
+    """
+    a = np.asarray(alpha.tolist() if isinstance(alpha, torch.Tensor) else alpha, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(a) & (a - 1.0 >= 1.0 / FLAT_TAIL_SPREAD)
+
+
 def _warning(alpha: float) -> str:
     if alpha < 2:
         return "over-trained"
@@ -199,7 +223,9 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
             status.append("fix-finger window holds no xmin candidate")
         else:
             status.append("ok")
-    warning = [_warning(a) if st == "ok" else "" for a, st in zip(a_list, status)]
+    flat = flat_tail(a_list).tolist()
+    warning = [("" if st != "ok" else FLAT_WARNING if fl else _warning(a))
+               for a, st, fl in zip(a_list, status, flat)]
     return ESDMetrics(
         names=[l.name for l in spectra.layers], kinds=[l.kind for l in spectra.layers],
         shapes=[l.shape for l in spectra.layers], blocks=[l.block for l in spectra.layers],

@@ -18,6 +18,9 @@ Where tbfast deliberately differs from the original:
 - A tuned layer whose ESD could not be fitted (metric status not "ok", or a non-finite score)
   raises a ValueError naming it instead of producing a NaN learning rate.
 - Param groups hold lists of parameters (the original passes one-shot generators).
+- A layer whose fitted ESD tail is flat (`tbfast.metrics.flat_tail`, e.g. an orthogonally
+  initialised layer with alpha ~1e6) gets a logged warning naming it at every ESD; its alpha is
+  used as is (the original's numbers) unless ``flat_policy='untuned'``.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ SCORE_METRICS = (
 )
 GRANULARITIES = ("layer", "block", "layer_in_block")
 BALANCE = ("lr", "weight_decay", "both")
+FLAT_POLICIES = ("keep", "untuned")
+_ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")  # scores that a flat tail makes meaningless
 _UNTUNED = None  # key of parameters at the untuned learning rate
 
 # keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict())
@@ -103,6 +108,11 @@ class TempBalance:
       waiting; the newest finished ESD becomes the schedule at the next ``step`` / ``apply``
       (``lag`` steps old), `synchronize` waits for it. The first schedule (from
       ``build_optimizer_param_group`` or the first active ``step``) is computed synchronously.
+    - ``flat_policy``: what to do with a scheduled layer whose fitted tail is flat
+      (`tbfast.metrics.flat_tail`, checked when the score is alpha, alphahat or log_alpha_norm):
+      'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
+      'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
+      left out of the scores that the assignment function and ``normalize`` see).
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -143,6 +153,7 @@ class TempBalance:
         backend: str = "auto",
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
         asynchronous: bool = False,
+        flat_policy: str = "keep",
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -170,6 +181,8 @@ class TempBalance:
         if asynchronous and metrics_fn is not None:
             raise ValueError("asynchronous=True computes the ESD of a weight snapshot with tbfast's own pipeline; "
                              "it cannot be combined with metrics_fn")
+        if flat_policy not in FLAT_POLICIES:
+            raise ValueError(f"flat_policy must be one of {FLAT_POLICIES}, got {flat_policy!r}")
         if lr_slope is None:
             lr_slope = float(lr_max_ratio) - float(lr_min_ratio)
         if float(lr_min_ratio) + float(lr_slope) < 0:
@@ -215,12 +228,14 @@ class TempBalance:
         self._background: Any = None  # BackgroundESD, created on the first asynchronous request
         self._side_streams: dict = {}
         self._restored: Optional[tuple[int, Any]] = None  # finished ESD restored from a state_dict
+        self.flat_policy = flat_policy
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
         self.scores: "OrderedDict[str, float]" = OrderedDict()  #: score per layer, or per block key
         self.ratios: "OrderedDict[str, float]" = OrderedDict()  #: lr / untuned lr per schedule key
         self.layer_lrs: "OrderedDict[str, float]" = OrderedDict()  #: last lr per tuned layer
+        self.flat_layers: list[str] = []  #: scheduled layers whose fitted tail was flat at the last ESD
         self.step_count = 0
         self._layer_ratio: "OrderedDict[str, float]" = OrderedDict()
 
@@ -229,6 +244,20 @@ class TempBalance:
     def active(self) -> bool:
         """Whether balancing is on (``step`` called at least ``start_step`` times)."""
         return self.step_count >= self.start_step
+
+    def set_step(self, step_count: int, start_step: Optional[int] = None) -> None:
+        """Align the step counter with an outer loop (e.g. a Trainer's global step); optionally move ``start_step``."""
+        if int(step_count) < 0 or (start_step is not None and int(start_step) < 0):
+            raise ValueError(f"step_count and start_step must be >= 0 (got {step_count}, {start_step})")
+        self.step_count = int(step_count)
+        if start_step is not None:
+            self.start_step = int(start_step)
+
+    def layer_values(self, column: str = "alpha") -> "OrderedDict[str, float]":
+        """``layer name -> value`` of one column of the latest ESD table (empty before the first ESD)."""
+        if self.metrics is None:
+            return OrderedDict()
+        return OrderedDict(zip(self.metrics.names, (float(v) for v in self._column(self.metrics, column))))
 
     def compute_metrics(self, layers: Optional[list] = None) -> Any:
         """ESD table of every analysed layer (nn.Conv2d and nn.Linear, module order). The model is not changed.
@@ -350,15 +379,19 @@ class TempBalance:
                 raise ValueError(f"TempBalance: layer {names[i]!r} has no usable ESD fit ({status[i]})")
             if not math.isfinite(all_scores[i]):
                 raise ValueError(f"TempBalance: layer {names[i]!r} has a non-finite {self.esd_metric_for_tb} ({all_scores[i]})")
-        sel_names = [names[i] for i in rows]
-        sel_scores = all_scores[rows]
+        flat = self._flat(table, rows)
+        fit_rows = [i for i in rows if not (flat[i] and self.flat_policy == "untuned")]
+        sel_names = [names[i] for i in fit_rows]
+        sel_scores = all_scores[fit_rows]
         opts = dict(lr_min_ratio=self.lr_min_ratio, lr_max_ratio=self.lr_max_ratio, tau=self.tau, s=self.s,
                     equal_scores=self.linear_map_equal)
 
         ratios: "OrderedDict[str, float]" = OrderedDict()
         scores: "OrderedDict[str, float]" = OrderedDict()
         layer_ratio: "OrderedDict[str, float]" = OrderedDict()
-        if self.granularity == "layer":
+        if not sel_names:
+            pass  # every scheduled layer is flat and flat_policy='untuned': all at factor 1.0 (below)
+        elif self.granularity == "layer":
             r = np.asarray(assign_lrs(self.assign_func, sel_scores, 1.0, names=sel_names, **opts), dtype=np.float64)
             if self.normalize:
                 r = normalize_mean(r, 1.0)
@@ -392,18 +425,75 @@ class TempBalance:
                 for n, v, j in zip(sub_names, sub, in_block):
                     ratios[n] = layer_ratio[n] = float(v)
                     scores[n] = float(sel_scores[j])
+        if len(fit_rows) < len(rows):
+            ratios, scores, layer_ratio = self._flat_untuned(names, all_scores, rows, ratios, scores, layer_ratio)
         bad = [k for k, v in ratios.items() if not (math.isfinite(v) and v >= 0)]
         if bad:
             raise ValueError(f"TempBalance: invalid learning-rate factor for {bad[:5]}: {[ratios[k] for k in bad[:5]]}")
 
         self.metrics = table
-        self.tuned_layers = sel_names
+        self.tuned_layers = [names[i] for i in rows]
+        self.flat_layers = [names[i] for i in rows if flat[i]]
         self.scores = scores
         self.ratios = ratios
         self._layer_ratio = layer_ratio
         logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(ratios),
                      min(ratios.values()), max(ratios.values()))
         return ratios
+
+    def _flat(self, table: Any, rows: list[int]) -> dict[int, bool]:
+        """Row -> whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
+        from .metrics import FLAT_TAIL_SPREAD, flat_tail
+
+        names = list(table.names)
+        if self.esd_metric_for_tb not in _ALPHA_SCORES:
+            return {i: False for i in rows}
+        try:
+            alpha = self._column(table, "alpha")
+        except KeyError:  # a metrics_fn table without alpha
+            return {i: False for i in rows}
+        is_flat = flat_tail(alpha[rows]).tolist()
+        flat = dict(zip(rows, is_flat))
+        hit = [f"{names[i]} (alpha={alpha[i]:.4g})" for i in rows if flat[i]]
+        if hit:
+            logger.warning(
+                "TempBalance: flat ESD tail (alpha >= %g: the tail eigenvalues lie within %g%% of xmin on "
+                "average, so alpha is not a power-law exponent) in %s; %s", 1 + 1 / FLAT_TAIL_SPREAD,
+                100 * FLAT_TAIL_SPREAD, ", ".join(hit),
+                "left at the untuned lr (flat_policy='untuned')" if self.flat_policy == "untuned"
+                else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
+        return flat
+
+    def _flat_untuned(self, names: list[str], all_scores: np.ndarray, rows: list[int], ratios: "OrderedDict",
+                      scores: "OrderedDict", layer_ratio: "OrderedDict") -> tuple["OrderedDict", "OrderedDict", "OrderedDict"]:
+        """flat_policy='untuned': the same keys as without flat layers, the left-out ones at factor 1.0."""
+        new_r: "OrderedDict[str, float]" = OrderedDict()
+        new_s: "OrderedDict[str, float]" = OrderedDict()
+        new_l: "OrderedDict[str, float]" = OrderedDict()
+        if self.granularity == "layer":
+            for i in rows:
+                n = names[i]
+                new_r[n] = new_l[n] = ratios.get(n, 1.0)
+                new_s[n] = scores.get(n, float(all_scores[i]))
+            return new_r, new_s, new_l
+        in_block: "OrderedDict[Any, list[int]]" = OrderedDict()
+        for i in rows:
+            b = block_of(names[i], self.block_pattern)
+            if b is not None:
+                in_block.setdefault(b, []).append(i)
+        for b, idx in in_block.items():  # a block whose layers are all flat: factor 1.0
+            k = f"block.{b}"
+            new_r[k] = ratios.get(k, 1.0)
+            new_s[k] = scores.get(k, float(np.mean(all_scores[idx])))
+        for b, idx in in_block.items():
+            for i in idx:
+                n = names[i]
+                if self.granularity == "layer_in_block":
+                    new_r[n] = new_l[n] = ratios.get(n, 1.0)
+                    new_s[n] = scores.get(n, float(all_scores[i]))
+                else:  # 'block': every parameter of the block follows the block lr
+                    new_l[n] = new_r[f"block.{b}"]
+        return new_r, new_s, new_l
 
     # ------------------------------------------------------------------ parameters -> keys
     def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
@@ -661,16 +751,37 @@ class TempBalance:
 
 
 def _table_state(table: Any) -> dict:
-    """An ESD table as plain data (tensors, lists, strings) for a state_dict."""
+    """An ESD table as JSON-ready plain data (lists, numbers, strings) for a state_dict."""
     from dataclasses import fields
 
-    return {f.name: getattr(table, f.name) for f in fields(table) if f.name != "extra"}
+    out: dict = {}
+    for f in fields(table):
+        v = getattr(table, f.name)
+        if f.name == "extra":
+            continue
+        if isinstance(v, torch.Tensor):
+            out[f.name] = {"values": v.tolist(), "dtype": str(v.dtype).replace("torch.", "")}
+        elif f.name == "shapes":
+            out[f.name] = [list(x) for x in v]
+        else:
+            out[f.name] = v
+    return out
 
 
 def _table_from_state(state: dict) -> Any:
     from .metrics import ESDMetrics
 
-    return ESDMetrics(**state)
+    kw: dict = {}
+    for k, v in state.items():
+        if isinstance(v, dict) and set(v) == {"values", "dtype"}:
+            if v["dtype"] not in ("float64", "float32", "int64"):
+                raise ValueError(f"TempBalance state: column {k!r} has unsupported dtype {v['dtype']!r}")
+            kw[k] = torch.tensor(v["values"], dtype=getattr(torch, v["dtype"]))
+        elif k == "shapes":
+            kw[k] = [tuple(x) for x in v]
+        else:
+            kw[k] = v
+    return ESDMetrics(**kw)
 
 
 #: The original's class name.

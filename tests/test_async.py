@@ -245,3 +245,25 @@ def test_cuda_async_step_makes_no_host_sync():
     assert tb.schedule_step == 3
     assert tb.ratios == want
     tb.close()
+
+
+def test_mid_flight_state_is_json_ready():
+    """The HF integration stores TempBalance.state_dict() as JSON in trainer_state.json."""
+    import json
+
+    model = _stack()
+    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
+    groups, _ = tb.build_optimizer_param_group(0.1)
+    opt = torch.optim.SGD(groups, lr=0.1)
+    _train_step(model, opt, 1)
+    snap = copy.deepcopy(model.state_dict())
+    tb.step(opt, 0.1)
+    state = json.loads(json.dumps(tb.state_dict()))
+    tb2 = tbfast.TempBalance(copy.deepcopy(model), eigs_thresh=10, asynchronous=True)
+    tb2.build_optimizer_param_group(0.1)
+    tb2.load_state_dict(state)
+    tb2.synchronize()
+    assert tb2.schedule_step == 1
+    assert tb2.ratios == _sync_ratios(snap, model)[0]
+    tb.close()
+    tb2.close()

@@ -181,3 +181,44 @@ def test_trainer_asynchronous_esd(tmp_path):
     oracle.update()
     assert tb.ratios == oracle.ratios
     tb.close()
+def test_resume_restores_schedule_between_esds(tmp_path):
+    """esd_interval=4, checkpoint at step 6: the resumed run must not recompute the ESD at step 6.
+
+    Oracle: the same run without interruption. lrs at every step and the final weights must be
+    bitwise equal (CPU).
+    """
+    def run(out, resume=None):
+        model = tiny("bert")
+        tb = tbfast.TempBalance(model, assign_func="tb_sigmoid", tau=TAU, s=S, granularity="block", xmin_pos=1.5,
+                                remove_first_layer=False, eigs_thresh=10, dtype=torch.float64)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=10, learning_rate=1e-3,
+            weight_decay=0.01, lr_scheduler_type="linear", logging_steps=100, report_to=[],
+            save_strategy="steps", save_steps=6, use_cpu=True, disable_tqdm=True, seed=0,
+        )
+        # 160 samples / batch 4 = 40 steps per epoch: the interval rule allows esd_interval=4
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=ToyData(160))
+        cb = hf.attach(trainer, tb, esd_interval=4, log_table=False)
+        lrs = {}
+
+        class Spy(transformers.TrainerCallback):
+            def on_step_end(self, args, state, control, optimizer=None, **kw):
+                lrs[state.global_step] = [g["lr"] for g in optimizer.param_groups]
+
+        trainer.add_callback(Spy())
+        trainer.train(resume_from_checkpoint=resume)
+        return lrs, {n: p.detach().clone() for n, p in model.named_parameters()}, cb
+
+    full_lrs, full_w, full_cb = run(tmp_path / "full")
+    assert full_cb.interval == 4 and full_cb.esd_steps == [0, 4, 8]
+    ckpt = tmp_path / "full" / "checkpoint-6"
+    assert ckpt.is_dir()
+    res_lrs, res_w, res_cb = run(tmp_path / "resumed", resume=str(ckpt))
+    assert sorted(res_lrs) == [7, 8, 9, 10]
+    for step in res_lrs:
+        assert res_lrs[step] == full_lrs[step], step
+    assert res_cb.esd_steps == [0, 4, 8]  # restored history, then the ESD at step 8 only
+    # the two blocks are balanced differently, so a recomputed ESD would show up in the lrs
+    assert len({round(a / full_lrs[7][-1], 9) for a in full_lrs[7] if full_lrs[7][-1] > 0}) > 1
+    for n, w in full_w.items():
+        assert torch.equal(res_w[n], w), n

@@ -22,6 +22,7 @@ this module does not need transformers, using it does.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any, Optional
@@ -40,6 +41,9 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 __all__ = ["TempBalanceCallback", "attach", "create_optimizer", "param_groups", "esd_interval_for"]
 
 logger = logging.getLogger(__name__)
+
+#: key of the TempBalance entry in ``TrainerState.stateful_callbacks`` (saved in trainer_state.json)
+STATE_KEY = "tbfast.TempBalance"
 
 
 def _need_transformers() -> None:
@@ -141,12 +145,12 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         if not self.log_table:
             return
         logs: dict[str, float] = {}
-        alpha = self.tb._column(self.tb.metrics, "alpha") if "alpha" in _columns(self.tb.metrics) else None
+        alpha = self.tb.layer_values("alpha") if "alpha" in _columns(self.tb.metrics) else None
         if alpha is not None:
-            for n, a in zip(self.tb.metrics.names, alpha):
-                if math.isfinite(float(a)):  # unfittable layers (e.g. a 2-row classifier) are left out
-                    logs[f"tempbalance/alpha/{n}"] = float(a)
-            tuned = [float(a) for n, a in zip(self.tb.metrics.names, alpha) if n in set(self.tb.tuned_layers)]
+            for n, a in alpha.items():
+                if math.isfinite(a):  # unfittable layers (e.g. a 2-row classifier) are left out
+                    logs[f"tempbalance/alpha/{n}"] = a
+            tuned = [a for n, a in alpha.items() if n in set(self.tb.tuned_layers)]
             if tuned:
                 logs["tempbalance/alpha_mean"] = float(np.mean(tuned))
                 logs["tempbalance/alpha_std"] = float(np.std(tuned))
@@ -157,24 +161,59 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         else:
             logger.debug("TempBalance step %d: %s", state.global_step, logs)
 
+    def _export(self, state: Any) -> None:
+        """Put the schedule into ``state.stateful_callbacks`` so it is saved with every checkpoint.
+
+        Stored under `STATE_KEY` (not this class's name, so ``restore_callback_states_from_checkpoint``
+        leaves this callback alone); ``tempbalance`` is ``TempBalance.state_dict()`` as a JSON string,
+        which keeps the order of the factors and the exact float values.
+        """
+        callbacks = getattr(state, "stateful_callbacks", None)
+        if isinstance(callbacks, dict):
+            callbacks[STATE_KEY] = {"global_step": int(state.global_step), "esd_steps": list(self.esd_steps),
+                                    "tempbalance": json.dumps(self.tb.state_dict())}
+
+    def _restore(self, state: Any) -> bool:
+        """Load the schedule saved at ``state.global_step`` (a resumed run); False when there is none."""
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY)
+        if not state.global_step:
+            return False
+        if not isinstance(saved, dict) or saved.get("global_step") != state.global_step:
+            logger.warning("TempBalance: the checkpoint at step %d holds no TempBalance state (saved by an older "
+                           "tbfast?); recomputing the ESD now, so the schedule differs from an uninterrupted run",
+                           state.global_step)
+            return False
+        try:
+            tb_state = json.loads(saved["tempbalance"])
+            esd_steps = [int(s) for s in saved["esd_steps"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"TempBalance state in the checkpoint's trainer_state.json ({STATE_KEY!r}) is "
+                             f"malformed: {exc}") from exc
+        self.tb.load_state_dict(tb_state)
+        self.esd_steps = esd_steps
+        return True
+
     # -- Trainer events
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         if optimizer is None:
             raise ValueError("TempBalanceCallback: the Trainer passed no optimizer")
         self.interval = esd_interval_for(self._steps_per_epoch(args, state, train_dataloader), self.esd_interval)
-        if self.start_after_warmup:
-            self.tb.start_step = int(args.get_warmup_steps(state.max_steps))
-        self.tb.step_count = state.global_step
-        if self.tb.active:
+        start = int(args.get_warmup_steps(state.max_steps)) if self.start_after_warmup else None
+        restored = self._restore(state)
+        self.tb.set_step(state.global_step, start_step=start)
+        if self.tb.active and not restored:
             self._esd(state)
         self.tb.apply(optimizer)
-        logger.info("TempBalance: ESD every %d optimizer steps, balancing from step %d", self.interval, self.tb.start_step)
+        self._export(state)
+        logger.info("TempBalance: ESD every %d optimizer steps, balancing from step %d%s", self.interval,
+                    self.tb.start_step, f" (schedule restored at step {state.global_step})" if restored else "")
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self.tb.step_count = state.global_step
+        self.tb.set_step(state.global_step)
         if self.tb.active and (state.global_step % self.interval == 0 or not self.esd_steps):
             self._esd(state)
         self.tb.apply(optimizer)
+        self._export(state)
 
 
 def _columns(table: Any) -> set:
