@@ -1,0 +1,113 @@
+"""Untuned-lr bookkeeping inside optimizer param groups, so TempBalance factors sit on top of lr schedulers.
+
+A param group that TempBalance writes carries four keys (they travel with
+``optimizer.state_dict()``, so a resumed run continues exactly):
+
+- ``tb_untuned_lr`` ``U``: the lr this group would have without TempBalance (the scheduler's lr);
+- ``tb_written_lr`` ``W``: the value tbfast last left in ``group['lr']``;
+- ``tb_lr_frame`` ``g``: the factor inside ``W`` (``W == U * g``; 1 when ``W`` is the untuned lr);
+- ``tb_lr_factor`` ``f``: the group's TempBalance factor (the lr the optimizer steps with is ``U * f``);
+
+and ``tb_follow`` (follow lr schedulers). When ``group['lr']`` differs from ``W``, something else
+(an lr scheduler) wrote it, and the new untuned lr is ``group['lr'] / g``: exact for schedulers
+that multiply the current lr (ExponentialLR, StepLR, ReduceLROnPlateau, ...) and for schedulers
+that compute from the untuned ``initial_lr`` / ``base_lrs`` while ``g == 1``.
+
+To make ``g == 1`` whenever a torch ``LRScheduler`` steps, two process-wide optimizer hooks run
+around every ``optimizer.step()`` of a group that carries these keys:
+
+- before the step, the group's lr is set to ``U * f`` (so the step always uses the balanced lr,
+  also when nothing re-applied the factors after a scheduler step);
+- after the step, in a following group of an optimizer an ``LRScheduler`` is attached to, the lr
+  is set back to ``U`` (so the scheduler, stepped next, computes from the untuned lr, and
+  ``scheduler.get_last_lr()`` is the untuned lr). ``TempBalance.apply`` writes ``U * f`` again.
+
+Groups without these keys (optimizers TempBalance never wrote) are not touched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "untuned_lr", "write", "install_hooks"]
+
+UNTUNED = "tb_untuned_lr"
+WRITTEN = "tb_written_lr"
+FRAME = "tb_lr_frame"
+FACTOR = "tb_lr_factor"
+FOLLOW = "tb_follow"
+
+_handles: list = []
+
+
+def untuned_lr(group: dict) -> float:
+    """The untuned lr of ``group`` now: ``U`` if ``group['lr']`` is still ``W``, else ``group['lr'] / g``."""
+    lr = float(group["lr"])
+    if UNTUNED not in group or WRITTEN not in group:
+        return lr
+    if lr == group[WRITTEN]:
+        return float(group[UNTUNED])
+    frame = float(group.get(FRAME, 1.0))
+    if frame == 0.0:  # a factor of 0 left no information to divide out; take the new lr as untuned
+        return lr
+    return lr / frame
+
+
+def write(group: dict, untuned: float, factor: float, frame: float, follow: bool) -> float:
+    """Set ``group['lr'] = untuned * frame`` and record the bookkeeping keys; returns the lr written."""
+    lr = untuned * frame
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+    group[UNTUNED] = float(untuned)
+    group[WRITTEN] = float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr
+    group[FRAME] = float(frame)
+    group[FACTOR] = float(factor)
+    group[FOLLOW] = bool(follow)
+    return lr
+
+
+def _scheduler_attached(optimizer: Any) -> bool:
+    # every torch LRScheduler (not ReduceLROnPlateau) wraps optimizer.step and marks the wrapper
+    return bool(getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False))
+
+
+def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        if FACTOR not in group:
+            continue
+        f = float(group[FACTOR])
+        if float(group.get(FRAME, 1.0)) == f:  # already balanced: keep the lr as it is, only re-read U
+            if float(group["lr"]) != group.get(WRITTEN):
+                group[UNTUNED] = untuned_lr(group)
+                group[WRITTEN] = float(group["lr"])
+            continue
+        write(group, untuned_lr(group), f, f, group.get(FOLLOW, False))
+
+
+def _post_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    if not _scheduler_attached(optimizer):
+        return
+    for group in optimizer.param_groups:
+        if group.get(FOLLOW) and FACTOR in group and float(group["lr"]) == group.get(WRITTEN):
+            write(group, float(group[UNTUNED]), float(group[FACTOR]), 1.0, True)
+
+
+def install_hooks() -> None:
+    """Register the two global optimizer-step hooks (once per process)."""
+    if _handles:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    _handles.append(register_optimizer_step_pre_hook(_pre_step))
+    _handles.append(register_optimizer_step_post_hook(_post_step))
+
+
+def check_lr(value: float, what: str) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value}")
+    return value
