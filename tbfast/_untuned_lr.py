@@ -8,7 +8,8 @@ A param group that TempBalance writes carries four keys (they travel with
 - ``tb_lr_frame`` ``g``: the factor inside ``W`` (``W == U * g``; 1 when ``W`` is the untuned lr);
 - ``tb_lr_factor`` ``f``: the group's TempBalance factor (the lr the optimizer steps with is ``U * f``);
 
-and ``tb_follow`` (follow lr schedulers). When ``group['lr']`` differs from ``W``, something else
+and ``tb_follow``: True after ``tb.apply(optimizer)`` (follow lr schedulers), "build" in groups
+fresh from ``build_optimizer_param_group``, False after ``tb.apply(optimizer, untuned_lr)``. When ``group['lr']`` differs from ``W``, something else
 (an lr scheduler) wrote it, and the new untuned lr is ``group['lr'] / g``: exact for schedulers
 that multiply the current lr (ExponentialLR, StepLR, ReduceLROnPlateau, ...) and for schedulers
 that compute from the untuned ``initial_lr`` / ``base_lrs`` while ``g == 1``.
@@ -18,9 +19,10 @@ around every ``optimizer.step()`` of a group that carries these keys:
 
 - before the step, the group's lr is set to ``U * f`` (so the step always uses the balanced lr,
   also when nothing re-applied the factors after a scheduler step);
-- after the step, in a following group of an optimizer an ``LRScheduler`` is attached to, the lr
-  is set back to ``U`` (so the scheduler, stepped next, computes from the untuned lr, and
-  ``scheduler.get_last_lr()`` is the untuned lr). ``TempBalance.apply`` writes ``U * f`` again.
+- after the step, in a following group (and in a "build" group once a torch ``LRScheduler`` is
+  attached to the optimizer), the lr is set back to ``U``, so the scheduler, stepped next,
+  computes from the untuned lr and ``scheduler.get_last_lr()`` is the untuned lr.
+  ``TempBalance.apply`` writes ``U * f`` again.
 
 Groups without these keys (optimizers TempBalance never wrote) are not touched.
 """
@@ -38,6 +40,7 @@ WRITTEN = "tb_written_lr"
 FRAME = "tb_lr_frame"
 FACTOR = "tb_lr_factor"
 FOLLOW = "tb_follow"
+BUILD = "build"  # FOLLOW value of groups fresh from build_optimizer_param_group
 
 _handles: list = []
 
@@ -55,7 +58,7 @@ def untuned_lr(group: dict) -> float:
     return lr / frame
 
 
-def write(group: dict, untuned: float, factor: float, frame: float, follow: bool) -> float:
+def write(group: dict, untuned: float, factor: float, frame: float, follow: Any) -> float:
     """Set ``group['lr'] = untuned * frame`` and record the bookkeeping keys; returns the lr written."""
     lr = untuned * frame
     if isinstance(group["lr"], torch.Tensor):
@@ -66,7 +69,7 @@ def write(group: dict, untuned: float, factor: float, frame: float, follow: bool
     group[WRITTEN] = float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr
     group[FRAME] = float(frame)
     group[FACTOR] = float(factor)
-    group[FOLLOW] = bool(follow)
+    group[FOLLOW] = follow
     return lr
 
 
@@ -89,11 +92,16 @@ def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
 
 
 def _post_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    if not _scheduler_attached(optimizer):
-        return
+    attached = None
     for group in optimizer.param_groups:
-        if group.get(FOLLOW) and FACTOR in group and float(group["lr"]) == group.get(WRITTEN):
-            write(group, float(group[UNTUNED]), float(group[FACTOR]), 1.0, True)
+        follow = group.get(FOLLOW)
+        if not follow or FACTOR not in group or float(group["lr"]) != group.get(WRITTEN):
+            continue
+        if follow == BUILD:  # not yet re-applied: restore only once an LRScheduler is attached
+            attached = _scheduler_attached(optimizer) if attached is None else attached
+            if not attached:
+                continue
+        write(group, float(group[UNTUNED]), float(group[FACTOR]), 1.0, follow)
 
 
 def install_hooks() -> None:

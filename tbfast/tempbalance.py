@@ -439,7 +439,7 @@ class TempBalance:
         # (frame 1); a later tb.apply(optimizer) knows the untuned lr
         for g, f in zip(out, factors):
             g.update({_lr.UNTUNED: untuned_lr, _lr.WRITTEN: g["lr"], _lr.FRAME: 1.0, _lr.FACTOR: f,
-                      _lr.FOLLOW: True, "initial_lr": untuned_lr})
+                      _lr.FOLLOW: _lr.BUILD, "initial_lr": untuned_lr})
         _lr.install_hooks()
         self._record_layer_lrs(untuned_lr)
         return out, len(groups)
