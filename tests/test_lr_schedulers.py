@@ -227,3 +227,58 @@ def test_explicit_untuned_lr_keeps_original_behaviour():
         want = [0.05 * f for f in table.factors()]
         assert [g["lr"] for g in opt.param_groups] == written
         assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(written, want))
+
+
+def test_hf_trainer_reduce_lr_on_plateau(tmp_path):
+    """The Trainer's reduce_lr_on_plateau (stepped at evaluation, after the factors were applied)."""
+    transformers = hf()
+    from tbfast.integrations import hf as tb_hf
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=2, max_position_embeddings=64)
+    model = transformers.BertForSequenceClassification(cfg)
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.x = torch.randint(3, 100, (8, 12), generator=g)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": (self.x[i, 0] > 50).long()}
+
+    plateau = dict(mode="max", factor=0.5, patience=0)  # cut the lr whenever the eval loss does not rise
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
+        lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs=plateau, eval_strategy="steps",
+        eval_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(), eval_dataset=Data())
+    tb = TempBalance(model, eigs_thresh=10)
+    tb_hf.attach(trainer, tb, log_table=False)
+    twin = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    twin_plateau = lrs.ReduceLROnPlateau(twin, **plateau)
+    checked = []
+
+    class Check(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            alpha = dict(zip(tb.metrics.names, tb._column(tb.metrics, "alpha")))
+            tuned = [alpha[n] for n in tb.tuned_layers]
+            lo, hi = min(tuned), max(tuned)
+            for g in optimizer.param_groups:
+                key = g["tempbalance_key"]
+                f = 1.0 if key is None else LO + (alpha[key] - lo) / (hi - lo) * (HI - LO)
+                want = twin.param_groups[0]["lr"] * f
+                assert math.isclose(g["lr"], want, rel_tol=1e-9), (state.global_step, key, g["lr"], want)
+            checked.append(twin.param_groups[0]["lr"])
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            twin_plateau.step(metrics["eval_loss"])  # the Trainer steps its plateau with this metric next
+
+    trainer.add_callback(Check())
+    trainer.train()
+    assert len(checked) == 6
+    assert min(checked) < 1e-3  # the plateau did cut the lr

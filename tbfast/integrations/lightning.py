@@ -120,7 +120,9 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Lightning has stepped the optimizer and the (non-plateau) lr schedulers of this batch
-        if self.interval == "step" and trainer.global_step > 0 and trainer.global_step % self.frequency == 0:
+        step = trainer.global_step
+        due = self.interval == "step" and step > 0 and step % self.frequency == 0
+        if due and not (self.esd_steps and self.esd_steps[-1] == step):  # once per step (grad accumulation)
             self._esd(trainer)
         else:
             self._apply(trainer)
