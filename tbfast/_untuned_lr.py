@@ -24,7 +24,9 @@ around every ``optimizer.step()`` of a group that carries these keys:
   computes from the untuned lr and ``scheduler.get_last_lr()`` is the untuned lr.
   ``TempBalance.apply`` writes ``U * f`` again.
 
-Groups without these keys (optimizers TempBalance never wrote) are not touched.
+A scheduler built on groups fresh from ``build_optimizer_param_group`` (``initial_lr`` = the
+untuned lr, ``lr`` balanced) may write either frame before the first step; `resolve_build`
+picks it. Groups without these keys (optimizers TempBalance never wrote) are not touched.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "untuned_lr", "write", "install_hooks"]
+__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "BUILD", "untuned_lr", "resolve_build", "write",
+           "install_hooks"]
 
 UNTUNED = "tb_untuned_lr"
 WRITTEN = "tb_written_lr"
@@ -73,12 +76,36 @@ def write(group: dict, untuned: float, factor: float, frame: float, follow: Any)
     return lr
 
 
+def _uniform(values: list[float]) -> bool:
+    return max(values) - min(values) <= 1e-12 * max(abs(v) for v in values)
+
+
+def resolve_build(groups: list) -> None:
+    """Frame of an lr a scheduler wrote into groups fresh from ``build_optimizer_param_group``.
+
+    All such groups share one untuned lr. A scheduler built on them either computes from their
+    untuned ``initial_lr`` (LambdaLR, OneCycleLR, SequentialLR: frame 1) or multiplies the balanced
+    lr it finds (LinearLR, ConstantLR: frame = factor). Only one of the two leaves the groups
+    sharing one untuned lr when their factors differ; that one is taken (frame 1 if neither).
+    """
+    changed = [g for g in groups if g.get(FOLLOW) == BUILD and FACTOR in g and float(g["lr"]) != g.get(WRITTEN)
+               and g.get(FRAME) == 1.0]
+    if len(changed) < 2 or any(float(g[FACTOR]) <= 0 for g in changed):
+        return
+    as_untuned = [float(g["lr"]) for g in changed]
+    as_balanced = [float(g["lr"]) / float(g[FACTOR]) for g in changed]
+    if _uniform(as_balanced) and not _uniform(as_untuned):
+        for g in changed:
+            g[FRAME] = float(g[FACTOR])
+
+
 def _scheduler_attached(optimizer: Any) -> bool:
     # every torch LRScheduler (not ReduceLROnPlateau) wraps optimizer.step and marks the wrapper
     return bool(getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False))
 
 
 def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    resolve_build(optimizer.param_groups)
     for group in optimizer.param_groups:
         if FACTOR not in group:
             continue

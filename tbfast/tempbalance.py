@@ -496,6 +496,8 @@ class TempBalance:
             untuned_lr = _lr.check_lr(untuned_lr, "untuned_lr")
         keys = self.group_keys(optimizer) if self.active else None
         written = []
+        if untuned_lr is None:
+            _lr.resolve_build(_groups_of(optimizer))
         for gi, group in enumerate(_groups_of(optimizer)):
             base = untuned_lr if untuned_lr is not None else _lr.untuned_lr(group)
             factor = self.ratio(keys[gi]) if keys is not None else 1.0

@@ -75,6 +75,9 @@ SCHEDULERS = {
     "SequentialLR": (lambda o: lrs.SequentialLR(o, [lrs.LinearLR(o, 0.1, total_iters=3), lrs.ExponentialLR(o, 0.8)],
                                                 milestones=[4]), None),
     "ChainedScheduler": (lambda o: lrs.ChainedScheduler([lrs.ExponentialLR(o, 0.9), lrs.StepLR(o, 4, 0.5)]), None),
+    "LinearLR": (lambda o: lrs.LinearLR(o, 0.2, total_iters=5), None),
+    "ChainedConstantExponential": (lambda o: lrs.ChainedScheduler([lrs.ConstantLR(o, 0.25, total_iters=4),
+                                                                   lrs.ExponentialLR(o, 0.9)]), None),
     "ChainedPlusPlateau": (lambda o: (lrs.CosineAnnealingLR(o, T_max=10), lrs.ReduceLROnPlateau(o, factor=0.5, patience=1)),
                            "both"),
     "hf_linear": (lambda o: hf().get_linear_schedule_with_warmup(o, 3, 14), None),
@@ -141,7 +144,7 @@ def test_lr_is_scheduler_lr_times_factor(name):
     assert len(seen_lrs) >= 3  # and so did the scheduler's lr
 
 
-@pytest.mark.parametrize("name", ["LambdaLR", "ExponentialLR", "hf_cosine"])
+@pytest.mark.parametrize("name", ["LambdaLR", "ExponentialLR", "hf_cosine", "LinearLR", "ChainedConstantExponential"])
 def test_optimizer_steps_with_balanced_lr_without_reapplying(name):
     """ESD once per 'epoch' of 4 steps: between tb.step calls the optimizer still steps with lr x factor."""
     factory, how = SCHEDULERS[name]
