@@ -36,7 +36,7 @@ class Module(L.LightningModule):
         super().__init__()
         self.model = model
         self.tb = tb
-        self.interval = interval
+        self.interval = interval  # None: no lr scheduler
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -45,6 +45,8 @@ class Module(L.LightningModule):
     def configure_optimizers(self):
         groups, _ = self.tb.build_optimizer_param_group(LR)
         opt = torch.optim.SGD(groups, lr=LR, momentum=0.9)
+        if self.interval is None:
+            return opt
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=T_MAX)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
 
@@ -106,25 +108,30 @@ def untuned_cosine(steps):
     return opt.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("interval, esd_every", [("step", 2), ("epoch", 1)])
-def test_fit_ends_with_scheduler_lr_times_factor(tmp_path, interval, esd_every):
+@pytest.mark.parametrize("interval, esd_every, sched_interval", [("step", 2, "step"), ("epoch", 1, "epoch"),
+                                                                  ("step", 2, None)])
+def test_fit_ends_with_scheduler_lr_times_factor(tmp_path, interval, esd_every, sched_interval):
     model = net()
     tb = TempBalance(model, eigs_thresh=20)
     cb = TempBalanceCallback(tb, interval=interval, frequency=esd_every)
     log = MemoryLogger()
-    module = Module(model, tb, interval)
+    module = Module(model, tb, sched_interval)
     trainer(tmp_path, [cb], epochs=2, logger=log).fit(module, data())
 
-    sched = trainer_sched = module.trainer.lr_scheduler_configs[0].scheduler
     opt = module.trainer.optimizers[0]
-    steps = 8 if interval == "step" else 2
-    assert trainer_sched.last_epoch == steps
-    untuned = untuned_cosine(steps)
+    if sched_interval is None:
+        assert not module.trainer.lr_scheduler_configs
+        untuned = LR
+    else:
+        sched = module.trainer.lr_scheduler_configs[0].scheduler
+        steps = 8 if sched_interval == "step" else 2
+        assert sched.last_epoch == steps
+        untuned = untuned_cosine(steps)
+        assert sched.get_last_lr()[0] == pytest.approx(untuned, rel=1e-12)
     alphas, factors = oracle_factors(model)
     assert len(opt.param_groups) == 4
     for g, f in zip(opt.param_groups, factors):
         assert math.isclose(g["lr"], untuned * f, rel_tol=1e-4), (g["lr"], untuned, f)
-    assert sched.get_last_lr()[0] == pytest.approx(untuned, rel=1e-12)
     # ESDs at the chosen interval, each logged through the Lightning logger
     want_steps = [2, 4, 6, 8] if interval == "step" else [4, 8]
     assert cb.esd_steps == want_steps
