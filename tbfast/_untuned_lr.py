@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "BUILD", "untuned_lr", "resolve_build", "write",
-           "install_hooks"]
+__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "BUILD", "unchanged", "untuned_lr", "resolve_build",
+           "write", "install_hooks"]
 
 UNTUNED = "tb_untuned_lr"
 WRITTEN = "tb_written_lr"
@@ -48,12 +48,22 @@ BUILD = "build"  # FOLLOW value of groups fresh from build_optimizer_param_group
 _handles: list = []
 
 
+def unchanged(group: dict) -> bool:
+    """Whether ``group['lr']`` is still the value tbfast wrote (a tensor lr: up to its dtype's rounding)."""
+    if WRITTEN not in group:
+        return False
+    lr, written = group["lr"], group[WRITTEN]
+    if isinstance(lr, torch.Tensor):
+        return math.isclose(float(lr), written, rel_tol=2 * torch.finfo(lr.dtype).eps)
+    return float(lr) == written
+
+
 def untuned_lr(group: dict) -> float:
     """The untuned lr of ``group`` now: ``U`` if ``group['lr']`` is still ``W``, else ``group['lr'] / g``."""
     lr = float(group["lr"])
     if UNTUNED not in group or WRITTEN not in group:
         return lr
-    if lr == group[WRITTEN]:
+    if unchanged(group):
         return float(group[UNTUNED])
     frame = float(group.get(FRAME, 1.0))
     if frame == 0.0:  # a factor of 0 left no information to divide out; take the new lr as untuned
@@ -88,7 +98,7 @@ def resolve_build(groups: list) -> None:
     lr it finds (LinearLR, ConstantLR: frame = factor). Only one of the two leaves the groups
     sharing one untuned lr when their factors differ; that one is taken (frame 1 if neither).
     """
-    changed = [g for g in groups if g.get(FOLLOW) == BUILD and FACTOR in g and float(g["lr"]) != g.get(WRITTEN)
+    changed = [g for g in groups if g.get(FOLLOW) == BUILD and FACTOR in g and not unchanged(g)
                and g.get(FRAME) == 1.0]
     if len(changed) < 2 or any(float(g[FACTOR]) <= 0 for g in changed):
         return
@@ -111,7 +121,7 @@ def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
             continue
         f = float(group[FACTOR])
         if float(group.get(FRAME, 1.0)) == f:  # already balanced: keep the lr as it is, only re-read U
-            if float(group["lr"]) != group.get(WRITTEN):
+            if not unchanged(group):
                 group[UNTUNED] = untuned_lr(group)
                 group[WRITTEN] = float(group["lr"])
             continue
@@ -122,7 +132,7 @@ def _post_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     attached = None
     for group in optimizer.param_groups:
         follow = group.get(FOLLOW)
-        if not follow or FACTOR not in group or float(group["lr"]) != group.get(WRITTEN):
+        if not follow or FACTOR not in group or not unchanged(group):
             continue
         if follow == BUILD:  # not yet re-applied: restore only once an LRScheduler is attached
             attached = _scheduler_attached(optimizer) if attached is None else attached

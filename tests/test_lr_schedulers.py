@@ -285,3 +285,26 @@ def test_hf_trainer_reduce_lr_on_plateau(tmp_path):
     trainer.train()
     assert len(checked) == 6
     assert min(checked) < 1e-3  # the plateau did cut the lr
+
+
+def test_tensor_lrs():
+    """Param groups whose lr is a (float32) tensor, as for compiled / capturable optimizers."""
+    model = mlp()
+    table = CyclingTable(model)
+    tb = TempBalance(model, metrics_fn=table)
+    groups, _ = tb.build_optimizer_param_group(LR)
+    for g in groups:
+        g["lr"] = torch.tensor(g["lr"], dtype=torch.float32)
+    opt = torch.optim.Adam(groups, lr=torch.tensor(LR))
+    sched = lrs.LambdaLR(opt, lambda e: 0.8 ** e)
+    twin = untuned_twin(groups)
+    twin_sched = lrs.LambdaLR(twin, lambda e: 0.8 ** e)
+    for t in range(6):
+        train_step(model, opt)
+        twin.step()
+        sched.step()
+        twin_sched.step()
+        tb.step(opt) if t % 2 else tb.apply(opt)
+        for g, tg, f in zip(opt.param_groups, twin.param_groups, table.factors()):
+            assert isinstance(g["lr"], torch.Tensor)
+            assert math.isclose(float(g["lr"]), tg["lr"] * f, rel_tol=1e-6), (t, float(g["lr"]), tg["lr"] * f)
