@@ -519,11 +519,7 @@ class TempBalance:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Everything needed to resume: step count and the latest schedule (factors, scores).
-
-        The per-group untuned lrs and applied factors live in the optimizer's param groups
-        (tbfast._untuned_lr), so save and load ``optimizer.state_dict()`` alongside this.
-        """
+        """Everything needed to resume: step count and the latest schedule (factors, scores)."""
         return {
             "step_count": self.step_count,
             "ratios": dict(self.ratios),
