@@ -22,13 +22,19 @@ __version__ = "0.1.0"
 __all__ = [
     "backend_info", "Layer", "block_index", "find_layers", "layers_from_matrices", "ESDMetrics",
     "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd", "analyze", "summary",
-    "__version__",
+    "TempBalance", "Tempbalance", "__version__",
 ]
+_LAZY = ("TempBalance", "Tempbalance")
 
 
 def __getattr__(name: str):
     # heavier parts load on first use, so `import tbfast` stays light
-    if name in ("TempBalance", "Tempbalance"):
+    if name in _LAZY:
         from . import tempbalance
         return getattr(tempbalance, name)
     raise AttributeError(f"module 'tbfast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazily imported names are part of the public API: dir(), help() and tab completion list them
+    return sorted(set(globals()) | set(_LAZY))

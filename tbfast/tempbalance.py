@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _untuned_lr as _lr
 from .schedule import (
     ASSIGN_FUNCS,
     BLOCK_PATTERN,
@@ -59,9 +60,8 @@ FLAT_POLICIES = ("keep", "untuned")
 _ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")  # scores that a flat tail makes meaningless
 _UNTUNED = None  # key of parameters at the untuned learning rate
 
-# keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict())
-_WRITTEN = "tb_written_lr"
-_BASE = "tb_untuned_lr"
+# keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict());
+# the lr bookkeeping keys are documented in tbfast._untuned_lr
 _WD0 = "tb_initial_weight_decay"
 
 
@@ -594,17 +594,28 @@ class TempBalance:
         if not initialize:
             return lrs
         out = [{"params": params, "lr": lr} for (_, _, params), lr in zip(groups, lrs)]
+        factors = [self.ratio(key) for _, key, _ in groups] + [1.0]
         if self.balance == "weight_decay":
+            factors = [1.0] * len(factors)
             for g in out:
                 g["lr"] = untuned_lr
         out.append({"params": untuned, "lr": untuned_lr})
+        # lr bookkeeping (tbfast._untuned_lr): an lr scheduler built on this optimizer captures the
+        # untuned lr as its initial_lr, so an lr it writes before the first step is an untuned lr
+        # (frame 1); a later tb.apply(optimizer) knows the untuned lr
+        for g, f in zip(out, factors):
+            g.update({_lr.UNTUNED: untuned_lr, _lr.WRITTEN: g["lr"], _lr.FRAME: 1.0, _lr.FACTOR: f,
+                      _lr.FOLLOW: _lr.BUILD, "initial_lr": untuned_lr})
+        _lr.install_hooks()
         self._record_layer_lrs(untuned_lr)
         return out, len(groups)
 
-    def step(self, optimizer: Any, untuned_lr: float) -> list[float]:
+    def step(self, optimizer: Any, untuned_lr: Optional[float] = None) -> list[float]:
         """Recompute the ESD and write the balanced lrs into ``optimizer``'s param groups.
 
         Groups are matched to layers by parameter identity; returns the lrs written, per group.
+        ``untuned_lr`` as in `apply`: omit it when an lr scheduler sets the lr (call ``step``
+        after the scheduler's step; each group's lr becomes the scheduler's lr x its factor).
         """
         self.step_count += 1
         if self.active:
@@ -639,43 +650,33 @@ class TempBalance:
         return out
 
     def apply(self, optimizer: Any, untuned_lr: Optional[float] = None) -> list[float]:
-        """Write the latest factors into ``optimizer`` (no new ESD).
+        """Write the latest factors into ``optimizer`` (no new ESD); returns the lrs written.
 
-        With ``untuned_lr`` given, every group's untuned lr is that number (the original
-        behaviour). With ``untuned_lr=None`` each group's untuned lr is its current ``lr``
-        when something else (an lr scheduler) has changed it since the last write, otherwise
-        the untuned lr remembered from that write; this makes re-applying after every
-        lr-scheduler step idempotent.
+        With ``untuned_lr`` given, every group's lr is ``untuned_lr x factor`` (the original
+        behaviour). With ``untuned_lr=None`` (call it after any lr scheduler's step) every group's
+        lr is ``(the lr the scheduler gives an untuned group) x factor``: tbfast remembers the
+        untuned lr and the factor it wrote per group and divides that factor out of whatever the
+        scheduler wrote (see tbfast._untuned_lr), so factors never compound with the schedule.
         """
         if self.asynchronous:
             self._promote()
         if untuned_lr is not None:
-            untuned_lr = float(untuned_lr)
-            if not math.isfinite(untuned_lr) or untuned_lr < 0:
-                raise ValueError(f"untuned_lr must be a finite number >= 0, got {untuned_lr}")
+            untuned_lr = _lr.check_lr(untuned_lr, "untuned_lr")
         keys = self.group_keys(optimizer) if self.active else None
         written = []
+        if untuned_lr is None:
+            _lr.resolve_build(_groups_of(optimizer))
         for gi, group in enumerate(_groups_of(optimizer)):
-            if untuned_lr is not None:
-                base = untuned_lr
-            elif _WRITTEN in group and group["lr"] == group[_WRITTEN]:
-                base = group[_BASE]
-            else:
-                base = float(group["lr"])
+            base = untuned_lr if untuned_lr is not None else _lr.untuned_lr(group)
             factor = self.ratio(keys[gi]) if keys is not None else 1.0
-            lr = base * factor if self.balance in ("lr", "both") else base
+            lr_factor = factor if self.balance in ("lr", "both") else 1.0
             if self.balance in ("weight_decay", "both"):
                 if "weight_decay" not in group:
                     raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
                 wd0 = group.setdefault(_WD0, group["weight_decay"])
                 group["weight_decay"] = wd0 * factor
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-            group[_WRITTEN] = lr
-            group[_BASE] = base
-            written.append(lr)
+            written.append(_lr.write(group, base, lr_factor, lr_factor, follow=untuned_lr is None))
+        _lr.install_hooks()
         if untuned_lr is not None:
             self._record_layer_lrs(untuned_lr)
         return written
