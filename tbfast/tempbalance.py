@@ -21,6 +21,7 @@ Where tbfast deliberately differs from the original:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -98,6 +99,9 @@ class TempBalance:
     - ``xmin_bound``, ``dtype``, ``method``, ``backend``: passed to `tbfast.layer_metrics`.
     - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
       (anything with ``names``, optional ``status``, and columns by ``table[name]``).
+    - ``process_group``: with torch.distributed initialised (DDP, FSDP2 ``fully_shard``), the
+      layers are split over the ranks of this group (default: the world group; ``False``: every
+      rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -137,6 +141,7 @@ class TempBalance:
         method: str = "auto",
         backend: str = "auto",
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -200,6 +205,7 @@ class TempBalance:
         self.method = method
         self.backend = backend
         self.metrics_fn = metrics_fn
+        self.process_group = process_group
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
@@ -222,6 +228,11 @@ class TempBalance:
         from .metrics import layer_metrics
 
         fit = "goodness-of-fit" if self.pl_fitting == "ks" else self.pl_fitting
+        from .distributed import active_group, layer_metrics as distributed_layer_metrics
+
+        group = active_group(self.process_group)
+        if group is not None:  # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
+            layer_metrics = functools.partial(distributed_layer_metrics, group=group)
         with torch.no_grad():
             return layer_metrics(
                 self.net, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
