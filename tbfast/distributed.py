@@ -441,7 +441,10 @@ def layer_metrics(source: Any, *, group: Any, fit: str = "median", xmin_pos: flo
 
     esd_keys = ("device", "memory_budget", "progress", "eig_backend", "allow_tf32")
     esd_opts = {k: layer_options.pop(k) for k in esd_keys if k in layer_options}
-    layers = resolve_layers(source, **layer_options)
+    if _fsdp1_units(source):
+        layers = _fsdp1_layers(source, group, costs, **layer_options)
+    else:
+        layers = resolve_layers(source, **layer_options)
     return esd_fit_metrics_distributed(
         layers, group=group, costs=costs, on_invalid=on_invalid, fit=fit, xmin_pos=xmin_pos,
         filter_zeros=filter_zeros, evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
@@ -463,3 +466,82 @@ def init_from_env(device: Optional[str] = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+# ---------------------------------------------------------------------------------------------- FSDP1
+def _fsdp1_units(model: Any) -> list:
+    """FSDP1 (``FullyShardedDataParallel``) units of ``model`` in module order; [] if none."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDP)]
+
+
+def _weight_shape(module: torch.nn.Module, kind: str) -> tuple[int, ...]:
+    if kind == "Linear":
+        return (module.out_features, module.in_features)
+    return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+
+
+def _fsdp1_layers(model: torch.nn.Module, group: Any, costs: Optional[dict[int, float]], *,
+                  types: Any = None, conv_norm: float = 0.5, include: Optional[str] = None,
+                  exclude: Optional[str] = None, min_evals: int = 0, **unsupported: Any) -> list[Layer]:
+    """Layers of an FSDP1 model (``use_orig_params=True``): shapes from the modules' attributes,
+    full weights only on the owning rank, gathered one FSDP unit at a time with
+    ``summon_full_params(unit, recurse=False, writeback=False)``."""
+    import re
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from .layers import block_index
+
+    if unsupported:
+        raise TypeError(f"options {sorted(unsupported)} are not supported for FSDP1 models")
+    wanted = set(types) if types is not None else {"Linear", "Conv1d", "Conv2d"}
+    classes = {"Linear": torch.nn.Linear, "Conv1d": torch.nn.Conv1d, "Conv2d": torch.nn.Conv2d}
+    inc, exc = (re.compile(include) if include else None), (re.compile(exclude) if exclude else None)
+    unit_of: dict[int, Any] = {}
+
+    def walk(module: torch.nn.Module, unit: Any) -> None:
+        for child in module.children():
+            walk(child, child if isinstance(child, FSDP) else unit)
+        unit_of[id(module)] = unit
+
+    walk(model, model if isinstance(model, FSDP) else None)
+    layers: list[Layer] = []
+    for index, (name, module) in enumerate(model.named_modules()):
+        kind = next((k for k, c in classes.items() if k in wanted and isinstance(module, c)), None)
+        if kind is None or (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
+            continue
+        shape = _weight_shape(module, kind)
+        k = int(math.prod(shape[2:])) if len(shape) > 2 else 1
+        layer = Layer(name=name, kind=kind, shape=shape, rows=shape[0], cols=shape[1], k=k,
+                      scale=math.sqrt(conv_norm) if kind != "Linear" else 1.0, block=block_index(name),
+                      index=index, loader=None, module=module)
+        if layer.num_evals >= min_evals:
+            layers.append(layer)
+    owner = plan(layers, dist.get_world_size(group), cost=lambda l: layer_cost(l, costs))
+    me = dist.get_rank(group)
+    by_unit: dict[int, list[int]] = {}
+    for i, l in enumerate(layers):
+        u = unit_of.get(id(l.module))
+        if u is None:
+            raise TypeError(f"layer {l.name!r} is not inside an FSDP unit")
+        by_unit.setdefault(id(u), []).append(i)
+    for u, unit in enumerate(_fsdp1_units(model)):  # module order: the same collectives on every rank
+        idx = by_unit.get(id(unit), [])
+        if not idx and u > 0:  # the outermost unit goes first even without layers: it must be the root
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False), torch.no_grad():
+            for i in idx:
+                if owner[i] != me:
+                    continue
+                w = layers[i].module.weight.detach()
+                if tuple(w.shape) != layers[i].shape:
+                    raise ValueError(f"layer {layers[i].name!r}: full weight has shape {tuple(w.shape)}, "
+                                     f"expected {layers[i].shape} (FSDP1 needs use_orig_params=True)")
+                layers[i] = _full_layer(layers[i], w.clone())
+    return layers

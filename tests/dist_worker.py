@@ -97,6 +97,20 @@ def run(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
     res["fsdp_resume_lrs"] = [g["lr"] for g in opt2.param_groups]
     res["fsdp_resume_applied"] = tb.apply(opt2)
 
+    # FSDP1 with use_orig_params=True, one unit per Linear
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1 deprecation notice
+        model = FSDP(tiny_model(), use_orig_params=True, device_id=torch.device("cpu"),
+                     auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+        hist, tb = train_with_tempbalance(model)
+    res["fsdp1_lrs"] = hist
+    res["fsdp1_lrs_hex"] = [[v.hex() for v in h] for h in hist]
+
     # analyze a checkpoint: every rank gets the table, reading only its tensors
     a = tbfast.analyze(ckpt, min_evals=0)
     res["analyze"] = a.to_dict(orient="list")

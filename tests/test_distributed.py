@@ -67,7 +67,7 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.abs(b)))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp1"])
 def test_lrs_identical_on_ranks_and_equal_to_single_process(ranks, single, mode):
     r0, r1 = ranks["r"]
     assert r0[f"{mode}_lrs_hex"] == r1[f"{mode}_lrs_hex"]  # bit-identical on both ranks
