@@ -154,3 +154,60 @@ def test_torchrun_cli_prints_and_writes_once(tmp_path):
     want = tbfast.analyze(ckpt, min_evals=0)
     assert list(got["name"]) == list(want["name"])
     assert _rel(got["alpha"], want["alpha"]) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- planner
+def _matrix_layer(name: str, rows: int, cols: int):
+    from tbfast.layers import Layer
+
+    return Layer(name=name, kind="matrix", shape=(rows, cols), rows=rows, cols=cols)
+
+
+def test_plan_is_lpt_and_within_four_thirds_of_the_optimum():
+    import itertools
+
+    from tbfast.distributed import layer_cost, plan, plan_loads
+
+    sizes = [(900, 300), (500, 500), (700, 200), (400, 400), (300, 300), (256, 100), (1000, 64)]
+    layers = [_matrix_layer(f"l{i}", r, c) for i, (r, c) in enumerate(sizes)]
+    # the cost model, written plainly: Gram flops + weighted eigensolver flops
+    from tbfast.distributed import EIG_FLOP_WEIGHT
+
+    want_cost = [2 * max(r, c) * min(r, c) ** 2 + EIG_FLOP_WEIGHT * 4 / 3 * min(r, c) ** 3 for r, c in sizes]
+    assert [layer_cost(l) for l in layers] == pytest.approx(want_cost)
+    for ranks in (2, 3):
+        owner = plan(layers, ranks)
+        loads = plan_loads(layers, owner, ranks)
+        best = min(max(sum(c for c, o in zip(want_cost, a) if o == r) for r in range(ranks))
+                   for a in itertools.product(range(ranks), repeat=len(layers)))
+        assert best <= max(loads) <= (4 / 3 - 1 / (3 * ranks)) * best + 1e-6  # Graham's LPT bound
+        assert sum(loads) == pytest.approx(sum(want_cost))
+    assert plan(layers, 1) == [0] * len(layers)
+    assert sorted(set(plan(layers, 10))) == list(range(len(layers)))  # more ranks than layers: one each
+
+
+def test_without_process_group_nothing_changes():
+    from tbfast.distributed import active_group, is_main_process
+
+    assert not dist.is_initialized()
+    assert active_group() is None and active_group(False) is None and is_main_process()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        active_group(object())
+
+
+def test_llama7b_projection_shapes_and_imbalance():
+    from tbfast.bench.scale import llama7b_layers, project
+
+    layers = llama7b_layers()
+    assert len(layers) == 224 and all(l.gram_size == 4096 for l in layers)
+    assert sum(l.rows * l.cols for l in layers) == 32 * (4 * 4096 ** 2 + 3 * 11008 * 4096)
+    costs = {(4096, 4096): 2.0, (11008, 4096): 3.0, (4096, 11008): 3.0}
+    total = 32 * (4 * 2.0 + 3 * 3.0)
+    rows = project(layers, costs, (1, 4, 8))
+    assert rows[0]["critical_path_s"] == pytest.approx(total) and rows[0]["imbalance"] == pytest.approx(0)
+    for r in rows[1:]:
+        n = r["ranks"]
+        assert sum(r["per_rank_s"]) == pytest.approx(total)
+        assert r["critical_path_s"] == pytest.approx(max(r["per_rank_s"]))
+        assert r["imbalance"] == pytest.approx(max(r["per_rank_s"]) / (total / n) - 1)
+        assert r["critical_path_s"] <= total / n + 3.0  # LPT: at most one matrix above the mean
