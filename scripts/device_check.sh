@@ -7,7 +7,7 @@
 # xml), the ESD benchmark and an eigensolver timing (torch.linalg.eigvalsh vs tbfast's cuSOLVER
 # batched path), all within about 6 minutes: every step has its own time limit and the whole
 # run a deadline, and a failing step never stops the next one. Writes at most these files:
-#   device_check.log  junit_gpu.xml  eig_gpu.json  bench_gpu.json  summary.json
+#   device_check.log  junit_gpu.xml  eig_gpu.json  bench_gpu.json  dist_gpu.json (+ dist_rank*.json)  summary.json
 # Knobs: TBFAST_CHECK_BUDGET (s), TBFAST_CHECK_BENCH_ARGS (extra `tbfast bench` flags),
 # TBFAST_CHECK_BENCH_LIMIT (s), TBFAST_CHECK_EIG_SIZES ("72x768,16x1536").
 # TBFAST_CHECK_SKIP_BUILD=1 reuses an extension already built in tbfast/ (a rerun on a warm machine).
@@ -195,6 +195,8 @@ run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_gpu_pipeline.
   --junitxml="$OUTDIR/junit_gpu.xml" -p no:cacheprovider
 run_step bench ${TBFAST_CHECK_BENCH_LIMIT:-120} bench
 run_step eig_timing 60 eig_timing
+# distributed path on the GPU: 2 NCCL ranks (>= 2 GPUs, with FSDP2 TempBalance) or 2 gloo ranks on cuda:0
+run_step dist 60 $PY scripts/dist_check.py "$OUTDIR"
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s) ==================="

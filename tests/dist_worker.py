@@ -52,6 +52,33 @@ def _dump(path: str, obj) -> None:
         json.dump(obj, f)
 
 
+def _hf_trainer(rank: int, world: int, out: str):
+    """A 2-process (DDP) Hugging Face Trainer with the TempBalance callback; test_hf's Recorder
+    checks every group's lr against an fp64 SVD oracle at every step, on every rank."""
+    try:
+        import test_hf
+    except Exception:  # transformers not installed  # noqa: BLE001
+        return None
+    import pathlib
+
+    import tbfast
+    from tbfast.integrations import hf
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    model = test_hf.tiny("bert")
+    tb = tbfast.TempBalance(model, assign_func="tb_sigmoid", tau=test_hf.TAU, s=test_hf.S, granularity="block",
+                            xmin_pos=1.5, remove_first_layer=False, eigs_thresh=10, dtype=torch.float64)
+    trainer = test_hf.make_trainer(model, pathlib.Path(out) / f"hf{rank}", steps=3)
+    hf.attach(trainer, tb)
+    rec = test_hf.Recorder(model)
+    trainer.add_callback(rec)
+    trainer.train()
+    return {"world_size": trainer.args.world_size, "checked": rec.checked,
+            "wrapped": type(trainer.model_wrapped).__name__,
+            "owner": tb.metrics.extra["distributed"]["owner"],
+            "lrs_hex": [float(g["lr"]).hex() for g in trainer.optimizer.param_groups]}
+
+
 def run(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -132,6 +159,7 @@ def run(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
         res["error"] = None
     except ValueError as e:
         res["error"] = str(e)
+    res["hf"] = _hf_trainer(rank, world, out)
     _dump(os.path.join(out, f"rank{rank}.json"), res)
     dist.destroy_process_group()
 

@@ -128,6 +128,15 @@ def test_analyze_checkpoint_on_two_ranks(ranks):
         assert sorted(res["analyze_loaded"]) == sorted(n for n, o in zip(got["name"], owner) if o == r)
 
 
+def test_hf_trainer_two_processes(ranks):
+    r0, r1 = (res["hf"] for res in ranks["r"])
+    if r0 is None:
+        pytest.skip("transformers not installed")
+    assert r0["world_size"] == 2 and r0["wrapped"] == "DistributedDataParallel"
+    assert r0["checked"] == r1["checked"] == 3  # the fp64-oracle lr check ran at every step on both ranks
+    assert set(r0["owner"]) == {0, 1} and r0["lrs_hex"] == r1["lrs_hex"]
+
+
 def test_error_on_one_rank_reaches_every_rank(ranks):
     msgs = [res["error"] for res in ranks["r"]]
     assert all(m and "layer 'b': cannot read its tensor" in m for m in msgs)
