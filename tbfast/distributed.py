@@ -181,11 +181,11 @@ def _decode(row: np.ndarray) -> str:
 
 # ---------------------------------------------------------------------------------------------- DTensor
 def _dtensor_type() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        return None
-    return DTensor
+    """DTensor, if its module is loaded (no DTensor can exist otherwise; the import is slow)."""
+    import sys
+
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 def _sharded_weight(layer: Layer) -> Optional[torch.Tensor]:
@@ -239,15 +239,17 @@ def _materialise(layers: list[Layer], owner: list[int], group: Any, stats: dict)
                 buf = local.new_zeros((c, *w.shape[1:]))
                 buf[:local.shape[0]] = local
                 dst = dist.get_global_rank(group, owner[i])
-                bufs = [torch.empty_like(buf) for _ in range(ws)] if me == owner[i] else None
+                # the owner receives straight into one buffer (no second copy from concatenating)
+                whole = local.new_empty((c * ws, *w.shape[1:])) if me == owner[i] else None
+                bufs = list(whole.chunk(ws)) if whole is not None else None
                 dist.gather(buf, bufs, dst=dst, group=group)
-                full = torch.cat(bufs)[:rows] if bufs is not None else None
+                full = whole[:rows] if whole is not None else None
             else:
                 full = w.full_tensor().detach()
         if me != owner[i]:
             del full
             continue
-        held += full.numel() * full.element_size()
+        held += full.untyped_storage().nbytes()
         stats["materialized"].append(layers[i].name)
         out[i] = _full_layer(layers[i], full)
     stats["materialized_bytes"] = held
@@ -408,7 +410,6 @@ def _gather_spectra(layers: list[Layer], shares: list[list[int]], table: np.ndar
     per_rank = [int(counts[s].sum()) for s in shares]
     width = max(per_rank)
     buf = torch.zeros(width, dtype=dtype, device=dev)
-    me = dist.get_rank(group)
     if local_values is not None:
         buf[:local_values.numel()] = local_values.to(dev, dtype)
     got = [torch.empty_like(buf) for _ in shares]
@@ -427,7 +428,6 @@ def _gather_spectra(layers: list[Layer], shares: list[list[int]], table: np.ndar
                       starts=first + torch.from_numpy(table[:, nm].copy()).to(torch.int64),
                       ends=first + torch.from_numpy(table[:, nm + 1].copy()).to(torch.int64),
                       fit=options.get("fit", "median"))
-    del me
     return Spectra(values=values, offsets=torch.from_numpy(offsets), layers=layers), fit
 
 
@@ -525,6 +525,7 @@ def _fsdp1_layers(model: torch.nn.Module, group: Any, costs: Optional[dict[int, 
             layers.append(layer)
     owner = plan(layers, dist.get_world_size(group), cost=lambda l: layer_cost(l, costs))
     me = dist.get_rank(group)
+    error: Optional[BaseException] = None
     by_unit: dict[int, list[int]] = {}
     for i, l in enumerate(layers):
         u = unit_of.get(id(l.module))
@@ -537,11 +538,21 @@ def _fsdp1_layers(model: torch.nn.Module, group: Any, costs: Optional[dict[int, 
             continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=False), torch.no_grad():
             for i in idx:
-                if owner[i] != me:
+                w = layers[i].module.weight
+                if owner[i] != me or error is not None:
                     continue
-                w = layers[i].module.weight.detach()
-                if tuple(w.shape) != layers[i].shape:
-                    raise ValueError(f"layer {layers[i].name!r}: full weight has shape {tuple(w.shape)}, "
-                                     f"expected {layers[i].shape} (FSDP1 needs use_orig_params=True)")
-                layers[i] = _full_layer(layers[i], w.clone())
+                if tuple(w.shape) != layers[i].shape:  # kept until every rank is past its collectives
+                    error = ValueError(f"layer {layers[i].name!r}: full weight has shape {tuple(w.shape)}, "
+                                       f"expected {layers[i].shape} (FSDP1 needs use_orig_params=True)")
+                    continue
+                layers[i] = _full_layer(layers[i], w.detach().clone())
+    _sync_error(error, group)
     return layers
+
+
+def _sync_error(error: Optional[BaseException], group: Any) -> None:
+    """Raise on every rank if ``error`` is set on any rank (one small all_gather)."""
+    h = torch.from_numpy(_header(error, 0.0)).to(_comm_device(group))
+    got = [torch.empty_like(h) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, h, group=group)
+    _raise_remote(torch.stack(got).cpu().numpy(), dist.get_rank(group), error)

@@ -104,8 +104,17 @@ def run(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
         if isinstance(m, nn.Linear):
             fully_shard(m)
     fully_shard(model)
-    hist, tb = train_with_tempbalance(model)
+    from torch.distributed.tensor import DTensor
+
+    calls = []
+    full_tensor = DTensor.full_tensor
+    DTensor.full_tensor = lambda self, *a, **k: calls.append(tuple(self.shape)) or full_tensor(self, *a, **k)
+    try:
+        hist, tb = train_with_tempbalance(model)
+    finally:
+        DTensor.full_tensor = full_tensor
     st = tb.metrics.extra["distributed"]
+    res["fsdp_full_tensor_calls"] = len(calls)  # no rank all-gathers a whole weight (FSDP2 layout)
     res["fsdp_lrs"] = hist
     res["fsdp_lrs_hex"] = [[v.hex() for v in h] for h in hist]
     res["fsdp_names"] = list(tb.metrics.names)

@@ -101,6 +101,7 @@ def test_fsdp2_rank_materialises_only_its_layers(ranks):
         assert own and sorted(res["fsdp_materialized"]) == sorted(own)
         assert res["fsdp_materialized_bytes"] == sum(full[n].numel() * 4 for n in own)
         assert res["fsdp_materialized_bytes"] < sum(w.numel() * 4 for w in full.values())
+        assert res["fsdp_full_tensor_calls"] == 0  # shards go to the owner only, never to every rank
 
 
 def test_fsdp2_optimizer_state_dict_resume(ranks):

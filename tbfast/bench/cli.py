@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrices generated lazily, hours on a CPU)")
     p.add_argument("--scale-ranks", default="1,2", help="rank counts measured by --scale (default 1,2)")
     p.add_argument("--project-ranks", default="1,4,8", help="rank counts projected by --scale (default 1,4,8)")
+    p.add_argument("--shape-costs", default=None, metavar="RxC=SEC,...",
+                   help="--scale: seconds per matrix of the LLaMA-7B shapes (4096x4096, 11008x4096, "
+                        "4096x11008) from an earlier run, instead of measuring them now")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return p
@@ -229,7 +232,14 @@ def _scale(args: argparse.Namespace, device: torch.device, env: dict[str, Any]) 
         raise SystemExit("tbfast bench: --scale-ranks / --project-ranks take comma-separated integers") from None
     print(f"# tbfast bench --scale on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
     print(f"# command: {env['command']}")
-    res = run_scale(args.scale_workload, ranks, project_ranks, device, repeats=args.repeats or 1)
+    from .scale import parse_shape_costs
+
+    try:
+        given = parse_shape_costs(args.shape_costs) if args.shape_costs else None
+    except ValueError as e:
+        raise SystemExit(f"tbfast bench: --shape-costs: {e}") from None
+    res = run_scale(args.scale_workload, ranks, project_ranks, device, repeats=args.repeats or 1,
+                    shape_costs=given)
     print(format_scale(res["measured"], res.pop("_costs"), res["llama7b_projection"], args.scale_workload,
                        args.markdown))
     if args.json:

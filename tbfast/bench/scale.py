@@ -219,23 +219,37 @@ def format_scale(measured: list[dict], costs: dict[tuple[int, int], float], proj
                      f"{r.get('alpha_max_abs_diff_vs_1_rank', 0.0):.1e}"])
     parts.append(table(["ranks", "wall", "critical path", "per-rank compute (s)", "matrices per rank",
                         "max |alpha - 1 rank|"], rows))
-    parts.append("\nmeasured cost per matrix (ESD + median fit + metrics, fp32):")
+    parts.append("\ncost per matrix (ESD + median fit + metrics, fp32):")
     parts.append(table(["shape", "seconds"], [[f"{a}x{b}", f"{c:.3f}"] for (a, b), c in costs.items()]))
     parts.append("\nLLaMA-7B-shaped model (32 blocks, 224 matrices, Gram size 4096), planned from those costs:")
     parts.append(table(["ranks", "critical path", "mean per rank", "imbalance", "matrices per rank"],
                        [[str(p["ranks"]), f"{p['critical_path_s']:.1f} s", f"{p['mean_rank_s']:.1f} s",
-                         f"{100 * p['imbalance']:.1f}%", ", ".join(str(x) for x in p["matrices_per_rank"])]
+                         f"{abs(100 * p['imbalance']):.1f}%", ", ".join(str(x) for x in p["matrices_per_rank"])]
                         for p in projected]))
     return "\n".join(parts)
 
 
+def parse_shape_costs(text: str) -> dict[tuple[int, int], float]:
+    """``"4096x4096=1.4,11008x4096=1.9"`` -> ``{(4096, 4096): 1.4, (11008, 4096): 1.9}``."""
+    out = {}
+    try:
+        for item in text.split(","):
+            shape, sec = item.split("=")
+            r, c = shape.lower().split("x")
+            out[(int(r), int(c))] = float(sec)
+    except ValueError:
+        raise ValueError(f"shape costs must look like 4096x4096=1.4,11008x4096=1.9; got {text!r}") from None
+    return out
+
+
 def run_scale(workload: str, ranks: Sequence[int], project_ranks: Sequence[int], device: torch.device,
-              repeats: int = 1) -> dict[str, Any]:
-    """Measured runs on ``ranks``, measured LLaMA-7B per-shape costs, and the projection."""
+              repeats: int = 1, shape_costs: Optional[dict[tuple[int, int], float]] = None) -> dict[str, Any]:
+    """Measured runs on ``ranks``, LLaMA-7B per-shape costs (measured unless ``shape_costs``), projection."""
     measured = measure_ranks(workload, ranks, device)
     shapes = sorted({(r, c) for _, r, c in LLAMA7B_SHAPES})
-    costs = measure_shape_costs(shapes, device, repeats=repeats)
+    costs = shape_costs if shape_costs is not None else measure_shape_costs(shapes, device, repeats=repeats)
     projected = project(llama7b_layers(), costs, project_ranks)
     return {"workload": workload, "measured": measured,
             "costs": {f"{a}x{b}": c for (a, b), c in costs.items()}, "_costs": costs,
+            "costs_source": "given" if shape_costs is not None else "measured",
             "llama7b_projection": projected}
