@@ -157,6 +157,13 @@ def run(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
     res["analyze_owner"] = s.metrics.extra["distributed"]["owner"]
     res["analyze_values_hex"] = [float(v).hex() for v in s.spectra.values.double()]
 
+    # an explicit group (here a new group of both ranks), and process_group=False (no split)
+    sub = dist.new_group([0, 1])
+    res["analyze_subgroup"] = tbfast.analyze(ckpt, min_evals=0, process_group=sub).to_dict(orient="list")
+    alone = analyze_spectra(ckpt, min_evals=0, process_group=False)
+    res["analyze_alone_split"] = "distributed" in alone.metrics.extra
+    res["analyze_alone"] = alone.details.to_dict(orient="list")
+
     # an error on the rank that owns a layer reaches every rank
     def bad():
         raise ValueError("layer 'b': cannot read its tensor")

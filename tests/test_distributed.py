@@ -124,6 +124,10 @@ def test_analyze_checkpoint_on_two_ranks(ranks):
         ev = svd_eigs(ranks["sd"][f"{name}.weight"])
         assert math.isclose(got["spectral_norm"][i], ev[-1], rel_tol=1e-4)
         assert math.isclose(got["alpha"][i], ks_fit(ev)[0], rel_tol=1e-3)
+    for res in (r0, r1):
+        assert res["analyze_subgroup"] == got  # process_group=<a group>: the same split and table
+        assert not res["analyze_alone_split"]  # process_group=False: each rank alone, as before
+        assert _rel(res["analyze_alone"]["alpha"], want["alpha"]) < 1e-6
     owner = r0["analyze_owner"]
     for r, res in enumerate((r0, r1)):  # each rank read only its tensors from the file
         assert sorted(res["analyze_loaded"]) == sorted(n for n, o in zip(got["name"], owner) if o == r)
