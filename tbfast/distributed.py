@@ -39,7 +39,7 @@ from .powerlaw import PowerLawFit
 from .spectra import Spectra
 
 __all__ = ["active_group", "layer_cost", "plan", "plan_loads", "esd_fit_metrics_distributed",
-           "layer_metrics", "is_main_process", "EIG_FLOP_WEIGHT"]
+           "layer_metrics", "is_main_process", "init_from_env", "EIG_FLOP_WEIGHT"]
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def init_from_env(device: Optional[str] = None) -> bool:
     """
     import os
 
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     cuda = device is not None and torch.device(device).type == "cuda"
     if cuda:
