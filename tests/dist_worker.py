@@ -175,6 +175,17 @@ def run(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
         res["error"] = None
     except ValueError as e:
         res["error"] = str(e)
+    from tbfast.checkpoint import CorruptCheckpointError
+
+    def corrupt():
+        raise CorruptCheckpointError("f.safetensors: tensor 'b' is truncated")
+
+    layers[1] = Layer(name="b", kind="matrix", shape=(30, 20), rows=30, cols=20, loader=corrupt)
+    try:
+        tbfast.analyze(layers, min_evals=0)
+        res["error_class"] = None
+    except Exception as e:  # noqa: BLE001 - the class is what is checked
+        res["error_class"] = type(e).__name__
     res["hf"] = _hf_trainer(rank, world, out)
     _dump(os.path.join(out, f"rank{rank}.json"), res)
     dist.destroy_process_group()

@@ -146,6 +146,7 @@ def test_error_on_one_rank_reaches_every_rank(ranks):
     msgs = [res["error"] for res in ranks["r"]]
     assert all(m and "layer 'b': cannot read its tensor" in m for m in msgs)
     assert sum("(on rank" in m for m in msgs) == 1  # the other rank says where it happened
+    assert [res["error_class"] for res in ranks["r"]] == ["CorruptCheckpointError"] * 2  # CLI exit code 4
 
 
 def test_torchrun_cli_prints_and_writes_once(tmp_path):
