@@ -124,6 +124,12 @@ def test_analyze_checkpoint_on_two_ranks(ranks):
         ev = svd_eigs(ranks["sd"][f"{name}.weight"])
         assert math.isclose(got["spectral_norm"][i], ev[-1], rel_tol=1e-4)
         assert math.isclose(got["alpha"][i], ks_fit(ev)[0], rel_tol=1e-3)
+    from tbfast.analyze import analyze_spectra
+
+    # the gathered eigenvalues (every rank's full Spectra, used for --plot) equal a single-process run's
+    values = np.array([float.fromhex(h) for h in r0["analyze_values_hex"]])
+    single = analyze_spectra(ranks["ckpt"], min_evals=0).spectra.values.double().numpy()
+    assert values.shape == single.shape and np.allclose(values, single, rtol=1e-5, atol=1e-6 * single.max())
     for res in (r0, r1):
         assert res["analyze_subgroup"] == got  # process_group=<a group>: the same split and table
         assert not res["analyze_alone_split"]  # process_group=False: each rank alone, as before
