@@ -162,10 +162,12 @@ def test_torchrun_cli_prints_and_writes_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "tbfast", "analyze", ckpt, "--min-evals", "0", "--csv", str(csv)]
+           "-m", "tbfast", "analyze", ckpt, "--min-evals", "0", "--csv", str(csv), "--plot", str(tmp_path / "plots")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("tbfast analyze:") == 1 and p.stdout.count("wrote ") == 1
+    assert p.stdout.count("tbfast analyze:") == 1 and p.stdout.count("wrote ") == 2  # the CSV and the plots
+    assert sorted(f.name for f in (tmp_path / "plots").iterdir())[0] == "alpha_overview.png"
+    assert len(list((tmp_path / "plots").iterdir())) == 1 + 5  # overview + one ESD per layer
     assert p.stdout.count("summary (mean") == 1
     import pandas as pd
 
