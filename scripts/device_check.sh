@@ -9,7 +9,7 @@
 # about 9 minutes: every step has its own time limit and the whole
 # run a deadline, and a failing step never stops the next one. Writes at most these files:
 #   device_check.log  junit_gpu.xml  eig_gpu.json  bench_gpu.json  paper_gpu.json  overhead_gpu.json
-#   summary.json
+#   dist_gpu.json (+ dist_rank*.json)  summary.json
 # Knobs: TBFAST_CHECK_BUDGET (s), TBFAST_CHECK_BENCH_ARGS (extra `tbfast bench` flags),
 # TBFAST_CHECK_BENCH_LIMIT (s), TBFAST_CHECK_EIG_SIZES ("72x768,16x1536").
 # TBFAST_CHECK_SKIP_BUILD=1 reuses an extension already built in tbfast/ (a rerun on a warm machine).
@@ -204,6 +204,8 @@ run_step paper ${TBFAST_CHECK_PAPER_LIMIT:-100} $PY -m tbfast.bench --paper --de
   --json "$OUTDIR/paper_gpu.json"
 run_step overhead ${TBFAST_CHECK_OVERHEAD_LIMIT:-100} $PY -m tbfast.bench --overhead-only --device cuda --markdown \
   --json "$OUTDIR/overhead_gpu.json"
+# distributed path on the GPU: 2 NCCL ranks (>= 2 GPUs, with FSDP2 TempBalance) or 2 gloo ranks on cuda:0
+run_step dist 60 $PY scripts/dist_check.py "$OUTDIR"
 
 echo
 echo "=================== SUMMARY ($(( $(date +%s) - START ))s) ==================="

@@ -162,6 +162,7 @@ def analyze_spectra(
     memory_budget: int | None = None,
     progress: bool = False,
     backend: str = "auto",
+    process_group: Any = None,
 ) -> Analysis:
     """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments."""
     canonical_fit(fit)  # validate the name before any work
@@ -171,10 +172,16 @@ def analyze_spectra(
                              lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,
                              max_n=max_n)
     logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit, dtype)
-    spectra, pl, m = esd_fit_metrics(
-        layers, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros, evals_thresh=evals_thresh,
-        bins=bins, xmin_bound=xmin_bound, sr_mid_pos=sr_mid_pos, method=method, dtype=dtype,
-        backend=backend, on_invalid="raise", device=device, memory_budget=memory_budget, progress=progress)
+    opts = dict(fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros, evals_thresh=evals_thresh,
+                bins=bins, xmin_bound=xmin_bound, sr_mid_pos=sr_mid_pos, method=method, dtype=dtype,
+                backend=backend, on_invalid="raise", device=device, memory_budget=memory_budget, progress=progress)
+    from .distributed import active_group, esd_fit_metrics_distributed
+
+    group = active_group(process_group)
+    if group is None:
+        spectra, pl, m = esd_fit_metrics(layers, **opts)
+    else:  # each rank reads and analyses its share; every rank gets the whole table
+        spectra, pl, m = esd_fit_metrics_distributed(layers, group=group, with_spectra=True, **opts)
     return Analysis(details=_frame(spectra.layers, m), spectra=spectra, fit=pl, metrics=m)
 
 
@@ -199,7 +206,10 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``dtype=torch.float32`` (as everywhere in tbfast; ``torch.float64`` for agreement with
       WeightWatcher to round-off, about 2.5x slower on a CPU), ``device``,
       ``memory_budget`` (bytes), ``progress`` (a progress bar over layers);
-    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib).
+    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib);
+    - ``process_group``: inside torch.distributed (e.g. under ``torchrun``) the layers are split
+      over the ranks of this group (default: the world group; ``False``: no split), each rank
+      reads only its tensors, and every rank gets the full table; plots are written by rank 0.
 
     Columns: layer_id, name, type, N, M (N >= M), rf (matrices pooled, the kernel size of a
     convolution), num_evals, alpha, alpha_weighted, D, xmin, xmax, spectral_norm (lambda_max),
@@ -207,7 +217,9 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     A row whose ``status`` is not ``"ok"`` says why its fit is not usable.
     """
     result = analyze_spectra(source, **options)
-    if plot_dir is not None:
+    from .distributed import is_main_process
+
+    if plot_dir is not None and is_main_process(options.get("process_group")):
         from .plot import plot_analysis
 
         plot_analysis(result, plot_dir)

@@ -8,6 +8,7 @@ checkpoint; 5 unsupported dtype; 6 no analysable layer (empty checkpoint or empt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -144,6 +145,30 @@ def _analyze(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         return _error(str(e), EXIT_NOT_FOUND)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    from .distributed import init_from_env, is_main_process
+
+    owns_group = init_from_env(args.device)  # under torchrun: the ranks split the layers
+    try:
+        if is_main_process():
+            return _analyze_run(args, path, progress)
+        # other ranks compute their share silently; rank 0 prints and writes --csv / --plot once
+        args = argparse.Namespace(**{**vars(args), "csv": None, "plot": None})
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return _analyze_run(args, path, False)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
+    import torch
+
+    from .analyze import analyze_spectra, summary
+    from .checkpoint import (CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError,
+                             UnsupportedDtypeError)
+
     t0 = time.perf_counter()
     try:
         result = analyze_spectra(

@@ -24,6 +24,7 @@ Where tbfast deliberately differs from the original:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -113,6 +114,9 @@ class TempBalance:
       'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
       'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
       left out of the scores that the assignment function and ``normalize`` see).
+    - ``process_group``: with torch.distributed initialised (DDP, FSDP2 ``fully_shard``), the
+      layers are split over the ranks of this group (default: the world group; ``False``: every
+      rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -154,6 +158,7 @@ class TempBalance:
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
         asynchronous: bool = False,
         flat_policy: str = "keep",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -229,6 +234,7 @@ class TempBalance:
         self._side_streams: dict = {}
         self._restored: Optional[tuple[int, Any]] = None  # finished ESD restored from a state_dict
         self.flat_policy = flat_policy
+        self.process_group = process_group
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
@@ -269,7 +275,20 @@ class TempBalance:
         from .metrics import layer_metrics
 
         fit = "goodness-of-fit" if self.pl_fitting == "ks" else self.pl_fitting
-        source = self.analysed_layers() if layers is None else layers
+        from .distributed import active_group, layer_metrics as distributed_layer_metrics
+
+        group = active_group(self.process_group)
+        if group is not None:
+            if layers is not None:
+                raise ValueError("TempBalance: asynchronous=True is not supported on a process group yet; "
+                                 "pass process_group=False (every rank computes the whole ESD) or use "
+                                 "the synchronous mode (the layers are split over the ranks)")
+            # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
+            layer_metrics = functools.partial(distributed_layer_metrics, group=group,
+                                              types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
+            source: Any = self.net
+        else:
+            source = self.analysed_layers() if layers is None else layers
         with torch.no_grad():
             return layer_metrics(
                 source, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
@@ -301,7 +320,12 @@ class TempBalance:
             self.schedule_step = self.step_count
             return
         from .background import BackgroundESD, snapshot_layers
+        from .distributed import active_group
 
+        if active_group(self.process_group) is not None:
+            raise ValueError("TempBalance: asynchronous=True is not supported on a process group yet; "
+                             "pass process_group=False (every rank computes the whole ESD) or use "
+                             "the synchronous mode (the layers are split over the ranks)")
         if self._background is None:
             self._background = BackgroundESD(lambda layers: self.compute_metrics(layers))
         self._background.submit(snapshot_layers(self.analysed_layers(), self.step_count, self._side_streams))

@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead-model", default=None, choices=["roberta-base", "roberta-small", "bert-small", "bert-tiny"],
                    help="model of the overhead benchmark (default: roberta-base on CUDA, bert-small on CPU)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the overhead benchmark")
+    p.add_argument("--scale", action="store_true",
+                   help="run only the distributed scale benchmark: the ESD of --scale-workload on each of "
+                        "--scale-ranks ranks (per-rank time, critical path), measured LLaMA-7B per-matrix "
+                        "costs, and the planned LLaMA-7B time on --project-ranks ranks")
+    p.add_argument("--scale-workload", default="roberta-base-shaped",
+                   help="workload of --scale (any of the workloads, or llama7b: all 32 blocks, 224 "
+                        "matrices generated lazily, hours on a CPU)")
+    p.add_argument("--scale-ranks", default="1,2", help="rank counts measured by --scale (default 1,2)")
+    p.add_argument("--project-ranks", default="1,4,8", help="rank counts projected by --scale (default 1,4,8)")
+    p.add_argument("--shape-costs", default=None, metavar="RxC=SEC,...",
+                   help="--scale: seconds per matrix of the LLaMA-7B shapes (4096x4096, 11008x4096, "
+                        "4096x11008) from an earlier run, instead of measuring them now")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return p
@@ -211,6 +223,35 @@ def _split(arg: str | None, known, what: str) -> list[str] | None:
     return items
 
 
+def _scale(args: argparse.Namespace, device: torch.device, env: dict[str, Any]) -> int:
+    from .scale import format_scale, run_scale
+
+    if args.scale_workload != "llama7b" and args.scale_workload not in WORKLOADS:
+        raise SystemExit(f"tbfast bench: unknown --scale-workload {args.scale_workload!r}")
+    try:
+        ranks = [int(x) for x in args.scale_ranks.split(",")]
+        project_ranks = [int(x) for x in args.project_ranks.split(",")]
+    except ValueError:
+        raise SystemExit("tbfast bench: --scale-ranks / --project-ranks take comma-separated integers") from None
+    print(f"# tbfast bench --scale on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
+    print(f"# command: {env['command']}")
+    from .scale import parse_shape_costs
+
+    try:
+        given = parse_shape_costs(args.shape_costs) if args.shape_costs else None
+    except ValueError as e:
+        raise SystemExit(f"tbfast bench: --shape-costs: {e}") from None
+    res = run_scale(args.scale_workload, ranks, project_ranks, device, repeats=args.repeats or 1,
+                    shape_costs=given)
+    print(format_scale(res["measured"], res.pop("_costs"), res["llama7b_projection"], args.scale_workload,
+                       args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "scale": res}, f, indent=2, default=str)
+        print(f"# wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tbfast bench``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -224,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ks_ref_layers = args.ks_reference_layers or (QUICK_KS_REFERENCE_LAYERS if args.quick else None)
     oracle_layers = args.oracle_layers or (QUICK_ORACLE_LAYERS if args.quick else None)
     env = environment(device, argv)
+    if args.scale:
+        return _scale(args, device, env)
     report: dict[str, Any] = {"environment": env, "methods": {m: METHOD_HELP[m] for m in methods},
                               "esd": [], "overhead": None}
     print(f"# tbfast bench on {env['device_name']} ({env['device']}), torch {env['torch']}, "
