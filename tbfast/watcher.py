@@ -169,8 +169,8 @@ class WeightWatcher:
         for l in found:
             if module:
                 short, kind = l.name.rsplit(".", 1)[-1], _KIND_TO_TYPE.get(l.kind, "dense")
-            else:  # WeightWatcher types a state dict's tensors by rank only
-                short, kind = l.name, "conv2d" if len(l.shape) == 4 else "dense"
+            else:  # WeightWatcher types a state dict's tensors by rank only (it skips 3-D ones)
+                short, kind = l.name, {3: "conv1d", 4: "conv2d"}.get(len(l.shape), "dense")
             info[l.name] = (ids[l.name], short, kind)
         kept = [l for l in found if self._keep(info[l.name], layers)]
         if not kept:
