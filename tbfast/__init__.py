@@ -14,6 +14,7 @@ from .layers import Layer, block_index, find_layers, layers_from_matrices
 from .metrics import ESDMetrics, compute_metrics, layer_metrics
 from .powerlaw import PowerLawFit, fit_power_law
 from .spectra import Spectra, esd
+from .watcher import WeightWatcher
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "backend_info", "Layer", "block_index", "find_layers", "layers_from_matrices", "ESDMetrics",
     "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd", "analyze", "summary",
-    "TempBalance", "Tempbalance", "__version__",
+    "TempBalance", "Tempbalance", "WeightWatcher", "__version__",
 ]
 _LAZY = ("TempBalance", "Tempbalance")
 
