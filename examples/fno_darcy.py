@@ -373,24 +373,50 @@ def markdown_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(cfg: Config, out: Optional[Path], cache: Optional[Path], log=print) -> dict:
-    """Data, lr / s selection on validation, then every (ratio, seed, method); results rewritten after each run."""
+_DATA: dict = {}  #: per-process data for `_run_task` (set by `_set_data`, also in pool workers)
+
+
+def _set_data(a_pool, u_pool, evals_np, threads: int = 1) -> None:
+    torch.set_num_threads(threads)
+    _DATA["pool"] = (torch.from_numpy(a_pool), torch.from_numpy(u_pool))
+    _DATA["evals"] = {k: (torch.from_numpy(a), torch.from_numpy(u)) for k, (a, u) in evals_np.items()}
+
+
+def _run_task(task: tuple) -> dict:
+    """One training run ``(method, ratio, seed, lr, s, cfg_dict)`` on the data set by `_set_data`."""
+    method, ratio, seed, lr, s, c = task
+    a_pool, u_pool = _DATA["pool"]
+    n = n_train_for(ratio, c["n_full"])
+    wd = weight_decay_for(ratio)
+    scores, info = train_fno(a_pool[:n], u_pool[:n], _DATA["evals"], method=method, lr=lr, s=s, weight_decay=wd,
+                             steps=c["steps"], batch=c["batch"], seed=seed, modes=c["modes"], width=c["width"])
+    info.pop("losses")
+    extra = {k: info.pop(k) for k in ("lr_factors_last",) if k in info}
+    return asdict(RunResult(method=method, ratio=ratio, seed=seed, n_train=n, lr=lr, s=s if method == "tb" else None,
+                            weight_decay=wd, steps=c["steps"], test_nrmse=scores["test"], val_nrmse=scores["val"],
+                            extra=extra, **info))
+
+
+def run_experiment(cfg: Config, out: Optional[Path], cache: Optional[Path], log=print, jobs: int = 1) -> dict:
+    """Data, lr / s selection on validation, then every (seed, ratio, method); results rewritten after each run.
+
+    Runs are ordered seed by seed, smallest ratio first, so that an interrupted run leaves a
+    complete table for the first seeds. ``jobs > 1`` trains that many runs at once in worker
+    processes (one thread each); results do not depend on ``jobs``.
+    """
     t_all = time.perf_counter()
     t0 = time.perf_counter()
     a_pool, u_pool = cached_dataset(cache, cfg.n_full, cfg.res, cfg.data_seeds[0])
-    a_val, u_val = cached_dataset(cache, cfg.n_val, cfg.res, cfg.data_seeds[1])
-    a_te, u_te = cached_dataset(cache, cfg.n_test, cfg.res, cfg.data_seeds[2])
+    evals_np = {"val": cached_dataset(cache, cfg.n_val, cfg.res, cfg.data_seeds[1]),
+                "test": cached_dataset(cache, cfg.n_test, cfg.res, cfg.data_seeds[2])}
     data_s = time.perf_counter() - t0
     log(f"data: {cfg.n_full} train pool / {cfg.n_val} val / {cfg.n_test} test at {cfg.res}x{cfg.res} ({data_s:.1f} s)")
-    T = torch.from_numpy
-    a_pool, u_pool = T(a_pool), T(u_pool)
-    evals = {"val": (T(a_val), T(u_val)), "test": (T(a_te), T(u_te))}
-
+    c = asdict(cfg)
     res = dict(
-        config={k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(cfg).items()},
+        config={k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in c.items()},
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         device=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads",
+               f"{jobs} worker process(es) x 1 thread",
         data_s=data_s, selection=dict(lr=[], s=[]), runs=[],
     )
 
@@ -402,46 +428,49 @@ def run_experiment(cfg: Config, out: Optional[Path], cache: Optional[Path], log=
         (out / "results.json").write_text(json.dumps(res, indent=1))
         (out / "table.md").write_text(markdown_table(res) + "\n")
 
-    def run(method, ratio, seed, lr, s):
-        n = n_train_for(ratio, cfg.n_full)
-        wd = weight_decay_for(ratio)
-        scores, info = train_fno(a_pool[:n], u_pool[:n], evals, method=method, lr=lr, s=s, weight_decay=wd,
-                                 steps=cfg.steps, batch=cfg.batch, seed=seed, modes=cfg.modes, width=cfg.width)
-        info.pop("losses")
-        extra = {k: info.pop(k) for k in ("lr_factors_last",) if k in info}
-        return RunResult(method=method, ratio=ratio, seed=seed, n_train=n, lr=lr, s=s if method == "tb" else None,
-                         weight_decay=wd, steps=cfg.steps, test_nrmse=scores["test"], val_nrmse=scores["val"],
-                         extra=extra, **info)
+    pool = None
+    if jobs > 1:
+        import multiprocessing as mp
 
-    # selection on the validation set: lr for the baseline, then s for TempBalance at that lr
-    lr = cfg.lr
-    if lr is None:
-        for cand in cfg.lr_grid:
-            r = run("baseline", cfg.select_ratio, cfg.select_seed, cand, 1.0)
-            res["selection"]["lr"].append(dict(lr=cand, val_nrmse=r.val_nrmse))
-            log(f"select lr={cand:g}: val nRMSE {r.val_nrmse:.4e} ({r.train_s:.0f} s)")
-            save()
-        lr = min(res["selection"]["lr"], key=lambda d: d["val_nrmse"])["lr"]
-    s = cfg.s
-    if s is None:
-        for cand in cfg.s_grid:
-            r = run("tb", cfg.select_ratio, cfg.select_seed, lr, cand)
-            res["selection"]["s"].append(dict(s=cand, val_nrmse=r.val_nrmse))
-            log(f"select s={cand:g}: val nRMSE {r.val_nrmse:.4e} ({r.train_s:.0f} s)")
-            save()
-        s = min(res["selection"]["s"], key=lambda d: d["val_nrmse"])["s"]
-    res["chosen"] = dict(lr=lr, s=s)
-    log(f"chosen: lr={lr:g}, s={s:g}")
-
-    for ratio in cfg.ratios:
-        for seed in cfg.seeds:
-            for method in ("baseline", "tb"):
-                r = run(method, ratio, seed, lr, s)
-                res["runs"].append(asdict(r))
-                log(f"ratio {ratio:g} (n={r.n_train}) seed {seed} {method}: test nRMSE {r.test_nrmse:.4e}, "
-                    f"loss {r.loss_first:.3g} -> {r.loss_last:.3g}, {r.train_s:.0f} s"
-                    + (f", TB {r.tb_s:.1f} s / {r.esd_calls} ESDs" if method == "tb" else ""))
+        pool = mp.get_context("spawn").Pool(jobs, initializer=_set_data, initargs=(a_pool, u_pool, evals_np, 1))
+        run_many = lambda tasks: pool.imap(_run_task, tasks)  # noqa: E731  (in task order)
+    else:
+        _set_data(a_pool, u_pool, evals_np, torch.get_num_threads())
+        run_many = lambda tasks: map(_run_task, tasks)  # noqa: E731
+    try:
+        # selection on the validation set: lr for the baseline, then s for TempBalance at that lr
+        lr = cfg.lr
+        if lr is None:
+            tasks = [("baseline", cfg.select_ratio, cfg.select_seed, cand, 1.0, c) for cand in cfg.lr_grid]
+            for cand, r in zip(cfg.lr_grid, run_many(tasks)):
+                res["selection"]["lr"].append(dict(lr=cand, val_nrmse=r["val_nrmse"], test_nrmse=r["test_nrmse"]))
+                log(f"select lr={cand:g}: val nRMSE {r['val_nrmse']:.4e} ({r['train_s']:.0f} s)")
                 save()
+            lr = min(res["selection"]["lr"], key=lambda d: d["val_nrmse"])["lr"]
+        s = cfg.s
+        if s is None:
+            tasks = [("tb", cfg.select_ratio, cfg.select_seed, lr, cand, c) for cand in cfg.s_grid]
+            for cand, r in zip(cfg.s_grid, run_many(tasks)):
+                res["selection"]["s"].append(dict(s=cand, val_nrmse=r["val_nrmse"], test_nrmse=r["test_nrmse"]))
+                log(f"select s={cand:g}: val nRMSE {r['val_nrmse']:.4e} ({r['train_s']:.0f} s)")
+                save()
+            s = min(res["selection"]["s"], key=lambda d: d["val_nrmse"])["s"]
+        res["chosen"] = dict(lr=lr, s=s)
+        log(f"chosen: lr={lr:g}, s={s:g}")
+        save()
+
+        tasks = [(method, ratio, seed, lr, s, c) for seed in cfg.seeds for ratio in sorted(cfg.ratios)
+                 for method in ("baseline", "tb")]
+        for r in run_many(tasks):
+            res["runs"].append(r)
+            log(f"ratio {r['ratio']:g} (n={r['n_train']}) seed {r['seed']} {r['method']}: test nRMSE "
+                f"{r['test_nrmse']:.4e}, loss {r['loss_first']:.3g} -> {r['loss_last']:.3g}, {r['train_s']:.0f} s"
+                + (f", TB {r['tb_s']:.1f} s / {r['esd_calls']} ESDs" if r["method"] == "tb" else ""))
+            save()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     save()
     return res
@@ -468,7 +497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--select-ratio", type=float, default=d.select_ratio)
     ap.add_argument("--lr", type=float, default=None, help="skip the lr selection")
     ap.add_argument("--s", type=float, default=None, help="skip the s selection")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (with --jobs 1)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -479,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      steps=args.steps, lr_grid=tuple(args.lr_grid), s_grid=tuple(args.s_grid),
                      select_ratio=args.select_ratio, lr=args.lr, s=args.s)
     res = run_experiment(cfg, args.out, None if args.no_cache else args.cache,
-                         log=lambda m: print(m, flush=True))
+                         log=lambda m: print(m, flush=True), jobs=args.jobs)
     print(markdown_table(res))
     print(f"total {res['elapsed_s']:.0f} s")
     return res
