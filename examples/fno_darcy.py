@@ -331,6 +331,7 @@ class Config:
     select_seed: int = 0
     lr: Optional[float] = None
     s: Optional[float] = None
+    methods: Sequence[str] = ("baseline", "tb")
     data_seeds: tuple = (20240, 20241, 20242)  #: train pool, validation, test
 
 
@@ -462,7 +463,7 @@ def run_experiment(cfg: Config, out: Optional[Path], cache: Optional[Path], log=
         save()
 
         tasks = [(method, ratio, seed, lr, s, c) for seed in cfg.seeds for ratio in sorted(cfg.ratios)
-                 for method in ("baseline", "tb")]
+                 for method in cfg.methods]
         for r in run_many(tasks):
             res["runs"].append(r)
             log(f"ratio {r['ratio']:g} (n={r['n_train']}) seed {r['seed']} {r['method']}: test nRMSE "
@@ -500,6 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--select-ratio", type=float, default=d.select_ratio)
     ap.add_argument("--lr", type=float, default=None, help="skip the lr selection")
     ap.add_argument("--s", type=float, default=None, help="skip the s selection")
+    ap.add_argument("--methods", nargs="+", choices=("baseline", "tb"), default=list(d.methods))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (with --jobs 1)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes")
     args = ap.parse_args(argv)
@@ -510,7 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         cfg = Config(res=args.res, n_full=args.n_full, ratios=tuple(args.ratios), seeds=tuple(args.seeds),
                      steps=args.steps, batch=args.batch, lr_grid=tuple(args.lr_grid), s_grid=tuple(args.s_grid),
-                     select_ratio=args.select_ratio, lr=args.lr, s=args.s)
+                     select_ratio=args.select_ratio, lr=args.lr, s=args.s, methods=tuple(args.methods))
     res = run_experiment(cfg, args.out, None if args.no_cache else args.cache,
                          log=lambda m: print(m, flush=True), jobs=args.jobs)
     print(markdown_table(res))
