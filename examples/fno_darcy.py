@@ -35,7 +35,7 @@ The base lr is chosen for the baseline on a validation set from ``--lr-grid``, t
 TempBalance at that lr from ``--s-grid``, both on one seed at one ratio (``--select-ratio``).
 
     PYTHONPATH=. python examples/fno_darcy.py --quick          # about a minute
-    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/fno_darcy.py --out out/fno_darcy/full
+    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/fno_darcy.py --jobs 4 --out out/fno_darcy/full  # docs/FNO_DARCY.md
 
 Results (JSON and a markdown table) are rewritten after every run, so an interrupted run leaves
 a partial table.
