@@ -179,7 +179,7 @@ def fit_power_law(
 
     Fix-finger on float32 `Spectra`: the histogram's lower end is each layer's first eigenvalue,
     which the float32 Gram path only knows to about ``eps * lambda_max``; with
-    ``refine_lower_edge`` (default) it is recomputed in float64 (`tbfast.lower_edge`, one more
+    ``refine_lower_edge`` (default) it is recomputed in float64 (`tbfast.lower_edge.lower_edge`, one more
     float64 Gram eigensolve per layer), so the window matches an fp64 SVD's. ``xmin`` is in
     absolute units (``Spectra.eig_scale`` applied)."""
     method = canonical_fit(fit)
