@@ -142,7 +142,7 @@ def _pow2_normalisers(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     """Per-layer power-of-two normalisation from each layer's largest absolute weight ``amax``.
 
     A layer whose ``amax`` lies outside ``[2^-E, 2^E]`` (``E`` = a quarter of ``dtype``'s
-    exponent range: 2^32 for float32) would have Gram entries near the overflow or underflow
+    exponent range: 2^31 for float32) would have Gram entries near the overflow or underflow
     threshold; its matrices are multiplied by ``2^-e`` (``amax = m 2^e``, ``0.5 <= m < 1``),
     which is exact, and its eigenvalues come back in units of ``4^e``. Other layers (and
     all-zero or non-finite ones) are left alone. Returns (matrix factor, eigenvalue factor),
@@ -217,7 +217,7 @@ def _normalise(M: torch.Tensor, poss: list[int], ks: list[int], eig_scale: torch
     f = mult[owner]
     # two exact power-of-two steps: 2^-e alone may be subnormal in float32
     half = torch.exp2(torch.trunc(torch.log2(f) / 2))
-    return M * half.to(dtype).view(-1, 1, 1) * (f / half).to(dtype).view(-1, 1, 1)
+    return M.mul_(half.to(dtype).view(-1, 1, 1)).mul_((f / half).to(dtype).view(-1, 1, 1))  # M is a fresh cat
 
 
 def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: torch.device | None,
