@@ -189,20 +189,25 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
     finite = _segment_sum((~torch.isfinite(e)).double(), seg, L) == 0
     cols = torch.stack([
         lam_max, norm, alpha, fit.D, fit.xmin, s_sum, s_len, s_mid, alpha_norm, ent,
-        fit.xmin_index.double(), (fit.ends - fit.starts).double(), finite.double(),
+        fit.xmin_index.double(), (fit.ends - fit.starts).double(), finite.double(), spectra.scales(),
     ])
     if eig_checks:
         failed = torch.stack([c.any() for c in eig_checks]).any()
         cols = torch.cat([cols, failed.double().expand(1, L)])
     host = cols.cpu()  # the single host synchronisation
-    eig_failed = bool(host[13, 0]) if eig_checks and L else False
-    (lam_max, norm, alpha, D, xmin, s_sum, s_len, s_mid, alpha_norm, ent, xidx, n_fit, finite) = host[:13]
+    eig_failed = bool(host[14, 0]) if eig_checks and L else False
+    (lam_max, norm, alpha, D, xmin, s_sum, s_len, s_mid, alpha_norm, ent, xidx, n_fit, finite,
+     scale) = host[:14]
+    # values are in units of `scale` (1 but for extreme weights, Spectra.eig_scale): sums and
+    # lambda_max to absolute units; ratios, entropy and alpha do not depend on it
+    stable_rank = s_sum / lam_max  # max(s) = lambda_max: zero filtering only drops small ones
+    eig_ratio = lam_max / s_mid
+    lam_max, norm, s_sum = lam_max * scale, norm * scale, s_sum * scale
     log_norm = torch.log10(norm)
     log_spec = torch.log10(lam_max)
-    stable_rank = s_sum / lam_max  # max(s) = lambda_max: zero filtering only drops small ones
     norm_stable_rank = s_sum / s_len
-    eig_ratio = lam_max / s_mid
-    log_alpha_norm = torch.log10(alpha_norm)
+    log_scale = torch.log10(scale)  # sum(e^alpha) = scale^alpha sum(values^alpha)
+    log_alpha_norm = torch.where(log_scale == 0, torch.log10(alpha_norm), torch.log10(alpha_norm) + alpha * log_scale)
     alphahat = alpha * log_spec
 
     status = []
@@ -266,6 +271,16 @@ def layer_metrics(
                            on_invalid=on_invalid, **esd_options)[2]
 
 
+def _fit_safe_values(spectra: Spectra) -> torch.Tensor:
+    """The eigenvalues with every layer that holds a NaN/Inf replaced by zeros, so the fit kernels
+    get finite, non-negative, ascending input (zeroing single values could break the order)."""
+    bad = ~torch.isfinite(spectra.values)
+    L = len(spectra)
+    seg = to_device(np.repeat(np.arange(L), spectra.counts.numpy()), spectra.values.device)
+    bad_layer = torch.zeros(L, dtype=torch.int64, device=bad.device).index_add_(0, seg, bad.to(torch.int64)) > 0
+    return torch.where(bad_layer[seg], torch.zeros_like(spectra.values), spectra.values)
+
+
 def esd_fit_metrics(source: Any, *, fit: str, xmin_pos: float, filter_zeros: bool, evals_thresh: float,
                     bins: int, xmin_bound: str, sr_mid_pos: float | None, method: str, dtype: torch.dtype,
                     backend: str, on_invalid: str, **esd_options: Any) -> tuple[Spectra, PowerLawFit, ESDMetrics]:
@@ -276,8 +291,8 @@ def esd_fit_metrics(source: Any, *, fit: str, xmin_pos: float, filter_zeros: boo
     spectra = esd(source, method=method, dtype=dtype, check_finite=False, eig_checks=checks, **esd_options)
     # NaN/Inf eigenvalues (from NaN/Inf weights) are zeroed for the fit only: those layers get a
     # status from compute_metrics, which reads the original values (no host sync here)
-    sane = Spectra(values=torch.nan_to_num(spectra.values, nan=0.0, posinf=0.0, neginf=0.0),
-                   offsets=spectra.offsets, layers=spectra.layers)
+    sane = Spectra(values=_fit_safe_values(spectra), offsets=spectra.offsets, layers=spectra.layers,
+                   eig_scale=spectra.eig_scale)
     pl = fit_power_law(sane, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
                        evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
     m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos, eig_checks=checks)

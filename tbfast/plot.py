@@ -184,7 +184,7 @@ def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool 
         spectra = analysis.spectra
         for i, row in enumerate(details.itertuples(index=False)):
             p = out / esd_filename(int(row.layer_id), str(row.name))
-            plot_esd(spectra[i], alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D), name=str(row.name),
+            plot_esd(spectra.eigenvalues(i), alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D), name=str(row.name),
                      status=str(row.status), path=p)
             paths.append(p)
     logger.info("wrote %d plots to %s", len(paths), out)

@@ -9,6 +9,7 @@ eigenvalues on the compute device (see ARCHITECTURE.md).
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ class Spectra:
     values: torch.Tensor
     offsets: torch.Tensor  # int64, (L+1,), on the host
     layers: list[Layer]
+    # float64 (L,) on the values' device: layer l's eigenvalues are values * eig_scale[l]. None
+    # (or 1) except for layers whose weights are so large or small that their Gram matrix would
+    # overflow or underflow: those are normalised by a power of two first (see _pow2_normalisers)
+    eig_scale: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -55,6 +60,16 @@ class Spectra:
 
     def to_list(self) -> list[torch.Tensor]:
         return [self[i] for i in range(len(self))]
+
+    def scales(self) -> torch.Tensor:
+        """Per-layer factor (float64, values' device) from ``values`` to eigenvalues."""
+        if self.eig_scale is None:
+            return torch.ones(len(self), dtype=torch.float64, device=self.values.device)
+        return self.eig_scale
+
+    def eigenvalues(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s eigenvalues in float64 and absolute units (``values * eig_scale``)."""
+        return self[i].double() * self.scales()[i]
 
     def device_offsets(self) -> torch.Tensor:
         """``offsets`` on the values' device (copied once, without a host sync)."""
@@ -139,9 +154,28 @@ def _matmul_precision(allow_tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def _pow2_normalisers(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer power-of-two normalisation from each layer's largest absolute weight ``amax``.
+
+    A layer whose ``amax`` lies outside ``[2^-E, 2^E]`` (``E`` = a quarter of ``dtype``'s
+    exponent range: 2^31 for float32) would have Gram entries near the overflow or underflow
+    threshold; its matrices are multiplied by ``2^-e`` (``amax = m 2^e``, ``0.5 <= m < 1``),
+    which is exact, and its eigenvalues come back in units of ``4^e``. Other layers (and
+    all-zero or non-finite ones) are left alone. Returns (matrix factor, eigenvalue factor),
+    float64, on ``amax``'s device; no host sync."""
+    lim = 2.0 ** (int(math.log2(torch.finfo(dtype).max)) // 4)
+    a = amax.double()
+    _, ex = torch.frexp(a)
+    need = torch.isfinite(a) & (a > 0) & ((a > lim) | (a < 1.0 / lim))
+    ex = torch.where(need, ex, torch.zeros_like(ex)).double()
+    return torch.exp2(-ex), torch.exp2(2.0 * ex)
+
+
 def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype: torch.dtype,
-                       device: torch.device | None, backend: str, eig_checks: list | None) -> torch.Tensor:
-    """Eigenvalues ``(sum k, n)`` of every matrix of the chunk's layers, in chunk order."""
+                       device: torch.device | None, backend: str, eig_checks: list | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``(sum k, n)`` of every matrix of the chunk's layers, in chunk order, in units
+    of each layer's eigenvalue factor (second result, float64 ``(len(chunk),)``)."""
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for pos, i in enumerate(chunk):
         by_shape[(layers[i].rows, layers[i].cols)].append(pos)
@@ -158,10 +192,12 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
         out = torch.empty((total, n), dtype=dtype, device=dev)
     else:
         G = torch.empty((total, n, n), dtype=dtype, device=dev)
+    eig_scale = torch.ones(len(chunk), dtype=torch.float64, device=dev)
     for (rows, cols), poss in by_shape.items():
         M = torch.cat([mats_per_pos[p].to(device=dev, dtype=dtype) for p in poss], dim=0)
         sl = np.concatenate([np.arange(first[p], first[p + 1]) for p in poss])
         idx = to_device(sl, dev)
+        M = _normalise(M, poss, ks, eig_scale, dtype)
         if method == "svd":
             sv = torch.linalg.svdvals(M)
             out.index_copy_(0, idx, sv.square().flip(-1))
@@ -177,12 +213,32 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
     if any(s != 1.0 for s in scales):
         sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)
         out = out * sq.unsqueeze(1)
-    return out.clamp_(min=0)
+    return out.clamp_(min=0), eig_scale
+
+
+def _normalise(M: torch.Tensor, poss: list[int], ks: list[int], eig_scale: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Scale the matrices ``M`` (the layers at chunk positions ``poss``, ``ks[p]`` matrices each)
+    by their layer's power of two from `_pow2_normalisers`; record the eigenvalue factors in
+    ``eig_scale``. On the CPU, ordinary weights skip the multiplication."""
+    lo, hi = torch.aminmax(M.flatten(1), dim=1)
+    per_matrix = torch.maximum(lo.abs(), hi.abs())
+    owner = to_device(np.repeat(np.arange(len(poss)), [ks[p] for p in poss]), M.device)
+    amax = torch.zeros(len(poss), dtype=per_matrix.dtype, device=M.device)
+    amax = amax.scatter_reduce(0, owner, per_matrix, reduce="amax", include_self=False)
+    mult, escale = _pow2_normalisers(amax, dtype)
+    eig_scale.index_copy_(0, to_device(np.asarray(poss), M.device), escale)
+    if M.device.type == "cpu" and not bool((mult != 1).any()):
+        return M
+    f = mult[owner]
+    # two exact power-of-two steps: 2^-e alone may be subnormal in float32
+    half = torch.exp2(torch.trunc(torch.log2(f) / 2))
+    return M.mul_(half.to(dtype).view(-1, 1, 1)).mul_((f / half).to(dtype).view(-1, 1, 1))  # M is a fresh cat
 
 
 def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: torch.device | None,
                   memory_budget: int, progress: bool, backend: str,
-                  eig_checks: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  eig_checks: list | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     counts = np.array([l.num_evals for l in layers], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     elem = torch.finfo(dtype).bits // 8
@@ -199,12 +255,15 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
         except ImportError:  # pragma: no cover - tqdm is optional
             log.info("tqdm not installed: no progress bar")
     out: torch.Tensor | None = None
+    eig_scale: torch.Tensor | None = None
     for chunk in chunks:
-        w = _chunk_eigenvalues(layers, chunk, method, dtype, device, backend, eig_checks)
+        w, sc = _chunk_eigenvalues(layers, chunk, method, dtype, device, backend, eig_checks)
         if out is None:
             out = torch.empty(int(offsets[-1]), dtype=dtype, device=w.device)
+            eig_scale = torch.ones(len(layers), dtype=torch.float64, device=w.device)
         dst = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in chunk])
         out.index_copy_(0, to_device(dst, w.device), w.reshape(-1))
+        eig_scale.index_copy_(0, to_device(np.asarray(chunk), w.device), sc)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -216,7 +275,7 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
         order = torch.argsort(out, stable=True)
         order = order[torch.argsort(seg[order], stable=True)]
         out = out[order]
-    return out, torch.as_tensor(offsets)
+    return out, torch.as_tensor(offsets), eig_scale
 
 
 def esd(
@@ -261,9 +320,9 @@ def esd(
             raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")
     dev = torch.device(device) if device is not None else None
     with _matmul_precision(allow_tf32):
-        values, offsets = _layer_values(layers, "svd" if method == "svd" else "gram", dtype, dev,
-                                        budget, progress, eig_backend, eig_checks)
-    spectra = Spectra(values=values, offsets=offsets, layers=layers)
+        values, offsets, eig_scale = _layer_values(layers, "svd" if method == "svd" else "gram", dtype, dev,
+                                                   budget, progress, eig_backend, eig_checks)
+    spectra = Spectra(values=values, offsets=offsets, layers=layers, eig_scale=eig_scale)
     if check_finite:
         raise_on_nonfinite(spectra)
     return spectra
