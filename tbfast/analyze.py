@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ._interrupt import interruptible
 from .checkpoint import checkpoint_layers, is_peft_adapter, lora_layers, open_checkpoint
 from .layers import Layer, find_layers
 from .metrics import ESDMetrics, esd_fit_metrics
@@ -120,6 +121,7 @@ def _frame(layers: list[Layer], m: ESDMetrics):
     return pd.DataFrame(data, columns=list(COLUMNS))
 
 
+@interruptible  # Ctrl-C reaches the caller at once, even inside one long eigensolve
 def analyze_spectra(
     source: Any,
     *,
