@@ -195,7 +195,7 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     if plot_dir is not None:
         from .plot import plot_analysis
 
-        plot_analysis(result, plot_dir)
+        plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)))
     return result.details
 
 

@@ -198,7 +198,7 @@ def _analyze(args: argparse.Namespace) -> int:
         try:
             from .plot import plot_analysis
 
-            paths = plot_analysis(result, args.plot)
+            paths = plot_analysis(result, args.plot, progress=progress)
         except ImportError as e:
             return _error(str(e), EXIT_ERROR)
         except OSError as e:
