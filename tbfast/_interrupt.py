@@ -45,13 +45,14 @@ def busy() -> bool:
 
 
 def _torch_state() -> Callable[[], Any]:
-    """Capture the caller's thread-local torch state (grad mode, inference mode, CUDA device and
-    stream) and return a function that restores it in another thread."""
+    """Capture the caller's thread-local torch state (grad mode, inference mode, default device,
+    CUDA device and stream) and return a function that restores it in another thread."""
     torch = sys.modules.get("torch")
     if torch is None:
         return contextlib.nullcontext
     grad = torch.is_grad_enabled()
     inference = torch.is_inference_mode_enabled()
+    default_device = torch.get_default_device() if hasattr(torch, "get_default_device") else None
     cuda_device = stream = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_device = torch.cuda.current_device()
@@ -61,6 +62,8 @@ def _torch_state() -> Callable[[], Any]:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode(inference))
         stack.enter_context(torch.set_grad_enabled(grad))
+        if default_device is not None and default_device != torch.get_default_device():
+            torch.set_default_device(default_device)  # thread-local: this worker only
         if cuda_device is not None:
             torch.cuda.set_device(cuda_device)
             stack.enter_context(torch.cuda.stream(stream))

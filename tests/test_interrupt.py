@@ -178,6 +178,13 @@ def test_interruptible_hands_back_results_errors_and_grad_mode():
         assert where(2) == (3, False, False)
 
     @interruptible
+    def default_device():
+        return torch.empty(1).device.type
+
+    with torch.device("meta"):
+        assert default_device() == "meta"
+
+    @interruptible
     def bad():
         raise ValueError("layer 'x': bad")
 
