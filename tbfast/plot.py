@@ -59,7 +59,7 @@ class _ESDFigure:
     def __init__(self) -> None:
         fig = _figure(11, 4.2)
         ax, ax2 = fig.subplots(1, 2)
-        fig.subplots_adjust(left=0.065, right=0.985, bottom=0.13, top=0.92, wspace=0.22)
+        fig.subplots_adjust(left=0.08, right=0.985, bottom=0.13, top=0.92, wspace=0.28)
         for a in (ax, ax2):
             a.set_xscale("log")
             a.set_yscale("log")
