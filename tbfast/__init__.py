@@ -6,7 +6,11 @@ learning-rate schedule. See docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-import logging
+from . import _interrupt
+
+_interrupt.install_cli_excepthook()  # `tbfast` command: Ctrl-C while torch loads prints one line
+
+import logging  # noqa: E402
 
 from ._backend import backend_info
 from .analyze import analyze, summary

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ._interrupt import interruptible
 from .checkpoint import checkpoint_layers, is_peft_adapter, lora_layers, open_checkpoint
 from .layers import Layer, find_layers
 from .metrics import ESDMetrics, esd_fit_metrics
@@ -136,6 +137,7 @@ def _frame(layers: list[Layer], m: ESDMetrics):
     return pd.DataFrame(data, columns=list(COLUMNS))
 
 
+@interruptible  # Ctrl-C reaches the caller at once, even inside one long eigensolve
 def analyze_spectra(
     source: Any,
     *,
@@ -222,7 +224,7 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     if plot_dir is not None and is_main_process(options.get("process_group")):
         from .plot import plot_analysis
 
-        plot_analysis(result, plot_dir)
+        plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)))
     return result.details
 
 

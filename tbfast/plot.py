@@ -48,6 +48,98 @@ def esd_filename(index: int, name: str) -> str:
     return f"esd_{index:03d}_{safe[:120]}.png"
 
 
+class _ESDFigure:
+    """One ESD figure whose artists are updated for each layer.
+
+    Building a matplotlib figure (axes, log-scale tick objects, text layout) costs far more than
+    drawing it, so `plot_analysis` draws every layer into one `_ESDFigure`; margins are fixed
+    instead of ``tight_layout`` (which draws the whole figure once more to measure it).
+    """
+
+    def __init__(self) -> None:
+        fig = _figure(11, 4.2)
+        ax, ax2 = fig.subplots(1, 2)
+        fig.subplots_adjust(left=0.08, right=0.985, bottom=0.13, top=0.92, wspace=0.28)
+        for a in (ax, ax2):
+            a.set_xscale("log")
+            a.set_yscale("log")
+        ax.set_xlabel("eigenvalue $\\lambda$ of $W^T W$")
+        ax.set_ylabel("density")
+        ax2.set_xlabel("eigenvalue $\\lambda$")
+        ax2.set_ylabel("$P(\\Lambda \\geq \\lambda)$")
+        self.fig, self.ax, self.ax2 = fig, ax, ax2
+        self.hist = ax.stairs([1.0], [1.0, 2.0], fill=True, color="tab:blue", alpha=0.55)
+        (self.pdf,) = ax.plot([], [], "r--", lw=2)
+        self.xmin_line = ax.axvline(1.0, color="k", ls=":", lw=1.5)
+        (self.tail,) = ax2.plot([], [], "o", ms=3, color="tab:blue")
+        (self.tail_fit,) = ax2.plot([], [], "r--", lw=2)
+        self.xmin_line2 = ax2.axvline(1.0, color="k", ls=":", lw=1.5)
+        self.no_fit = ax2.text(0.5, 0.5, "", ha="center", va="center", transform=ax2.transAxes, wrap=True)
+
+    def draw(self, e: np.ndarray, *, alpha: float, xmin: float, name: str, D: float | None, status: str,
+             bins: int):
+        """Show the sorted eigenvalues ``e`` (float64) and their fit; returns the Figure."""
+        ax, ax2 = self.ax, self.ax2
+        pos = e[e > 0]
+        if pos.size == 0:
+            raise ValueError(f"layer {name!r}: no positive eigenvalue to plot")
+        fitted = status == "ok" and math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and alpha > 1
+
+        lo, hi = pos[0], pos[-1]
+        if hi <= lo:
+            hi = lo * 1.01
+        edges = np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+        counts, _ = np.histogram(pos, bins=edges)
+        density = counts / (e.size * np.diff(edges))
+        self.hist.set_data(density, edges)
+        self.hist.set_label(f"ESD ({e.size} eigenvalues)")
+        title = f"{name}" if name else "ESD"
+        for artist in (self.pdf, self.xmin_line, self.tail, self.tail_fit, self.xmin_line2):
+            artist.set_visible(fitted)
+        if fitted:
+            ax2.set_axis_on()
+        else:
+            ax2.set_axis_off()
+        self.no_fit.set_visible(not fitted)
+        if fitted:
+            tail = e[e >= xmin]
+            frac = tail.size / e.size
+            x = np.logspace(math.log10(xmin), math.log10(hi), 200)
+            pdf = frac * (alpha - 1.0) / xmin * (x / xmin) ** (-alpha)
+            self.pdf.set_data(x, pdf)
+            self.pdf.set_label(f"power law, $\\alpha$ = {alpha:.3f}")
+            self.xmin_line.set_xdata([xmin, xmin])
+            self.xmin_line.set_label(f"$x_{{min}}$ = {xmin:.4g}")
+            ccdf = 1.0 - np.arange(tail.size) / tail.size  # P(X >= x) over the tail
+            self.tail.set_data(tail, ccdf)
+            self.tail.set_label("tail, empirical")
+            self.tail_fit.set_data(x, (x / xmin) ** (1.0 - alpha))
+            self.tail_fit.set_label("fitted $(x/x_{min})^{1-\\alpha}$")
+            self.xmin_line2.set_xdata([xmin, xmin])
+            ax2.set_title(f"tail: {tail.size} eigenvalues >= $x_{{min}}$" + (f", KS D = {D:.4f}" if D is not None else ""),
+                          fontsize=10, y=1.0)  # a fixed y: no overlap search on every draw
+            ax2.relim()
+            ax2.autoscale(enable=True)
+            ax2.set_ylim(bottom=min(ccdf[-1], float(((hi / xmin) ** (1.0 - alpha)))) * 0.5, top=1.5)
+            ax2.legend(fontsize=8, loc="lower left")
+            title += f"   $\\alpha$ = {alpha:.3f}"
+        else:
+            for artist in (self.pdf, self.xmin_line, self.tail, self.tail_fit):
+                artist.set_label("_hidden")  # not in legends, not taken for a fit
+            self.pdf.set_data([], [])
+            self.no_fit.set_text(f"no power-law fit:\n{status}")
+            ax2.set_title("", y=1.0)
+            if ax2.get_legend() is not None:
+                ax2.get_legend().remove()
+        ax.relim(visible_only=True)
+        ax.autoscale(enable=True)
+        if fitted:
+            ax.set_ylim(bottom=max(density[density > 0].min() * 0.3, 1e-300))
+        ax.legend(fontsize=8, loc="lower left")
+        ax.set_title(title, fontsize=10, y=1.0)
+        return self.fig
+
+
 def plot_esd(
     eigenvalues: torch.Tensor | np.ndarray | Sequence[float],
     *,
@@ -63,59 +155,29 @@ def plot_esd(
 
     Returns the matplotlib Figure.
     """
+    return _plot_esd(_ESDFigure(), eigenvalues, alpha=alpha, xmin=xmin, name=name, D=D, status=status,
+                     path=path, bins=bins)
+
+
+def _plot_esd(canvas: _ESDFigure, eigenvalues, *, alpha: float, xmin: float, name: str, D: float | None,
+              status: str, path: str | os.PathLike | None, bins: int):
     e = np.sort(np.asarray(eigenvalues.detach().cpu() if isinstance(eigenvalues, torch.Tensor) else eigenvalues,
                            dtype=np.float64).ravel())
-    pos = e[e > 0]
-    if pos.size == 0:
-        raise ValueError(f"layer {name!r}: no positive eigenvalue to plot")
-    fig = _figure(11, 4.2)
-    ax, ax2 = fig.subplots(1, 2)
-    fitted = status == "ok" and math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and alpha > 1
-
-    lo, hi = pos[0], pos[-1]
-    if hi <= lo:
-        hi = lo * 1.01
-    edges = np.logspace(math.log10(lo), math.log10(hi), bins + 1)
-    counts, _ = np.histogram(pos, bins=edges)
-    density = counts / (e.size * np.diff(edges))
-    ax.stairs(density, edges, fill=True, color="tab:blue", alpha=0.55, label=f"ESD ({e.size} eigenvalues)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue $\\lambda$ of $W^T W$")
-    ax.set_ylabel("density")
-    title = f"{name}" if name else "ESD"
-    if fitted:
-        tail = e[e >= xmin]
-        frac = tail.size / e.size
-        x = np.logspace(math.log10(xmin), math.log10(hi), 200)
-        pdf = frac * (alpha - 1.0) / xmin * (x / xmin) ** (-alpha)
-        ax.plot(x, pdf, "r--", lw=2, label=f"power law, $\\alpha$ = {alpha:.3f}")
-        ax.axvline(xmin, color="k", ls=":", lw=1.5, label=f"$x_{{min}}$ = {xmin:.4g}")
-        ymin = max(density[density > 0].min() * 0.3, 1e-300)
-        ax.set_ylim(bottom=ymin)
-
-        ccdf = 1.0 - np.arange(tail.size) / tail.size  # P(X >= x) over the tail
-        ax2.loglog(tail, ccdf, "o", ms=3, color="tab:blue", label="tail, empirical")
-        ax2.loglog(x, (x / xmin) ** (1.0 - alpha), "r--", lw=2, label="fitted $(x/x_{min})^{1-\\alpha}$")
-        ax2.axvline(xmin, color="k", ls=":", lw=1.5)
-        ax2.set_title(f"tail: {tail.size} eigenvalues >= $x_{{min}}$" + (f", KS D = {D:.4f}" if D is not None else ""),
-                      fontsize=10)
-        ax2.set_ylim(bottom=min(ccdf[-1], float(((hi / xmin) ** (1.0 - alpha)))) * 0.5, top=1.5)
-        title += f"   $\\alpha$ = {alpha:.3f}"
-    else:
-        ax2.text(0.5, 0.5, f"no power-law fit:\n{status}", ha="center", va="center", transform=ax2.transAxes,
-                 wrap=True)
-        ax2.set_axis_off()
-    ax2.set_xlabel("eigenvalue $\\lambda$")
-    ax2.set_ylabel("$P(\\Lambda \\geq \\lambda)$")
-    if fitted:
-        ax2.legend(fontsize=8, loc="lower left")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig = canvas.draw(e, alpha=alpha, xmin=xmin, name=name, D=D, status=status, bins=bins)
     if path is not None:
-        fig.savefig(path)
+        _save(fig, path)
     return fig
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    """Save ``fig`` as PNG through a temporary file: an interrupted run leaves no truncated PNG."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 1})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, title: str | None = None):
@@ -166,13 +228,16 @@ def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, 
     ax.set_title(title or f"alpha per layer ({int(ok.sum())} of {n} layers fitted)", fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path)
+        _save(fig, path)
     return fig
 
 
-def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool = True) -> list[Path]:
+def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool = True,
+                  progress: bool = False) -> list[Path]:
     """Write ``alpha_overview.png`` and one ``esd_<layer_id>_<name>.png`` per layer into
-    ``out_dir`` (created if missing) for an `tbfast.analyze.Analysis`. Returns the paths."""
+    ``out_dir`` (created if missing) for an `tbfast.analyze.Analysis`. Returns the paths.
+
+    ``progress``: a progress bar over the layers (tqdm, on stderr)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     details = analysis.details
@@ -182,10 +247,30 @@ def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool 
     paths.append(p)
     if esd_plots:
         spectra = analysis.spectra
-        for i, row in enumerate(details.itertuples(index=False)):
-            p = out / esd_filename(int(row.layer_id), str(row.name))
-            plot_esd(spectra.eigenvalues(i), alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D), name=str(row.name),
-                     status=str(row.status), path=p)
-            paths.append(p)
+        rows = list(details.itertuples(index=False))
+        bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(rows), desc="plots", unit="layer")
+            except ImportError:  # pragma: no cover - tqdm is optional
+                logger.info("tqdm not installed: no progress bar")
+        canvas = _ESDFigure()
+        try:
+            for i, row in enumerate(rows):
+                ev = spectra.eigenvalues(i)  # absolute units (the ESD may be computed on a scaled copy)
+                if bool((ev > 0).any()):
+                    p = out / esd_filename(int(row.layer_id), str(row.name))
+                    _plot_esd(canvas, ev, alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D),
+                              name=str(row.name), status=str(row.status), path=p, bins=100)
+                    paths.append(p)
+                else:  # e.g. an all-zero matrix: no ESD to draw (its status says why)
+                    logger.info("layer %r: no positive eigenvalue, no ESD plot (status: %s)", row.name, row.status)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
     logger.info("wrote %d plots to %s", len(paths), out)
     return paths

@@ -92,3 +92,66 @@ def test_plot_analysis_writes_one_file_per_layer(tmp_path):
 
 def test_esd_filename_is_safe():
     assert esd_filename(7, "a/b c:d") == "esd_007_a_b_c_d.png"
+
+
+def _fake_analysis(spectra, rows):
+    """An Analysis-like object: per-layer eigenvalues and the table columns plot_analysis reads."""
+    import types
+
+    details = pd.DataFrame(rows, columns=["layer_id", "name", "alpha", "xmin", "D", "status", "type"])
+    details["block"] = pd.array([None] * len(rows), dtype="Int64")
+    return types.SimpleNamespace(details=details, spectra=[torch.tensor(e) for e in spectra])
+
+
+def test_plot_analysis_reuses_one_figure_and_matches_fresh_plots(tmp_path, monkeypatch):
+    """All ESD plots are drawn into one reused figure (building a figure per layer made --plot slow),
+    yet every file is pixel-identical to a fresh `plot_esd` of that layer alone, including a fitted
+    layer drawn right after an unfitted one."""
+    import matplotlib.image as mpimg
+
+    import tbfast.plot as plot_mod
+
+    a, b, c = _heavy_tailed_evals(300, 1), _heavy_tailed_evals(50, 2), _heavy_tailed_evals(500, 3)
+    rows = [(0, "a", 2.7, float(a[150]), 0.05, "ok", "Linear"),
+            (1, "b", float("nan"), float("nan"), float("nan"), "too few eigenvalues to fit (1)", "Linear"),
+            (2, "c", 3.4, float(c[400]), 0.08, "ok", "Linear")]
+    built = []
+    real_figure = plot_mod._figure
+    monkeypatch.setattr(plot_mod, "_figure", lambda *s: built.append(s) or real_figure(*s))
+    paths = plot_analysis(_fake_analysis([a, b, c], rows), tmp_path / "run")
+    assert len(built) == 2  # the overview and one ESD figure for all three layers
+    monkeypatch.setattr(plot_mod, "_figure", real_figure)
+    for e, row, p in zip([a, b, c], rows, paths[1:]):
+        assert p.name == esd_filename(row[0], row[1])
+        fresh = tmp_path / f"fresh_{row[1]}.png"
+        plot_esd(e, alpha=row[2], xmin=row[3], D=row[4], name=row[1], status=row[5], path=fresh)
+        np.testing.assert_array_equal(mpimg.imread(p), mpimg.imread(fresh))
+
+
+def test_plot_analysis_skips_all_zero_layer(tmp_path):
+    """A layer without a positive eigenvalue (all-zero weights) gets no ESD file instead of an error."""
+    e = _heavy_tailed_evals()
+    rows = [(0, "zero", float("nan"), float("nan"), float("nan"), "all-zero matrix", "Linear"),
+            (1, "w", 2.5, float(e[100]), 0.05, "ok", "Linear")]
+    paths = plot_analysis(_fake_analysis([np.zeros(20), e], rows), tmp_path)
+    assert [p.name for p in paths] == ["alpha_overview.png", esd_filename(1, "w")]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left
+
+
+def test_cli_plot_shows_progress(tmp_path):
+    """`tbfast analyze --plot DIR --progress`: a bar over the layers while the PNGs are written."""
+    from tbfast import cli
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("tqdm")
+    g = torch.Generator().manual_seed(0)
+    f = tmp_path / "m.safetensors"
+    safetensors_torch.save_file({f"l{i}.weight": torch.randn(40, 30, generator=g) for i in range(3)}, str(f))
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["analyze", str(f), "--plot", str(tmp_path / "p"), "--progress"]) == 0
+    assert "plots: 100%" in err.getvalue() and "3/3" in err.getvalue(), err.getvalue()
+    assert len(list((tmp_path / "p").glob("esd_*.png"))) == 3

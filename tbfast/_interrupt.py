@@ -1,0 +1,184 @@
+"""Ctrl-C that works during long native calls, and a quiet Ctrl-C for the ``tbfast`` command.
+
+Python runs signal handlers only in the main thread, between bytecodes: while that thread is
+inside one long C++ call (a LAPACK ``?syevd`` of a 10000 x 10000 Gram matrix, a big matmul), a
+KeyboardInterrupt waits until the call returns. `interruptible` runs a function in a worker
+thread instead (torch ops and tbfast's C++ ops release the GIL) while the calling main thread
+waits, so Ctrl-C raises KeyboardInterrupt in the caller at once. The native call in flight cannot
+be cancelled: it finishes in the background (a daemon thread) and its result is dropped; at
+interpreter exit Python waits for it (a second Ctrl-C quits at once), and the ``tbfast`` command
+ends the process right away with exit code 130.
+
+This module is imported first by ``tbfast/__init__.py`` and must stay free of heavy imports:
+`install_cli_excepthook` makes a Ctrl-C while ``import torch`` runs print one line instead of a
+traceback when the process was started as ``tbfast`` / ``python -m tbfast``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import logging
+import os
+import sys
+import threading
+import warnings
+from typing import Any, Callable, TypeVar
+
+__all__ = ["interruptible", "busy", "exit_interrupted", "started_as_cli", "install_cli_excepthook",
+           "EXIT_INTERRUPTED"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_local = threading.local()  # .inside: True in a worker thread started here
+_abandoned: list[threading.Event] = []  # "done" events of workers whose caller was interrupted
+
+
+def busy() -> bool:
+    """True while a worker whose caller was interrupted is still running its native call."""
+    return not all(done.is_set() for done in _abandoned)
+
+
+def _torch_state() -> Callable[[], Any]:
+    """Capture the caller's thread-local torch state (grad mode, inference mode, default device,
+    CUDA device and stream) and return a function that restores it in another thread."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return contextlib.nullcontext
+    grad = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+    default_device = torch.get_default_device() if hasattr(torch, "get_default_device") else None
+    cuda_device = stream = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_device = torch.cuda.current_device()
+        stream = torch.cuda.current_stream(cuda_device)
+
+    def restore() -> Any:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(inference))
+        stack.enter_context(torch.set_grad_enabled(grad))
+        if default_device is not None and default_device != torch.get_default_device():
+            torch.set_default_device(default_device)  # thread-local: this worker only
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
+            stack.enter_context(torch.cuda.stream(stream))
+        return stack
+
+    return restore
+
+
+def interruptible(fn: F) -> F:
+    """Decorator: called from the main thread, run ``fn`` in a worker thread and wait for it so
+    that Ctrl-C raises KeyboardInterrupt in the caller promptly, even inside a long native call.
+
+    Results and exceptions are handed back unchanged. Called from any other thread (or nested
+    inside another `interruptible` call) ``fn`` simply runs in place.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_local, "inside", False) or threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+        restore = _torch_state()
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            _local.inside = True
+            try:
+                with restore():
+                    box["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"tbfast-{fn.__name__}", daemon=True).start()
+        try:
+            # not Thread.join(): on Python < 3.12 a KeyboardInterrupt inside join() can mark the
+            # thread as stopped while it still runs (bpo-45274 handling)
+            while not done.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            if not _abandoned:
+                atexit.register(_wait_at_exit)
+            _abandoned.append(done)
+            logger.debug("%s interrupted; the native call in flight finishes in the background", fn.__name__)
+            raise
+        if "error" in box:
+            exc = box.pop("error")
+            try:
+                raise exc
+            finally:
+                del exc
+        return box["value"]
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _wait_at_exit() -> None:
+    """At interpreter exit, let an abandoned worker finish its native call first: a daemon thread
+    that returns from C++ into a finalizing interpreter aborts the process (``terminate called
+    without an active exception``). A second Ctrl-C ends the process at once (exit code 130)."""
+    if not busy():
+        return
+    # a warning, not a log record: the process seems to hang otherwise, and logging may be off
+    warnings.warn("tbfast: waiting for the interrupted eigensolve to finish before exiting "
+                  "(Ctrl-C again to quit now)", RuntimeWarning, stacklevel=1)
+    try:
+        for done in _abandoned:
+            while not done.wait(0.1):
+                pass
+    except KeyboardInterrupt:
+        exit_interrupted("tbfast: interrupted")
+
+
+def exit_interrupted(message: str) -> None:
+    """Print ``message`` (one line) on stderr, flush, and end the process with exit code 130.
+
+    Uses ``os._exit``: a worker thread may still be inside a native call that cannot be
+    cancelled, and a normal interpreter shutdown would wait for it or tear the runtime down
+    under it."""
+    try:
+        sys.stdout.flush()
+    except Exception:  # a closed pipe: nothing left to save
+        pass
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except Exception:
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def started_as_cli() -> bool:
+    """True when this process is the ``tbfast`` command (console script or ``python -m tbfast``)."""
+    argv = list(getattr(sys, "orig_argv", None) or [])[1:]
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-c":  # interpreter options
+        a = argv[i]
+        if a.startswith("-m"):
+            name = a[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
+            return name in ("tbfast", "tbfast.cli")
+        i += 2 if a in ("-W", "-X") else 1
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "tbfast"
+
+
+def install_cli_excepthook() -> None:
+    """In the ``tbfast`` command only: an uncaught KeyboardInterrupt (Ctrl-C while torch is being
+    imported, before `tbfast.cli.main` runs) prints one line and exits 130, not a traceback."""
+    if not started_as_cli() or getattr(sys.excepthook, "_tbfast", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            exit_interrupted("tbfast: interrupted")
+        previous(kind, value, tb)
+
+    hook._tbfast = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
