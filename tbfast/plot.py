@@ -259,7 +259,8 @@ def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool 
         canvas = _ESDFigure()
         try:
             for i, row in enumerate(rows):
-                ev = spectra.eigenvalues(i)  # absolute units (the ESD may be computed on a scaled copy)
+                # absolute units (a Spectra may hold a power-of-two scaled copy); plain lists as they are
+                ev = spectra.eigenvalues(i) if hasattr(spectra, "eigenvalues") else spectra[i]
                 if bool((ev > 0).any()):
                     p = out / esd_filename(int(row.layer_id), str(row.name))
                     _plot_esd(canvas, ev, alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D),
