@@ -161,3 +161,18 @@ def test_resume_from_lightning_checkpoint_gives_identical_lrs(tmp_path):
     assert [s for s, _ in resumed] == list(range(5, 13))
     assert resumed == straight[4:]
     assert end2 == end
+
+
+def test_asynchronous_tempbalance_in_a_lightning_fit(tmp_path):
+    """TempBalance(asynchronous=True): the callback's ESDs run in the background; after
+    synchronize() the schedule is the fp64-SVD oracle's for the final weights (last ESD at the end)."""
+    model = net()
+    tb = TempBalance(model, eigs_thresh=20, asynchronous=True)
+    cb = TempBalanceCallback(tb, interval="step", frequency=2)
+    module = Module(model, tb, "step")
+    trainer(tmp_path, [cb], epochs=2).fit(module, data())
+    assert tb.lag is not None and tb.lag >= 0
+    tb.synchronize()
+    _, factors = oracle_factors(model)
+    assert [tb.ratios[k] for k in tb.ratios] == pytest.approx(factors[:-1], rel=1e-3)
+    tb.close()
