@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .table import format_table
 from .esd_bench import METHOD_HELP, METHODS, QUICK_METHODS, run_esd_benchmark
 from .workloads import QUICK_WORKLOADS, WORKLOADS
 
@@ -129,16 +130,6 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def esd_tables(results: list[dict], markdown: bool) -> str:
     """The ESD table (one row per workload x method) and the KS table."""
     rows, ks_rows = [], []
@@ -160,11 +151,11 @@ def esd_tables(results: list[dict], markdown: bool) -> str:
             ks_rows.append([r["workload"], str(k["layers"]), ref, _fmt_s(k["tbfast_seconds"]),
                             f"{k['ratio_vs_reference']:.0f}x"])
     out = ["ESD + median fit + metrics, weights -> host-side table (median of repeats)",
-           _table(["workload", "layers", "method", "time", "layers/s", "vs reference",
+           format_table(["workload", "layers", "method", "time", "layers/s", "vs reference",
                    "max alpha rel err (fp64 SVD)", "KS xmin index = oracle"], rows, markdown)]
     if ks_rows:
         out += ["", "KS scan (SPEC sec. 4) on the same eigenvalues",
-                _table(["workload", "layers", "reference (Python loop)", "tbfast", "speedup"],
+                format_table(["workload", "layers", "reference (Python loop)", "tbfast", "speedup"],
                        ks_rows, markdown)]
     return "\n".join(out)
 

@@ -212,7 +212,7 @@ def run_overhead(model: str = "bert-small", device: torch.device | str = "cpu",
 
 def format_overhead(ov: dict[str, Any], markdown: bool = False) -> str:
     """A table of the runs and the headline line ``TempBalance share of wall time: ...``."""
-    from .cli import _table
+    from .table import format_table
 
     rows = []
     for run, r in ov["runs"].items():
@@ -232,7 +232,7 @@ def format_overhead(ov: dict[str, Any], markdown: bool = False) -> str:
                  f"(reference ESD time) = {c['paper_ratio']:.2f}, the paper's ratio (measured here: reference ESD "
                  f"{c['reference_esd_seconds']:.3f} s, train step {c['train_step_seconds']:.3f} s, eval "
                  f"{1e3 * c['eval_seconds_per_example']:.2f} ms/example)")
-    out = [head, _table(["run", "wall time", "TempBalance (blocking)", "share", "added wall time",
+    out = [head, format_table(["run", "wall time", "TempBalance (blocking)", "share", "added wall time",
                          "eval", "final train loss", "eval loss", "eval accuracy"], rows, markdown)]
     runs = ov["runs"]
     if "reference" in runs and "tbfast" in runs:
