@@ -100,6 +100,36 @@ class ESDMetrics:
         out["status"] = list(self.status)
         return out
 
+    def to_state(self) -> dict[str, Any]:
+        """The table as JSON-ready plain data (lists, numbers, strings); `from_state` inverts it exactly."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if isinstance(v, torch.Tensor):
+                out[f.name] = {"values": v.tolist(), "dtype": str(v.dtype).replace("torch.", "")}
+            elif f.name == "shapes":
+                out[f.name] = [list(x) for x in v]
+            else:
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "ESDMetrics":
+        """A table from `to_state` output (only float64 / float32 / int64 columns are accepted)."""
+        kw: dict[str, Any] = {}
+        for k, v in state.items():
+            if isinstance(v, dict) and set(v) == {"values", "dtype"}:
+                if v["dtype"] not in ("float64", "float32", "int64"):
+                    raise ValueError(f"ESD table state: column {k!r} has unsupported dtype {v['dtype']!r}")
+                kw[k] = torch.tensor(v["values"], dtype=getattr(torch, v["dtype"]))
+            elif k == "shapes":
+                kw[k] = [tuple(x) for x in v]
+            else:
+                kw[k] = v
+        return cls(**kw)
+
     def to_pandas(self):
         """The table as a pandas DataFrame (pandas is optional)."""
         try:

@@ -60,6 +60,9 @@ BALANCE = ("lr", "weight_decay", "both")
 FLAT_POLICIES = ("keep", "untuned")
 _ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")  # scores that a flat tail makes meaningless
 _UNTUNED = None  # key of parameters at the untuned learning rate
+_ASYNC_ON_GROUP = ("TempBalance: asynchronous=True is not supported on a process group yet; pass "
+                   "process_group=False (every rank computes the whole ESD) or use the synchronous mode "
+                   "(the layers are split over the ranks)")
 
 # keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict());
 # the lr bookkeeping keys are documented in tbfast._untuned_lr
@@ -280,9 +283,7 @@ class TempBalance:
         group = active_group(self.process_group)
         if group is not None:
             if layers is not None:
-                raise ValueError("TempBalance: asynchronous=True is not supported on a process group yet; "
-                                 "pass process_group=False (every rank computes the whole ESD) or use "
-                                 "the synchronous mode (the layers are split over the ranks)")
+                raise ValueError(_ASYNC_ON_GROUP)
             # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
             layer_metrics = functools.partial(distributed_layer_metrics, group=group,
                                               types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
@@ -310,12 +311,9 @@ class TempBalance:
 
     def refresh(self) -> None:
         """Request a new ESD: computed now (synchronous) or started in the background (asynchronous)."""
-        if not self.asynchronous:
-            self.update()
-            self.schedule_step = self.step_count
-            return
-        self._promote()
-        if not self.ratios:  # nothing to balance with yet: the first schedule is synchronous
+        if self.asynchronous:
+            self._promote()
+        if not self.asynchronous or not self.ratios:  # the first schedule is always synchronous
             self.update()
             self.schedule_step = self.step_count
             return
@@ -323,9 +321,7 @@ class TempBalance:
         from .distributed import active_group
 
         if active_group(self.process_group) is not None:
-            raise ValueError("TempBalance: asynchronous=True is not supported on a process group yet; "
-                             "pass process_group=False (every rank computes the whole ESD) or use "
-                             "the synchronous mode (the layers are split over the ranks)")
+            raise ValueError(_ASYNC_ON_GROUP)
         if self._background is None:
             self._background = BackgroundESD(lambda layers: self.compute_metrics(layers))
         self._background.submit(snapshot_layers(self.analysed_layers(), self.step_count, self._side_streams))
@@ -725,7 +721,7 @@ class TempBalance:
             if ready is not None:
                 self._restored = ready  # still to be promoted here too
         if self._restored is not None:
-            pending = {"step": self._restored[0], "table": _table_state(self._restored[1])}
+            pending = {"step": self._restored[0], "table": self._restored[1].to_state()}
         return {
             "schedule_step": self.schedule_step,
             "pending_esd": pending,
@@ -750,7 +746,12 @@ class TempBalance:
         self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
         self.schedule_step = state.get("schedule_step", self.step_count)
         pending = state.get("pending_esd")
-        self._restored = None if pending is None else (int(pending["step"]), _table_from_state(pending["table"]))
+        if pending is None:
+            self._restored = None
+        else:
+            from .metrics import ESDMetrics
+
+            self._restored = (int(pending["step"]), ESDMetrics.from_state(pending["table"]))
 
     # ------------------------------------------------------------------ reporting
     def table(self):
@@ -773,40 +774,6 @@ class TempBalance:
     def __repr__(self) -> str:
         return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
                 f"metric={self.esd_metric_for_tb!r}, pl_fitting={self.pl_fitting!r}, layers={len(self.tuned_layers)})")
-
-
-def _table_state(table: Any) -> dict:
-    """An ESD table as JSON-ready plain data (lists, numbers, strings) for a state_dict."""
-    from dataclasses import fields
-
-    out: dict = {}
-    for f in fields(table):
-        v = getattr(table, f.name)
-        if f.name == "extra":
-            continue
-        if isinstance(v, torch.Tensor):
-            out[f.name] = {"values": v.tolist(), "dtype": str(v.dtype).replace("torch.", "")}
-        elif f.name == "shapes":
-            out[f.name] = [list(x) for x in v]
-        else:
-            out[f.name] = v
-    return out
-
-
-def _table_from_state(state: dict) -> Any:
-    from .metrics import ESDMetrics
-
-    kw: dict = {}
-    for k, v in state.items():
-        if isinstance(v, dict) and set(v) == {"values", "dtype"}:
-            if v["dtype"] not in ("float64", "float32", "int64"):
-                raise ValueError(f"TempBalance state: column {k!r} has unsupported dtype {v['dtype']!r}")
-            kw[k] = torch.tensor(v["values"], dtype=getattr(torch, v["dtype"]))
-        elif k == "shapes":
-            kw[k] = [tuple(x) for x in v]
-        else:
-            kw[k] = v
-    return ESDMetrics(**kw)
 
 
 #: The original's class name.
