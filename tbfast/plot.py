@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ._progress import progress_bar
+
 __all__ = ["plot_esd", "plot_alpha_overview", "plot_analysis", "esd_filename"]
 
 logger = logging.getLogger(__name__)
@@ -248,14 +250,7 @@ def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool 
     if esd_plots:
         spectra = analysis.spectra
         rows = list(details.itertuples(index=False))
-        bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(rows), desc="plots", unit="layer")
-            except ImportError:  # pragma: no cover - tqdm is optional
-                logger.info("tqdm not installed: no progress bar")
+        bar = progress_bar(progress, len(rows), "plots")
         canvas = _ESDFigure()
         try:
             for i, row in enumerate(rows):

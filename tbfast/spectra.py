@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from ._transfer import to_device
 from .eig import eigvalsh_batched
 from .layers import Layer, find_layers, layers_from_matrices
@@ -247,13 +248,7 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
         groups[l.gram_size].append(i)
     chunks = [c for n in groups for c in _chunks(groups[n], layers, elem, memory_budget)]
     _warn_over_budget(layers, elem, memory_budget)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(layers), desc="ESD", unit="layer")
-        except ImportError:  # pragma: no cover - tqdm is optional
-            log.info("tqdm not installed: no progress bar")
+    bar = progress_bar(progress, len(layers), "ESD")
     out: torch.Tensor | None = None
     eig_scale: torch.Tensor | None = None
     for chunk in chunks:
