@@ -37,6 +37,13 @@ def _train_step(model, opt, seed):
     opt.step()
 
 
+def _async_tb(model, momentum=0.0):
+    """An asynchronous TempBalance on ``model`` and an SGD optimizer on its param groups."""
+    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
+    groups, _ = tb.build_optimizer_param_group(0.1)
+    return tb, torch.optim.SGD(groups, lr=0.1, momentum=momentum)
+
+
 def _sync_ratios(model_state, template):
     """Synchronous TempBalance on a model holding ``model_state``: the oracle factors."""
     m = copy.deepcopy(template)
@@ -80,9 +87,7 @@ def _cnn_step(model, opt, seed):
 def test_snapshot_esd_equals_synchronous_result_exactly(kind):
     model = _stack() if kind == "linear" else _cnn()
     train = _train_step if kind == "linear" else _cnn_step
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
-    groups, _ = tb.build_optimizer_param_group(0.1)
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    tb, opt = _async_tb(model, momentum=0.9)
     for t in range(3):
         train(model, opt, t)
         snapshot_weights = copy.deepcopy(model.state_dict())
@@ -98,9 +103,7 @@ def test_snapshot_esd_equals_synchronous_result_exactly(kind):
 
 def test_lag_and_newest_snapshot_replaces_queued_one():
     model = _stack()
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
-    groups, _ = tb.build_optimizer_param_group(0.1)
-    opt = torch.optim.SGD(groups, lr=0.1)
+    tb, opt = _async_tb(model)
     assert tb.lag == 0 and tb.schedule_step == 0
     gate, started = _gated(tb)
     weights = {}
@@ -134,9 +137,7 @@ def test_lag_and_newest_snapshot_replaces_queued_one():
 
 def test_state_dict_mid_flight_resumes_exactly():
     model = _stack()
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
-    groups, _ = tb.build_optimizer_param_group(0.1)
-    opt = torch.optim.SGD(groups, lr=0.1)
+    tb, opt = _async_tb(model)
     gate, _ = _gated(tb)
     _train_step(model, opt, 1)
     snap = copy.deepcopy(model.state_dict())
@@ -205,9 +206,7 @@ def test_errors_surface_in_the_caller_and_options_are_checked():
     model = _stack()
     with pytest.raises(ValueError, match="metrics_fn"):
         tbfast.TempBalance(model, asynchronous=True, metrics_fn=lambda net: None)
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
-    groups, _ = tb.build_optimizer_param_group(0.1)
-    opt = torch.optim.SGD(groups, lr=0.1)
+    tb, opt = _async_tb(model)
 
     def broken(layers=None):
         raise ValueError("layer '0': boom")
@@ -224,9 +223,7 @@ def test_errors_surface_in_the_caller_and_options_are_checked():
 def test_cuda_async_step_makes_no_host_sync():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)]).cuda()
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
-    groups, _ = tb.build_optimizer_param_group(0.1)
-    opt = torch.optim.SGD(groups, lr=0.1)
+    tb, opt = _async_tb(model)
     x = torch.randn(64, 256, device="cuda")
     snaps = []
     for t in range(3):
@@ -252,9 +249,7 @@ def test_mid_flight_state_is_json_ready():
     import json
 
     model = _stack()
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
-    groups, _ = tb.build_optimizer_param_group(0.1)
-    opt = torch.optim.SGD(groups, lr=0.1)
+    tb, opt = _async_tb(model)
     _train_step(model, opt, 1)
     snap = copy.deepcopy(model.state_dict())
     tb.step(opt, 0.1)

@@ -177,12 +177,15 @@ def test_optimizer_steps_with_balanced_lr_without_reapplying(name):
 
 def test_resume_gives_identical_lrs():
     factory, how = SCHEDULERS["hf_linear"]
+    def build(model):
+        table = CyclingTable(model)
+        tb = TempBalance(model, metrics_fn=table)
+        groups, _ = tb.build_optimizer_param_group(LR)
+        opt = torch.optim.AdamW(groups, lr=LR)
+        return table, tb, opt, factory(opt)
+
     model = mlp()
-    table = CyclingTable(model)
-    tb = TempBalance(model, metrics_fn=table)
-    groups, _ = tb.build_optimizer_param_group(LR)
-    opt = torch.optim.AdamW(groups, lr=LR)
-    sched = factory(opt)
+    table, tb, opt, sched = build(model)
 
     def run(model, tb, opt, sched, steps, t0):
         out = []
@@ -200,11 +203,7 @@ def test_resume_gives_identical_lrs():
     straight = run(model, tb, opt, sched, 7, 5)
 
     model2 = mlp()
-    table2 = CyclingTable(model2)
-    tb2 = TempBalance(model2, metrics_fn=table2)
-    groups2, _ = tb2.build_optimizer_param_group(LR)
-    opt2 = torch.optim.AdamW(groups2, lr=LR)
-    sched2 = factory(opt2)
+    table2, tb2, opt2, sched2 = build(model2)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
