@@ -93,16 +93,13 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
 
     def _log(self, trainer: Any) -> None:
         metrics: dict[str, float] = {}
-        table = self.tb.metrics
-        if table is not None:
-            try:
-                alpha = self.tb._column(table, "alpha")
-            except KeyError:
-                alpha = None
-            if alpha is not None:
-                for name, a in zip(table.names, alpha):
-                    if math.isfinite(float(a)):  # unfittable layers are left out
-                        metrics[f"tempbalance/alpha/{name}"] = float(a)
+        try:
+            alpha = self.tb.layer_values("alpha")  # empty before the first ESD
+        except KeyError:  # a metrics_fn table without alpha
+            alpha = {}
+        for name, a in alpha.items():
+            if math.isfinite(a):  # unfittable layers are left out
+                metrics[f"tempbalance/alpha/{name}"] = a
         for key, r in self.tb.ratios.items():
             metrics[f"tempbalance/lr_factor/{key}"] = float(r)
         for lg in trainer.loggers:
