@@ -17,16 +17,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Layer", "find_layers", "block_index", "layers_from_matrices", "LAYER_KINDS"]
+__all__ = ["Layer", "find_layers", "block_index", "layers_from_matrices", "LAYER_KINDS", "BLOCK_PATTERN"]
 
 LAYER_KINDS = ("Linear", "Conv2d", "Conv1d", "Embedding", "LoRA", "matrix")
-_BLOCK_RE = re.compile(r"(.*?)\.(\d+)\.(.*)")
+#: A name belongs to block ``b`` when it matches this pattern, ``b`` being its first integer
+#: component (``roberta.encoder.layer.7.attention.self.query`` -> 7).
+BLOCK_PATTERN = r"(.*?)\.(\d+)\.(.*)"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def block_index(name: str) -> int | None:
-    """Transformer block of a layer: the first integer component of its dotted name (SPEC 7)."""
-    m = _BLOCK_RE.match(name)
+def block_index(name: str, pattern: str = BLOCK_PATTERN) -> int | None:
+    """Transformer block of a layer or parameter name (SPEC section 7): group 2 of ``pattern``
+    matched at the start of the name (by default the first integer component), else None."""
+    m = re.match(pattern, name)
     return int(m.group(2)) if m else None
 
 

@@ -25,27 +25,11 @@ from . import _backend
 from ._transfer import to_device
 from .kernels import ref
 from .lower_edge import lower_edge
+from .options import FIT_BACKENDS, FIT_METHODS, canonical_fit
 from .spectra import Spectra
 
 __all__ = ["PowerLawFit", "fit_power_law", "FIT_METHODS", "canonical_fit", "zero_filtered_starts",
            "fix_finger_window"]
-
-FIT_METHODS = {
-    "median": "median", "xmin_mid": "median",
-    "goodness-of-fit": "ks", "ks": "ks", "KS": "ks",
-    "fix-finger": "fix-finger", "xmin_peak": "fix-finger",
-}
-FIT_BACKENDS = ("auto", "cpp", "triton", "torch")
-
-
-def canonical_fit(fit: str | None) -> str:
-    """Canonical fit name (``median``, ``ks`` or ``fix-finger``) for any accepted alias."""
-    if fit is None:
-        return "ks"
-    try:
-        return FIT_METHODS[fit]
-    except KeyError:
-        raise ValueError(f"unknown fit {fit!r}; choose from {sorted(set(FIT_METHODS))}") from None
 
 
 @dataclass

@@ -23,10 +23,12 @@ scheduler store ratios and re-apply them under a changing base learning rate.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
+
+from .layers import BLOCK_PATTERN
+from .layers import block_index as block_of  # the schedule's name for the layer core's rule
 
 try:  # torch is a dependency of the package, but keep these pure functions importable alone
     import torch
@@ -50,9 +52,6 @@ __all__ = [
 
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
 
-#: A layer or parameter name belongs to block ``b`` when it matches this pattern, ``b`` being
-#: the first integer component (``roberta.encoder.layer.7.attention.self.query`` -> 7).
-BLOCK_PATTERN = r"(.*?)\.(\d+)\.(.*)"
 
 
 def _as_numpy(scores: ArrayLike) -> np.ndarray:
@@ -280,14 +279,6 @@ def normalize_mean(lrs: ArrayLike, lr: float) -> ArrayLike:
     if not mean > 0:
         raise ValueError(f"cannot normalise learning rates with mean {mean}")
     return _like(arr * (float(lr) / mean), lrs)
-
-
-def block_of(name: str, pattern: str = BLOCK_PATTERN) -> Optional[int]:
-    """The block index of a module or parameter name (first integer component), or None."""
-    m = re.match(pattern, name)
-    if m is None:
-        return None
-    return int(m.group(2))
 
 
 def block_means(scores: ArrayLike, blocks: Sequence[Optional[int]]) -> tuple[list[int], np.ndarray]:

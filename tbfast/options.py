@@ -1,0 +1,149 @@
+"""The options of each stage as small frozen dataclasses, validated once when built.
+
+- `LayerOptions`: which layers of a source are analysed and how their matrices are formed;
+- `ESDOptions`: how the eigenvalues are computed (method, precision, device, memory);
+- `FitOptions`: the power-law fit (method, xmin rule, zero filtering, fix-finger window).
+
+The pipeline passes these objects from stage to stage instead of loose keyword lists; the
+public functions (`tbfast.analyze`, `tbfast.layer_metrics`, `tbfast.TempBalance`...) keep their
+keyword arguments and build the objects with `split_options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["LayerOptions", "ESDOptions", "FitOptions", "split_options", "FIT_METHODS", "canonical_fit",
+           "ESD_METHODS", "EIG_BACKENDS", "FIT_BACKENDS"]
+
+#: Accepted fit names and their canonical form (SPEC sections 3-5).
+FIT_METHODS = {
+    "median": "median", "xmin_mid": "median",
+    "goodness-of-fit": "ks", "ks": "ks", "KS": "ks",
+    "fix-finger": "fix-finger", "xmin_peak": "fix-finger",
+}
+ESD_METHODS = ("auto", "gram", "svd")
+EIG_BACKENDS = ("auto", "cpp", "cusolver", "torch")
+FIT_BACKENDS = ("auto", "cpp", "triton", "torch")
+XMIN_BOUNDS = ("reference", "corrected")
+
+
+def canonical_fit(fit: str | None) -> str:
+    """Canonical fit name (``median``, ``ks`` or ``fix-finger``) for any accepted alias."""
+    if fit is None:
+        return "ks"
+    try:
+        return FIT_METHODS[fit]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown fit {fit!r}; choose from {sorted(set(FIT_METHODS))}") from None
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Layer selection and matrix rules (see `tbfast.find_layers`, `tbfast.analyze`).
+
+    ``base``: a model, state dict or checkpoint; layers become ``W - W_base`` (for a LoRA adapter
+    directory, the base it is merged onto). ``min_evals`` / ``max_evals`` / ``max_n`` filter by
+    eigenvalue count and larger side after the layers are built.
+    """
+
+    types: tuple[str, ...] | None = None
+    include_embedding: bool = False
+    include: str | None = None
+    exclude: str | None = None
+    conv_norm: float = 0.5
+    lora_scaling: bool = True
+    base: Any = None
+    min_evals: int = 0
+    max_evals: int | None = None
+    max_n: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.types is not None and not isinstance(self.types, tuple):
+            object.__setattr__(self, "types", tuple(self.types))
+        if self.min_evals < 0:
+            raise ValueError(f"min_evals must be >= 0, got {self.min_evals}")
+        if self.max_evals is not None and self.max_evals < self.min_evals:
+            raise ValueError(f"max_evals ({self.max_evals}) is below min_evals ({self.min_evals})")
+        if not self.conv_norm > 0:
+            raise ValueError(f"conv_norm must be > 0, got {self.conv_norm}")
+
+
+@dataclass(frozen=True)
+class ESDOptions:
+    """How the ESD of every layer is computed (see `tbfast.esd`)."""
+
+    method: str = "auto"
+    dtype: torch.dtype = torch.float32
+    device: torch.device | None = None
+    memory_budget: int | None = None
+    progress: bool = False
+    eig_backend: str = "auto"
+    allow_tf32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ESD_METHODS:
+            raise ValueError(f"unknown ESD method {self.method!r}; choose from {ESD_METHODS}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        if self.eig_backend not in EIG_BACKENDS:
+            raise ValueError(f"unknown eigensolver backend {self.eig_backend!r}; choose from {EIG_BACKENDS}")
+        if self.memory_budget is not None and int(self.memory_budget) <= 0:
+            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
+        if self.device is not None and not isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", torch.device(self.device))
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The power-law fit of every layer's ESD (see `tbfast.fit_power_law`); ``fit`` is stored
+    in canonical form. ``sr_mid_pos`` is the stable-rank family's start (a metric option that
+    travels with the fit, as in the references)."""
+
+    fit: str = "median"
+    xmin_pos: float = 2.0
+    filter_zeros: bool = False
+    evals_thresh: float = 1e-5
+    bins: int = 100
+    xmin_bound: str = "reference"
+    fit_backend: str = "auto"
+    refine_lower_edge: bool = True
+    sr_mid_pos: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fit", canonical_fit(self.fit))
+        if self.fit == "median" and not self.xmin_pos > 1:
+            raise ValueError(f"xmin_pos must be > 1 (xmin = eigenvalue at int(N / xmin_pos)), got {self.xmin_pos}")
+        if self.bins < 1:
+            raise ValueError(f"bins must be >= 1, got {self.bins}")
+        if self.xmin_bound not in XMIN_BOUNDS:
+            raise ValueError(f"xmin_bound must be 'reference' or 'corrected', got {self.xmin_bound!r}")
+        if self.fit_backend not in FIT_BACKENDS:
+            raise ValueError(f"unknown fit backend {self.fit_backend!r}; choose from {FIT_BACKENDS}")
+
+
+_FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (LayerOptions, ESDOptions, FitOptions)}
+
+
+def split_options(options: Mapping[str, Any], *, allowed: Iterable[type] = (LayerOptions, ESDOptions, FitOptions),
+                  defaults: Mapping[type, Mapping[str, Any]] | None = None, where: str = "tbfast"
+                  ) -> dict[type, Any]:
+    """Build one frozen options object per class in ``allowed`` from flat keyword ``options``
+    (each keyword goes to the class that declares it; ``defaults`` override class defaults).
+    An unknown keyword is a TypeError naming ``where``."""
+    allowed = tuple(allowed)
+    known = set().union(*(_FIELDS[c] for c in allowed))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"{where}: unexpected option(s) {unknown}")
+    out: dict[type, Any] = {}
+    for cls in allowed:
+        kw = dict((defaults or {}).get(cls, {}))
+        kw.update({k: v for k, v in options.items() if k in _FIELDS[cls]})
+        out[cls] = cls(**kw)
+    return out
