@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ._interrupt import interruptible
-from .checkpoint import checkpoint_layers, is_peft_adapter, lora_layers, open_checkpoint
-from .layers import Layer, find_layers
+from .layers import Layer
 from .metrics import ESDMetrics, esd_fit_metrics
+from .options import LayerOptions
 from .powerlaw import PowerLawFit, canonical_fit
+from .sources import build_layers
 from .spectra import Spectra
 
 __all__ = ["analyze", "analyze_spectra", "summary", "Analysis", "COLUMNS", "SUMMARY_COLUMNS",
@@ -51,38 +52,10 @@ class Analysis:
     metrics: ESDMetrics
 
 
-def _resolve_layers(source: Any, *, base: Any, include_embedding: bool, types: Iterable[str] | None,
-                    include: str | None, exclude: str | None, conv_norm: float, lora_scaling: bool,
-                    min_evals: int, max_evals: int | None, max_n: int | None = None) -> list[Layer]:
-    if isinstance(source, Layer):
-        source = [source]
-    if isinstance(source, (list, tuple)) and source and all(isinstance(x, Layer) for x in source):
-        layers = list(source)
-    elif isinstance(source, nn.Module):
-        if base is not None and not isinstance(base, (nn.Module, Mapping)):
-            store = open_checkpoint(base)
-            base = {i.name: store.load(i.name) for i in store.infos()}
-        layers = find_layers(source, types=types, include_embedding=include_embedding, conv_norm=conv_norm,
-                             include=include, exclude=exclude, base=base, lora_scaling=lora_scaling,
-                             min_evals=min_evals)
-    elif isinstance(source, (str, os.PathLike)) and is_peft_adapter(source):
-        layers = lora_layers(source, base, lora_scaling=lora_scaling, include=include, exclude=exclude,
-                             min_evals=min_evals, max_evals=max_evals)
-    elif isinstance(source, (str, os.PathLike, Mapping)) or hasattr(source, "infos"):
-        layers = checkpoint_layers(source, base=base, include_embedding=include_embedding, types=types,
-                                   conv_norm=conv_norm, include=include, exclude=exclude,
-                                   min_evals=min_evals, max_evals=max_evals)
-    else:
-        raise TypeError(f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, "
-                        f"a checkpoint path or a list of tbfast.Layer")
-    layers = [l for l in layers
-              if l.num_evals >= min_evals and (max_evals is None or l.num_evals <= max_evals)
-              and (max_n is None or max(l.rows, l.cols) <= max_n)]
-    if not layers:
-        raise ValueError(f"no layer with {min_evals} to {max_evals} eigenvalues"
-                         + (f" and at most {max_n} rows/columns" if max_n is not None else "")
-                         + " matched the selection")
-    return layers
+def _resolve_layers(source: Any, **layer_options: Any) -> list[Layer]:
+    """The layers `analyze` reports: `tbfast.sources.build_layers` on `LayerOptions` fields, a
+    ``Mapping`` source being a state dict; `NoLayersError` when none is left."""
+    return build_layers(source, LayerOptions(**layer_options), mapping="state_dict", require=True)
 
 
 def _check_device(device: str | torch.device | None) -> torch.device | None:

@@ -130,6 +130,18 @@ def _write_csv(df, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
+    """Exception type -> exit code of ``tbfast analyze``, most specific first; the errors of
+    other types are not caught (a bug shows its traceback)."""
+    from .errors import (CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError, NoLayersError,
+                         UnsupportedDtypeError)
+
+    return ((CheckpointNotFoundError, EXIT_NOT_FOUND), (CorruptCheckpointError, EXIT_CORRUPT),
+            (UnsupportedDtypeError, EXIT_DTYPE), (EmptyCheckpointError, EXIT_EMPTY), (NoLayersError, EXIT_EMPTY),
+            (ImportError, EXIT_ERROR), (ValueError, EXIT_ERROR), (KeyError, EXIT_ERROR), (TypeError, EXIT_ERROR),
+            (RuntimeError, EXIT_ERROR))
+
+
 def _error(msg: str, code: int) -> int:
     print(f"tbfast analyze: error: {msg}", file=sys.stderr)
     return code
@@ -137,10 +149,6 @@ def _error(msg: str, code: int) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     import torch
-
-    from .analyze import analyze_spectra, summary
-    from .checkpoint import (CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError,
-                             UnsupportedDtypeError)
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -179,9 +187,8 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
     import torch
 
     from .analyze import analyze_spectra, summary
-    from .checkpoint import (CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError,
-                             UnsupportedDtypeError)
 
+    codes = _exit_codes()
     t0 = time.perf_counter()
     try:
         result = analyze_spectra(
@@ -190,21 +197,8 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
             include=args.include, exclude=args.exclude,
             dtype=torch.float64 if args.dtype == "float64" else torch.float32, device=args.device,
             memory_budget=args.memory_budget, progress=progress)
-    except CheckpointNotFoundError as e:
-        return _error(str(e), EXIT_NOT_FOUND)
-    except CorruptCheckpointError as e:
-        return _error(str(e), EXIT_CORRUPT)
-    except UnsupportedDtypeError as e:
-        return _error(str(e), EXIT_DTYPE)
-    except EmptyCheckpointError as e:
-        return _error(str(e), EXIT_EMPTY)
-    except ImportError as e:
-        return _error(str(e), EXIT_ERROR)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        msg = str(e)
-        if msg.startswith("no layer with") or msg.startswith("no analysable layer"):
-            return _error(msg, EXIT_EMPTY)
-        return _error(msg, EXIT_ERROR)
+    except tuple(cls for cls, _ in codes) as e:
+        return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
     elapsed = time.perf_counter() - t0
     df = result.details
     dev = str(result.spectra.values.device)

@@ -45,11 +45,16 @@ def canonical_fit(fit: str | None) -> str:
 
 @dataclass(frozen=True)
 class LayerOptions:
-    """Layer selection and matrix rules (see `tbfast.find_layers`, `tbfast.analyze`).
+    """Layer selection and matrix rules (see `tbfast.find_layers`, `tbfast.analyze`,
+    `tbfast.sources.build_layers`).
 
-    ``base``: a model, state dict or checkpoint; layers become ``W - W_base`` (for a LoRA adapter
-    directory, the base it is merged onto). ``min_evals`` / ``max_evals`` / ``max_n`` filter by
-    eigenvalue count and larger side after the layers are built.
+    ``types`` (kinds to keep; default Linear, Conv1d, Conv2d and LoRA, plus Embedding with
+    ``include_embedding``), ``include`` / ``exclude`` (regexes searched in layer names),
+    ``conv_norm`` (convolution matrices are scaled by ``sqrt(conv_norm)``), ``lora_scaling``
+    (False: the reference quirk ``s = 1``). ``base``: a model, state dict or checkpoint; layers
+    become ``W - W_base`` (for a LoRA adapter directory, the base it is merged onto).
+    ``min_evals`` / ``max_evals`` / ``max_n`` filter by eigenvalue count and larger side after
+    the layers are built (an empty result is reported then, with these bounds in the message).
     """
 
     types: tuple[str, ...] | None = None
@@ -66,12 +71,8 @@ class LayerOptions:
     def __post_init__(self) -> None:
         if self.types is not None and not isinstance(self.types, tuple):
             object.__setattr__(self, "types", tuple(self.types))
-        if self.min_evals < 0:
-            raise ValueError(f"min_evals must be >= 0, got {self.min_evals}")
-        if self.max_evals is not None and self.max_evals < self.min_evals:
-            raise ValueError(f"max_evals ({self.max_evals}) is below min_evals ({self.min_evals})")
         if not self.conv_norm > 0:
-            raise ValueError(f"conv_norm must be > 0, got {self.conv_norm}")
+            raise ValueError(f"conv_norm must be positive, got {self.conv_norm}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ eigenvalues on the compute device (see ARCHITECTURE.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import logging
 from collections import defaultdict
@@ -22,7 +23,10 @@ from torch import nn
 from ._progress import progress_bar
 from ._transfer import to_device
 from .eig import eigvalsh_batched
-from .layers import Layer, find_layers, layers_from_matrices
+from .errors import NoLayersError
+from .layers import Layer
+from .options import LayerOptions
+from .sources import build_layers
 
 __all__ = ["Spectra", "esd", "resolve_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
 
@@ -81,18 +85,15 @@ class Spectra:
         return cached
 
 
-def resolve_layers(source: Any, **layer_options: Any) -> list[Layer]:
-    """Layers from a model, a list of `Layer`, a tensor, a sequence or a mapping of tensors."""
-    if isinstance(source, nn.Module):
-        return find_layers(source, **layer_options)
-    if isinstance(source, (list, tuple)) and source and all(isinstance(x, Layer) for x in source):
-        return list(source)
-    if isinstance(source, Layer):
-        return [source]
-    conv_norm = layer_options.pop("conv_norm", 0.5)
-    if layer_options:
-        raise TypeError(f"options {sorted(layer_options)} only apply to nn.Module sources")
-    return layers_from_matrices(source, conv_norm=conv_norm)
+def resolve_layers(source: Any, options: LayerOptions | None = None, **layer_options: Any) -> list[Layer]:
+    """Layers from a model, a list of `Layer`, a checkpoint path, or raw matrices (a tensor, a
+    sequence or a mapping of tensors): `tbfast.sources.build_layers` with ``mapping="matrices"``.
+    ``layer_options`` are `LayerOptions` fields (on top of ``options``)."""
+    if options is None:
+        options = LayerOptions(**layer_options)
+    elif layer_options:
+        options = dataclasses.replace(options, **layer_options)
+    return build_layers(source, options, mapping="matrices")
 
 
 def _layer_bytes(L: Layer, elem: int) -> int:
@@ -309,7 +310,7 @@ def esd(
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
     layers = resolve_layers(source, **layer_options)
     if not layers:
-        raise ValueError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
+        raise NoLayersError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
     for l in layers:
         if l.rows == 0 or l.cols == 0 or l.k == 0:
             raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..distributed import layer_cost, plan, plan_loads
-from ..layers import Layer, block_index
+from ..layers import Layer, weight_layer
 from .workloads import get_workload, heavy_tailed
 
 __all__ = ["llama7b_layers", "LLAMA7B_SHAPES", "measure_shape_costs", "project", "measure_ranks",
@@ -55,8 +55,7 @@ def llama7b_layers(blocks: int = 32, seed: int = 0, device: Optional[torch.devic
                 w = heavy_tailed(rows, cols, df, np.random.default_rng(s))
                 return (w if device is None else w.to(device)).unsqueeze(0)
 
-            layers.append(Layer(name=full, kind="Linear", shape=(rows, cols), rows=rows, cols=cols,
-                                block=block_index(full), index=len(layers), loader=loader))
+            layers.append(weight_layer(full, "Linear", (rows, cols), index=len(layers), loader=loader))
     return layers
 
 
