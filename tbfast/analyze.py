@@ -12,10 +12,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
-from torch import nn
 
 from ._interrupt import interruptible
 from .layers import Layer

@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch import nn
 
 from ._progress import progress_bar
 from ._transfer import to_device
