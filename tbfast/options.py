@@ -165,12 +165,18 @@ def renamed(options: Mapping[str, Any], alias: str, name: str) -> dict[str, Any]
 
 
 def take_options(options: Mapping[str, Any], allowed: Iterable[type] = (ESDOptions, FitOptions), *,
-                 defaults: Mapping[type, Mapping[str, Any]] | None = None
+                 defaults: Mapping[type, Mapping[str, Any]] | None = None, where: str | None = None
                  ) -> tuple[dict[type, Any], dict[str, Any]]:
     """Build one frozen options object per class in ``allowed`` from the flat keywords
     ``options`` that a class declares (after `ALIASES`; ``defaults`` override class defaults);
-    also return the keywords no class in ``allowed`` declares."""
+    also return the other keywords. With ``where``, a keyword that no options class declares
+    is a TypeError naming ``where``."""
     allowed = tuple(allowed)
+    if where is not None:
+        every = set().union(*_FIELDS.values())
+        unknown = sorted(k for k in options if k not in every and ALIASES.get(k) not in every)
+        if unknown:
+            raise TypeError(f"{where}: unexpected option(s) {unknown}")
     for alias, name in ALIASES.items():
         if any(name in _FIELDS[c] for c in allowed):
             options = renamed(options, alias, name)

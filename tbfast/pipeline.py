@@ -106,6 +106,6 @@ def layer_metrics(source: Any, *, on_invalid: str = "raise", **options: Any) -> 
     (alias ``backend``), ``refine_lower_edge=True``. ``on_invalid`` as for `run`.
     """
     check_on_invalid(on_invalid)
-    opts, layer_options = take_options(options)
+    opts, layer_options = take_options(options, where="tbfast.layer_metrics")
     layers = resolve_layers(source, **layer_options)
     return run(layers, opts[ESDOptions], opts[FitOptions], on_invalid=on_invalid).metrics

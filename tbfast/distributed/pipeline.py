@@ -96,7 +96,7 @@ def layer_metrics(source: Any, *, group: Any, on_invalid: str = "raise", costs: 
     """`tbfast.layer_metrics` of a model (plain, DDP-wrapped, FSDP1 or FSDP2-sharded) over
     ``group``; the same keyword options."""
     check_on_invalid(on_invalid)
-    opts, layer_options = take_options(options)
+    opts, layer_options = take_options(options, where="tbfast.distributed.layer_metrics")
     if fsdp1_units(source):
         layers = fsdp1_layers(source, group, costs, **layer_options)
     else:
