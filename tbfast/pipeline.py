@@ -40,10 +40,11 @@ ON_INVALID = ("raise", "mark")
 
 @dataclass
 class PipelineResult:
-    """What one pass produced: the eigenvalues, the power-law fits and the metrics table."""
+    """What one pass produced: the eigenvalues, the power-law fits and the metrics table
+    (``spectra`` and ``fit`` are None from `tbfast.distributed.run` without ``with_spectra``)."""
 
-    spectra: Spectra
-    fit: PowerLawFit
+    spectra: Spectra | None
+    fit: PowerLawFit | None
     metrics: ESDMetrics
 
 
