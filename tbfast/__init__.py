@@ -15,7 +15,8 @@ import logging  # noqa: E402
 from ._backend import backend_info
 from .analyze import analyze, summary
 from .layers import Layer, block_index, find_layers, layers_from_matrices
-from .metrics import ESDMetrics, compute_metrics, layer_metrics
+from .metrics import ESDMetrics, compute_metrics
+from .pipeline import layer_metrics
 from .powerlaw import PowerLawFit, fit_power_law
 from .spectra import Spectra, esd
 from .watcher import WeightWatcher

@@ -11,16 +11,17 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from ._interrupt import interruptible
+from .errors import STATUS_OK
 from .layers import Layer
-from .metrics import ESDMetrics, esd_fit_metrics
-from .options import LayerOptions
-from .powerlaw import PowerLawFit, canonical_fit
+from .metrics import ESDMetrics
+from .options import ESDOptions, FitOptions, LayerOptions, split_options
+from .pipeline import run
+from .powerlaw import PowerLawFit
 from .sources import build_layers
 from .spectra import Spectra
 
@@ -39,6 +40,7 @@ COLUMNS = (
 )
 SUMMARY_COLUMNS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm",
                    "stable_rank", "entropy", "D")
+_DEFAULTS = {FitOptions: {"fit": "ks"}}  # WeightWatcher's power-law fit
 
 
 @dataclass
@@ -114,13 +116,6 @@ def analyze_spectra(
     source: Any,
     *,
     base: Any = None,
-    fit: str = "ks",
-    xmin_pos: float = 2.0,
-    filter_zeros: bool = False,
-    evals_thresh: float = 1e-5,
-    bins: int = 100,
-    xmin_bound: str = "reference",
-    sr_mid_pos: float | None = None,
     min_evals: int = WW_MIN_EVALS,
     max_evals: int | None = WW_MAX_EVALS,
     max_n: int | None = None,
@@ -130,33 +125,28 @@ def analyze_spectra(
     exclude: str | None = None,
     conv_norm: float = 0.5,
     lora_scaling: bool = True,
-    method: str = "auto",
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-    memory_budget: int | None = None,
-    progress: bool = False,
-    backend: str = "auto",
     process_group: Any = None,
+    **options: Any,
 ) -> Analysis:
-    """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments."""
-    canonical_fit(fit)  # validate the name before any work
-    _check_device(device)
+    """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments: the ESD
+    and fit ``options`` become an `ESDOptions` and a `FitOptions` (default ``fit="ks"``)."""
+    _check_device(options.get("device"))
+    opts = split_options(options, allowed=(ESDOptions, FitOptions), defaults=_DEFAULTS, where="tbfast.analyze")
+    esd_options, fit_options = opts[ESDOptions], opts[FitOptions]  # validated before any work
     layers = _resolve_layers(source, base=base, include_embedding=include_embedding, types=types,
                              include=include, exclude=exclude, conv_norm=conv_norm,
                              lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,
                              max_n=max_n)
-    logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit, dtype)
-    opts = dict(fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros, evals_thresh=evals_thresh,
-                bins=bins, xmin_bound=xmin_bound, sr_mid_pos=sr_mid_pos, method=method, dtype=dtype,
-                backend=backend, on_invalid="raise", device=device, memory_budget=memory_budget, progress=progress)
-    from .distributed import active_group, esd_fit_metrics_distributed
+    logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit_options.fit, esd_options.dtype)
+    from .distributed import active_group, run as run_distributed
 
     group = active_group(process_group)
     if group is None:
-        spectra, pl, m = esd_fit_metrics(layers, **opts)
+        result = run(layers, esd_options, fit_options)
     else:  # each rank reads and analyses its share; every rank gets the whole table
-        spectra, pl, m = esd_fit_metrics_distributed(layers, group=group, with_spectra=True, **opts)
-    return Analysis(details=_frame(spectra.layers, m), spectra=spectra, fit=pl, metrics=m)
+        result = run_distributed(layers, esd_options, fit_options, group=group, with_spectra=True)
+    return Analysis(details=_frame(result.spectra.layers, result.metrics), spectra=result.spectra,
+                    fit=result.fit, metrics=result.metrics)
 
 
 def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options: Any):
@@ -180,6 +170,9 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``dtype=torch.float32`` (as everywhere in tbfast; ``torch.float64`` for agreement with
       WeightWatcher to round-off, about 2.5x slower on a CPU), ``device``,
       ``memory_budget`` (bytes), ``progress`` (a progress bar over layers);
+    - ``backend`` (alias of ``fit_backend``: the fit kernels, ``auto``/``cpp``/``triton``/``torch``),
+      ``eig_backend`` (the eigensolver, ``auto``/``cpp``/``cusolver``/``torch``); every field of
+      `tbfast.options.ESDOptions` and `tbfast.options.FitOptions` is accepted;
     - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib);
     - ``process_group``: inside torch.distributed (e.g. under ``torchrun``) the layers are split
       over the ranks of this group (default: the world group; ``False``: no split), each rank
@@ -204,7 +197,7 @@ def summary(details) -> dict[str, float]:
     """Averages over the layers whose status is ``"ok"`` (WeightWatcher's ``get_summary``):
     alpha, alpha_weighted, log_norm, log_spectral_norm, log_alpha_norm, stable_rank, entropy, D;
     plus ``num_layers`` (rows averaged)."""
-    ok = details[details["status"] == "ok"] if "status" in details else details
+    ok = details[details["status"] == STATUS_OK] if "status" in details else details
     out: dict[str, float] = {}
     for c in SUMMARY_COLUMNS:
         if c in ok:

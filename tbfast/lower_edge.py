@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ._transfer import to_device
-from .spectra import DEFAULT_MEMORY_BUDGET, Spectra, _layer_values
+from .options import ESDOptions
+from .spectra import Spectra, layer_spectra
 
 __all__ = ["lower_edge"]
 
@@ -24,10 +25,10 @@ def lower_edge(spectra: Spectra, starts: torch.Tensor, *, memory_budget: int | N
     e.g. after zero filtering), from a float64 Gram eigensolve of the layer's matrices, in the
     units of ``spectra.values`` (``Spectra.eig_scale`` applied). Shape ``(L,)`` on the values'
     device. A layer whose float64 spectrum is not finite gets NaN."""
-    layers = spectra.layers
     dev = spectra.values.device
-    values64, offsets64, scale64 = _layer_values(
-        layers, "gram", torch.float64, dev, memory_budget or DEFAULT_MEMORY_BUDGET, False, "auto", None)
+    fp64 = layer_spectra(spectra.layers, ESDOptions(method="gram", dtype=torch.float64, device=dev,
+                                                    memory_budget=memory_budget or None))
+    values64, offsets64, scale64 = fp64.values, fp64.offsets, fp64.eig_scale
     off = spectra.device_offsets()
     rel = (starts - off[:-1]).clamp(min=0)
     pos = to_device(offsets64[:-1], dev) + rel

@@ -1,12 +1,12 @@
 """Per-layer shape metrics of the ESD (SPEC section 2) as a small table of tensors.
 
 Everything is computed on the spectra's device with segment reductions (no Python loop over
-layers) and copied to the host in one transfer: one host synchronisation per call.
+layers) and copied to the host in one transfer: one host synchronisation per call. The stages
+are run by `tbfast.pipeline`; this module holds only the metric maths and the per-layer status.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from ._transfer import to_device
-from .powerlaw import PowerLawFit, fit_power_law
-from .spectra import Spectra, esd
+from .errors import (STATUS_ALL_ZERO, STATUS_EMPTY_WINDOW, STATUS_NONFINITE, STATUS_OK, STATUS_XMIN_ZERO,
+                     status_fit_failed, status_too_few)
+from .options import either
+from .powerlaw import PowerLawFit
+from .spectra import Spectra
 
-__all__ = ["ESDMetrics", "compute_metrics", "layer_metrics", "esd_fit_metrics", "METRIC_COLUMNS",
-           "flat_tail", "FLAT_TAIL_SPREAD", "FLAT_WARNING"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ESDMetrics", "compute_metrics", "METRIC_COLUMNS", "flat_tail", "FLAT_TAIL_SPREAD", "FLAT_WARNING"]
 
 METRIC_COLUMNS = (
     "num_evals", "spectral_norm", "norm", "log_norm", "log_spectral_norm", "alpha", "alphahat", "D",
@@ -35,7 +35,8 @@ _LIST_COLUMNS = ("names", "kinds", "shapes", "blocks", "warning", "status")
 class ESDMetrics:
     """One row per layer. Numeric columns are host tensors (float64; ``num_evals`` and
     ``xmin_index`` int64); ``names``, ``kinds``, ``shapes``, ``blocks``, ``warning`` and ``status``
-    are lists. ``status`` is ``"ok"`` or the reason a layer's numbers are not usable."""
+    are lists. ``status`` is ``"ok"`` (`tbfast.errors.STATUS_OK`) or the reason a layer's
+    numbers are not usable (the other ``STATUS_*`` constants of `tbfast.errors`)."""
 
     names: list[str]
     kinds: list[str]
@@ -74,7 +75,7 @@ class ESDMetrics:
 
     @property
     def ok(self) -> list[bool]:
-        return [s == "ok" for s in self.status]
+        return [s == STATUS_OK for s in self.status]
 
     def select(self, indices: Sequence[int]) -> "ESDMetrics":
         """The rows ``indices`` (in that order) as a new table."""
@@ -176,12 +177,14 @@ def _warning(alpha: float) -> str:
 
 
 def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | None = None,
-                    eig_checks: list | None = None) -> ESDMetrics:
+                    failure_flags: list | None = None, eig_checks: list | None = None) -> ESDMetrics:
     """Shape metrics of every layer from its eigenvalues and power-law fit (SPEC section 2).
 
-    ``eig_checks`` (device bool tensors from a deferred GPU eigensolve) ride along in the single
-    device -> host copy; ``extra["eig_failed"]`` says whether any matrix failed.
+    ``failure_flags`` (device bool tensors from a deferred GPU eigensolve, see
+    `tbfast.spectra.layer_spectra`) ride along in the single device -> host copy;
+    ``extra["eig_failed"]`` says whether any matrix failed. ``eig_checks=``: its former name.
     """
+    failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
     values = spectra.values
     L = len(spectra)
     dev = values.device
@@ -221,11 +224,11 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
         lam_max, norm, alpha, fit.D, fit.xmin, s_sum, s_len, s_mid, alpha_norm, ent,
         fit.xmin_index.double(), (fit.ends - fit.starts).double(), finite.double(), spectra.scales(),
     ])
-    if eig_checks:
-        failed = torch.stack([c.any() for c in eig_checks]).any()
+    if failure_flags:
+        failed = torch.stack([c.any() for c in failure_flags]).any()
         cols = torch.cat([cols, failed.double().expand(1, L)])
     host = cols.cpu()  # the single host synchronisation
-    eig_failed = bool(host[14, 0]) if eig_checks and L else False
+    eig_failed = bool(host[14, 0]) if failure_flags and L else False
     (lam_max, norm, alpha, D, xmin, s_sum, s_len, s_mid, alpha_norm, ent, xidx, n_fit, finite,
      scale) = host[:14]
     # values are in units of `scale` (1 but for extreme weights, Spectra.eig_scale): sums and
@@ -245,21 +248,21 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
     lam_list = lam_max.tolist()
     for l, layer in enumerate(spectra.layers):
         if not fin[l]:
-            status.append("weights contain NaN or Inf")
+            status.append(STATUS_NONFINITE)
         elif lam_list[l] == 0:
-            status.append("all-zero matrix: no spectrum to fit")
+            status.append(STATUS_ALL_ZERO)
         elif n_list[l] < 2:
-            status.append(f"too few eigenvalues to fit ({int(n_list[l])})")
+            status.append(status_too_few(n_list[l]))
         elif xmin_list[l] == 0:
-            status.append("xmin is 0 (zero eigenvalues in the tail): use filter_zeros=True")
+            status.append(STATUS_XMIN_ZERO)
         elif not math.isfinite(a_list[l]):
-            status.append(f"power-law fit failed: alpha = {a_list[l]} (all tail eigenvalues equal?)")
+            status.append(status_fit_failed(a_list[l]))
         elif a_list[l] == 0:
-            status.append("fix-finger window holds no xmin candidate")
+            status.append(STATUS_EMPTY_WINDOW)
         else:
-            status.append("ok")
+            status.append(STATUS_OK)
     flat = flat_tail(a_list).tolist()
-    warning = [("" if st != "ok" else FLAT_WARNING if fl else _warning(a))
+    warning = [("" if st != STATUS_OK else FLAT_WARNING if fl else _warning(a))
                for a, st, fl in zip(a_list, status, flat)]
     return ESDMetrics(
         names=[l.name for l in spectra.layers], kinds=[l.kind for l in spectra.layers],
@@ -270,71 +273,3 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
         norm_stable_rank=norm_stable_rank, eig_ratio=eig_ratio, log_alpha_norm=log_alpha_norm,
         entropy=ent, warning=warning, status=status, fit=fit.fit, extra={"eig_failed": eig_failed},
     )
-
-
-def layer_metrics(
-    source: Any,
-    *,
-    fit: str = "median",
-    xmin_pos: float = 2.0,
-    filter_zeros: bool = False,
-    evals_thresh: float = 1e-5,
-    bins: int = 100,
-    xmin_bound: str = "reference",
-    sr_mid_pos: float | None = None,
-    method: str = "auto",
-    dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
-    on_invalid: str = "raise",
-    **esd_options: Any,
-) -> ESDMetrics:
-    """ESD, power-law fit and shape metrics of every layer of ``source`` in one batched pass.
-
-    ``source`` and ``esd_options`` as for `tbfast.esd`; fit options as for
-    `tbfast.fit_power_law`. Layers whose weights hold NaN/Inf raise a ValueError naming them
-    (``on_invalid='raise'``, default) or get a status (``on_invalid='mark'``). Other layers that
-    cannot be fitted (all-zero, too few eigenvalues) always get a status with the reason.
-    """
-    return esd_fit_metrics(source, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
-                           evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
-                           sr_mid_pos=sr_mid_pos, method=method, dtype=dtype, backend=backend,
-                           on_invalid=on_invalid, **esd_options)[2]
-
-
-def _fit_safe_values(spectra: Spectra) -> torch.Tensor:
-    """The eigenvalues with every layer that holds a NaN/Inf replaced by zeros, so the fit kernels
-    get finite, non-negative, ascending input (zeroing single values could break the order)."""
-    bad = ~torch.isfinite(spectra.values)
-    L = len(spectra)
-    seg = to_device(np.repeat(np.arange(L), spectra.counts.numpy()), spectra.values.device)
-    bad_layer = torch.zeros(L, dtype=torch.int64, device=bad.device).index_add_(0, seg, bad.to(torch.int64)) > 0
-    return torch.where(bad_layer[seg], torch.zeros_like(spectra.values), spectra.values)
-
-
-def esd_fit_metrics(source: Any, *, fit: str, xmin_pos: float, filter_zeros: bool, evals_thresh: float,
-                    bins: int, xmin_bound: str, sr_mid_pos: float | None, method: str, dtype: torch.dtype,
-                    backend: str, on_invalid: str, **esd_options: Any) -> tuple[Spectra, PowerLawFit, ESDMetrics]:
-    """`layer_metrics`, also returning the spectra and the fit (for reports and plots)."""
-    if on_invalid not in ("raise", "mark"):
-        raise ValueError(f"on_invalid must be 'raise' or 'mark', got {on_invalid!r}")
-    checks: list = []
-    spectra = esd(source, method=method, dtype=dtype, check_finite=False, eig_checks=checks, **esd_options)
-    # NaN/Inf eigenvalues (from NaN/Inf weights) are zeroed for the fit only: those layers get a
-    # status from compute_metrics, which reads the original values (no host sync here)
-    sane = Spectra(values=_fit_safe_values(spectra), offsets=spectra.offsets, layers=spectra.layers,
-                   eig_scale=spectra.eig_scale)
-    pl = fit_power_law(sane, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
-                       evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound, backend=backend)
-    m = compute_metrics(spectra, pl, sr_mid_pos=sr_mid_pos, eig_checks=checks)
-    if m.extra.get("eig_failed"):
-        # rare: the batched GPU solver flagged a matrix; redo the whole pass with torch's solver
-        log.warning("batched eigensolver did not converge on some matrix; recomputing with torch.linalg.eigvalsh")
-        return esd_fit_metrics(source, fit=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
-                               evals_thresh=evals_thresh, bins=bins, xmin_bound=xmin_bound,
-                               sr_mid_pos=sr_mid_pos, method=method, dtype=dtype, backend=backend,
-                               on_invalid=on_invalid, **{**esd_options, "eig_backend": "torch"})
-    if on_invalid == "raise":
-        bad = [n for n, s in zip(m.names, m.status) if s == "weights contain NaN or Inf"]
-        if bad:
-            raise ValueError(f"weights contain NaN or Inf in layer(s): {', '.join(bad)}")
-    return spectra, pl, m

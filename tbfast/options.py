@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LayerOptions", "ESDOptions", "FitOptions", "split_options", "FIT_METHODS", "canonical_fit",
-           "ESD_METHODS", "EIG_BACKENDS", "FIT_BACKENDS"]
+__all__ = ["LayerOptions", "ESDOptions", "FitOptions", "split_options", "take_options", "renamed", "either",
+           "FIT_METHODS", "canonical_fit", "ESD_METHODS", "EIG_BACKENDS", "FIT_BACKENDS", "ALIASES"]
 
 #: Accepted fit names and their canonical form (SPEC sections 3-5).
 FIT_METHODS = {
@@ -77,7 +77,9 @@ class LayerOptions:
 
 @dataclass(frozen=True)
 class ESDOptions:
-    """How the ESD of every layer is computed (see `tbfast.esd`)."""
+    """How the ESD of every layer is computed (see `tbfast.esd`). ``eig_backend``: the
+    eigensolver (``auto``, ``cpp``, ``cusolver``, ``torch``); ``memory_budget`` None means
+    `tbfast.spectra.DEFAULT_MEMORY_BUDGET`."""
 
     method: str = "auto"
     dtype: torch.dtype = torch.float32
@@ -94,8 +96,10 @@ class ESDOptions:
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
         if self.eig_backend not in EIG_BACKENDS:
             raise ValueError(f"unknown eigensolver backend {self.eig_backend!r}; choose from {EIG_BACKENDS}")
-        if self.memory_budget is not None and int(self.memory_budget) <= 0:
-            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
+        if self.memory_budget is not None:
+            if int(self.memory_budget) <= 0:
+                raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
+            object.__setattr__(self, "memory_budget", int(self.memory_budget))
         if self.device is not None and not isinstance(self.device, torch.device):
             object.__setattr__(self, "device", torch.device(self.device))
 
@@ -103,8 +107,9 @@ class ESDOptions:
 @dataclass(frozen=True)
 class FitOptions:
     """The power-law fit of every layer's ESD (see `tbfast.fit_power_law`); ``fit`` is stored
-    in canonical form. ``sr_mid_pos`` is the stable-rank family's start (a metric option that
-    travels with the fit, as in the references)."""
+    in canonical form; ``fit_backend``: the fit kernels (``auto``, ``cpp``, ``triton``,
+    ``torch``; the public keyword ``backend=`` is its alias). ``sr_mid_pos`` is the stable-rank
+    family's start (a metric option that travels with the fit, as in the references)."""
 
     fit: str = "median"
     xmin_pos: float = 2.0
@@ -130,21 +135,70 @@ class FitOptions:
 
 _FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (LayerOptions, ESDOptions, FitOptions)}
 
+#: Public keyword aliases: ``backend=`` of `tbfast.layer_metrics`, `tbfast.analyze` and
+#: `tbfast.fit_power_law` is the fit backend (`FitOptions.fit_backend`).
+ALIASES = {"backend": "fit_backend"}
 
-def split_options(options: Mapping[str, Any], *, allowed: Iterable[type] = (LayerOptions, ESDOptions, FitOptions),
-                  defaults: Mapping[type, Mapping[str, Any]] | None = None, where: str = "tbfast"
-                  ) -> dict[type, Any]:
-    """Build one frozen options object per class in ``allowed`` from flat keyword ``options``
-    (each keyword goes to the class that declares it; ``defaults`` override class defaults).
-    An unknown keyword is a TypeError naming ``where``."""
+
+def _both(alias: str, name: str) -> TypeError:
+    return TypeError(f"pass either {name}= or its alias {alias}=, not both")
+
+
+def either(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """The value of keyword ``name`` or of its documented alias ``alias`` (None: not given);
+    giving both is a TypeError."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise _both(alias, name)
+    return alias_value
+
+
+def renamed(options: Mapping[str, Any], alias: str, name: str) -> dict[str, Any]:
+    """``options`` with the keyword ``alias`` renamed to ``name`` (giving both is a TypeError)."""
+    if alias not in options:
+        return dict(options)
+    if name in options:
+        raise _both(alias, name)
+    out = {k: v for k, v in options.items() if k != alias}
+    out[name] = options[alias]
+    return out
+
+
+def take_options(options: Mapping[str, Any], allowed: Iterable[type] = (ESDOptions, FitOptions), *,
+                 defaults: Mapping[type, Mapping[str, Any]] | None = None, where: str | None = None
+                 ) -> tuple[dict[type, Any], dict[str, Any]]:
+    """Build one frozen options object per class in ``allowed`` from the flat keywords
+    ``options`` that a class declares (after `ALIASES`; ``defaults`` override class defaults);
+    also return the other keywords. With ``where``, a keyword that no options class declares
+    is a TypeError naming ``where``."""
     allowed = tuple(allowed)
-    known = set().union(*(_FIELDS[c] for c in allowed))
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"{where}: unexpected option(s) {unknown}")
+    if where is not None:
+        every = set().union(*_FIELDS.values())
+        unknown = sorted(k for k in options if k not in every and ALIASES.get(k) not in every)
+        if unknown:
+            raise TypeError(f"{where}: unexpected option(s) {unknown}")
+    for alias, name in ALIASES.items():
+        if any(name in _FIELDS[c] for c in allowed):
+            options = renamed(options, alias, name)
     out: dict[type, Any] = {}
     for cls in allowed:
         kw = dict((defaults or {}).get(cls, {}))
         kw.update({k: v for k, v in options.items() if k in _FIELDS[cls]})
         out[cls] = cls(**kw)
-    return out
+    known = set().union(*(_FIELDS[c] for c in allowed))
+    return out, {k: v for k, v in options.items() if k not in known}
+
+
+def split_options(options: Mapping[str, Any], *, allowed: Iterable[type] = (LayerOptions, ESDOptions, FitOptions),
+                  defaults: Mapping[type, Mapping[str, Any]] | None = None, where: str = "tbfast"
+                  ) -> dict[type, Any]:
+    """Build one frozen options object per class in ``allowed`` from flat keyword ``options``
+    (each keyword goes to the class that declares it; ``defaults`` override class defaults;
+    ``backend`` is the alias of ``fit_backend``). An unknown keyword is a TypeError naming ``where``."""
+    allowed = tuple(allowed)
+    known = set().union(*(_FIELDS[c] for c in allowed))
+    unknown = sorted(k for k in set(options) - known if ALIASES.get(k) not in known)
+    if unknown:
+        raise TypeError(f"{where}: unexpected option(s) {unknown}")
+    return take_options(options, allowed, defaults=defaults)[0]

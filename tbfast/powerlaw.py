@@ -25,7 +25,7 @@ from . import _backend
 from ._transfer import to_device
 from .kernels import ref
 from .lower_edge import lower_edge
-from .options import FIT_BACKENDS, FIT_METHODS, canonical_fit
+from .options import FIT_BACKENDS, FIT_METHODS, FitOptions, canonical_fit, split_options
 from .spectra import Spectra
 
 __all__ = ["PowerLawFit", "fit_power_law", "FIT_METHODS", "canonical_fit", "zero_filtered_starts",
@@ -146,27 +146,27 @@ def _ops(backend: str) -> tuple[Any, Any]:
     return ref.hill_fit_ref, ref.ks_scan_ref
 
 
-def fit_power_law(
-    spectra: Spectra | tuple[torch.Tensor, torch.Tensor],
-    *,
-    fit: str = "median",
-    xmin_pos: float = 2.0,
-    filter_zeros: bool = False,
-    evals_thresh: float = 1e-5,
-    bins: int = 100,
-    xmin_bound: str = "reference",
-    backend: str = "auto",
-    refine_lower_edge: bool = True,
-) -> PowerLawFit:
+def fit_power_law(spectra: Spectra | tuple[torch.Tensor, torch.Tensor], options: FitOptions | None = None,
+                  **kw: Any) -> PowerLawFit:
     """Fit a power law to every layer's ESD in one pass (no Python loop over layers on the fast
     paths). ``spectra``: a `Spectra` or a ``(values, offsets)`` pair of a ragged batch.
+
+    ``options``: a `tbfast.options.FitOptions`, or its fields as keywords (``fit="median"``,
+    ``xmin_pos=2.0``, ``filter_zeros=False``, ``evals_thresh=1e-5``, ``bins=100``,
+    ``xmin_bound="reference"``, ``fit_backend="auto"`` (alias ``backend``),
+    ``refine_lower_edge=True``); not both.
 
     Fix-finger on float32 `Spectra`: the histogram's lower end is each layer's first eigenvalue,
     which the float32 Gram path only knows to about ``eps * lambda_max``; with
     ``refine_lower_edge`` (default) it is recomputed in float64 (`tbfast.lower_edge.lower_edge`, one more
     float64 Gram eigensolve per layer), so the window matches an fp64 SVD's. ``xmin`` is in
     absolute units (``Spectra.eig_scale`` applied)."""
-    method = canonical_fit(fit)
+    if options is None:
+        options = split_options(kw, allowed=(FitOptions,), where="tbfast.fit_power_law")[FitOptions]
+    elif not isinstance(options, FitOptions) or kw:
+        raise TypeError("tbfast.fit_power_law: pass a FitOptions or keyword options, not both"
+                        if kw else f"tbfast.fit_power_law: options must be a FitOptions, got {type(options).__name__}")
+    method = options.fit
     scale = None
     if isinstance(spectra, Spectra):
         values, off = spectra.values, spectra.device_offsets()
@@ -178,19 +178,17 @@ def fit_power_law(
         raise ValueError("values must be a 1-D tensor of concatenated ascending eigenvalues")
     if values.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"eigenvalues must be float32 or float64, got {values.dtype}")
-    if method == "median" and not xmin_pos > 1:
-        raise ValueError(f"xmin_pos must be > 1 (xmin = eigenvalue at int(N / xmin_pos)), got {xmin_pos}")
     if off is None:
         off = to_device(offsets, values.device)
     starts, ends = off[:-1].contiguous(), off[1:].contiguous()
-    if filter_zeros:
-        thresh = evals_thresh if scale is None else evals_thresh / scale
+    if options.filter_zeros:
+        thresh = options.evals_thresh if scale is None else options.evals_thresh / scale
         starts = zero_filtered_starts(values, starts, ends, thresh)
-    kind = _pick_backend(values, backend)
+    kind = _pick_backend(values, options.fit_backend)
     hill, scan = _ops(kind)
     values = values.contiguous()
     if method == "median":
-        alpha, D, index = hill(values, starts, ends, float(xmin_pos))
+        alpha, D, index = hill(values, starts, ends, float(options.xmin_pos))
     else:
         L = len(starts)
         if method == "ks":
@@ -198,9 +196,10 @@ def fit_power_law(
             hi = torch.full((L,), math.inf, dtype=torch.float64, device=values.device)
         else:
             lower = None
-            if isinstance(spectra, Spectra) and values.dtype != torch.float64 and refine_lower_edge:
+            if isinstance(spectra, Spectra) and values.dtype != torch.float64 and options.refine_lower_edge:
                 lower = lower_edge(spectra, starts)
-            lo, hi = fix_finger_window(values, starts, ends, bins, xmin_bound, lower=lower, scale=scale)
+            lo, hi = fix_finger_window(values, starts, ends, options.bins, options.xmin_bound, lower=lower,
+                                       scale=scale)
         alpha, D, index = scan(values, starts, ends, lo.contiguous(), hi.contiguous())
     pos = (starts + index.clamp(min=0)).clamp(max=max(values.numel() - 1, 0))
     xmin = torch.where(index >= 0, values[pos].double(), torch.full_like(alpha, math.nan))

@@ -22,17 +22,16 @@ import torch
 from ._progress import progress_bar
 from ._transfer import to_device
 from .eig import eigvalsh_batched
-from .errors import NoLayersError
+from .errors import NoLayersError, NonFiniteWeightsError
 from .layers import Layer
-from .options import LayerOptions
+from .options import ESD_METHODS, ESDOptions, LayerOptions, either
 from .sources import build_layers
 
-__all__ = ["Spectra", "esd", "resolve_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
+__all__ = ["Spectra", "esd", "layer_spectra", "resolve_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of matrices + Gram matrices held at once per chunk
-ESD_METHODS = ("auto", "gram", "svd")
 
 
 @dataclass
@@ -173,7 +172,7 @@ def _pow2_normalisers(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype: torch.dtype,
-                       device: torch.device | None, backend: str, eig_checks: list | None
+                       device: torch.device | None, eig_backend: str, failure_flags: list | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues ``(sum k, n)`` of every matrix of the chunk's layers, in chunk order, in units
     of each layer's eigenvalue factor (second result, float64 ``(len(chunk),)``)."""
@@ -209,7 +208,7 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
             else:
                 G.index_copy_(0, idx, Gs)
     if method != "svd":
-        out = eigvalsh_batched(G, backend=backend, checks=eig_checks)
+        out = eigvalsh_batched(G, backend=eig_backend, checks=failure_flags)
     scales = [layers[i].scale for i in chunk]
     if any(s != 1.0 for s in scales):
         sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)
@@ -238,8 +237,8 @@ def _normalise(M: torch.Tensor, poss: list[int], ks: list[int], eig_scale: torch
 
 
 def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: torch.device | None,
-                  memory_budget: int, progress: bool, backend: str,
-                  eig_checks: list | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  memory_budget: int, progress: bool, eig_backend: str,
+                  failure_flags: list | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     counts = np.array([l.num_evals for l in layers], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     elem = torch.finfo(dtype).bits // 8
@@ -252,7 +251,7 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
     out: torch.Tensor | None = None
     eig_scale: torch.Tensor | None = None
     for chunk in chunks:
-        w, sc = _chunk_eigenvalues(layers, chunk, method, dtype, device, backend, eig_checks)
+        w, sc = _chunk_eigenvalues(layers, chunk, method, dtype, device, eig_backend, failure_flags)
         if out is None:
             out = torch.empty(int(offsets[-1]), dtype=dtype, device=w.device)
             eig_scale = torch.ones(len(layers), dtype=torch.float64, device=w.device)
@@ -273,6 +272,26 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
     return out, torch.as_tensor(offsets), eig_scale
 
 
+def layer_spectra(layers: list[Layer], options: ESDOptions = ESDOptions(), *,
+                  failure_flags: list | None = None) -> Spectra:
+    """The ESD stage on a list of `Layer`: every layer's eigenvalues as one `Spectra`, computed
+    as ``options`` says. No host sync and no finiteness check (see `raise_on_nonfinite`).
+    ``failure_flags``: a list that receives the GPU eigensolver's per-matrix failure flags
+    (device bool tensors) instead of checking them here, so the caller checks them with its own
+    single host sync (see `tbfast.pipeline.run`)."""
+    if not layers:
+        raise NoLayersError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
+    for l in layers:
+        if l.rows == 0 or l.cols == 0 or l.k == 0:
+            raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")
+    budget = DEFAULT_MEMORY_BUDGET if options.memory_budget is None else options.memory_budget
+    with _matmul_precision(options.allow_tf32):
+        values, offsets, eig_scale = _layer_values(
+            layers, "svd" if options.method == "svd" else "gram", options.dtype, options.device, budget,
+            options.progress, options.eig_backend, failure_flags)
+    return Spectra(values=values, offsets=offsets, layers=layers, eig_scale=eig_scale)
+
+
 def esd(
     source: Any,
     *,
@@ -284,6 +303,7 @@ def esd(
     eig_backend: str = "auto",
     allow_tf32: bool = False,
     check_finite: bool = True,
+    failure_flags: list | None = None,
     eig_checks: list | None = None,
     **layer_options: Any,
 ) -> Spectra:
@@ -295,29 +315,17 @@ def esd(
     (squared ``svdvals``, the oracle) or ``auto`` (= ``gram``). ``dtype``: float32 (default) or
     float64 compute precision; fp16/bf16 weights are upcast. Eigenvalues live on ``device``
     (default: the weights' device). ``memory_budget`` (bytes, default 1 GiB) bounds the matrices
-    and Gram matrices held at once; results do not depend on it. With ``check_finite`` a layer
-    whose weights hold NaN or Inf raises a ValueError naming it (one host sync).
-    ``eig_checks``: a list that receives the GPU eigensolver's per-matrix failure flags instead
-    of checking them here (so the caller can check them with its own single host sync).
+    and Gram matrices held at once; results do not depend on it. ``eig_backend``: the
+    eigensolver. With ``check_finite`` a layer whose weights hold NaN or Inf raises a
+    `tbfast.errors.NonFiniteWeightsError` (a ValueError) naming it (one host sync).
+    ``failure_flags``: a list that receives the GPU eigensolver's per-matrix failure flags
+    instead of checking them here (so the caller can check them with its own single host sync);
+    ``eig_checks=`` is its former name, still accepted.
     """
-    if method not in ESD_METHODS:
-        raise ValueError(f"unknown ESD method {method!r}; choose from {ESD_METHODS}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be positive, got {memory_budget}")
-    layers = resolve_layers(source, **layer_options)
-    if not layers:
-        raise NoLayersError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
-    for l in layers:
-        if l.rows == 0 or l.cols == 0 or l.k == 0:
-            raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")
-    dev = torch.device(device) if device is not None else None
-    with _matmul_precision(allow_tf32):
-        values, offsets, eig_scale = _layer_values(layers, "svd" if method == "svd" else "gram", dtype, dev,
-                                                   budget, progress, eig_backend, eig_checks)
-    spectra = Spectra(values=values, offsets=offsets, layers=layers, eig_scale=eig_scale)
+    failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
+    options = ESDOptions(method=method, dtype=dtype, device=device, memory_budget=memory_budget,
+                         progress=progress, eig_backend=eig_backend, allow_tf32=allow_tf32)
+    spectra = layer_spectra(resolve_layers(source, **layer_options), options, failure_flags=failure_flags)
     if check_finite:
         raise_on_nonfinite(spectra)
     return spectra
@@ -332,8 +340,7 @@ def nonfinite_layers(spectra: Spectra, finite_per_value: torch.Tensor | None = N
 
 
 def raise_on_nonfinite(spectra: Spectra) -> None:
-    """Raise a ValueError naming every layer whose weights hold NaN or Inf."""
+    """Raise a `NonFiniteWeightsError` (a ValueError) naming every layer whose weights hold NaN or Inf."""
     if bool(torch.isfinite(spectra.values).all()):
         return
-    bad = nonfinite_layers(spectra)
-    raise ValueError(f"weights contain NaN or Inf in layer(s): {', '.join(bad)}")
+    raise NonFiniteWeightsError(nonfinite_layers(spectra))

@@ -275,7 +275,7 @@ class TempBalance:
         """
         if self.metrics_fn is not None:
             return self.metrics_fn(self.net)
-        from .metrics import layer_metrics
+        from .pipeline import layer_metrics
 
         fit = "goodness-of-fit" if self.pl_fitting == "ks" else self.pl_fitting
         from .distributed import active_group, layer_metrics as distributed_layer_metrics

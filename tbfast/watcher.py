@@ -368,7 +368,7 @@ class WeightWatcher:
         spikes = spikes.to(torch.int64)
         alpha_weighted, log_alpha_norm = m.alphahat.clone(), m.log_alpha_norm.clone()
         warning = list(m.warning)
-        ok = [s == "ok" for s in m.status]
+        ok = m.ok
         if small_n:
             # WeightWatcher fits layers with < 20 non-zero eigenvalues by its small-N rule
             nz = (pl.ends - pl.starts).cpu()

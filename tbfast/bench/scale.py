@@ -25,6 +25,8 @@ import torch
 
 from ..distributed import layer_cost, plan, plan_loads
 from ..layers import Layer, weight_layer
+from ..options import ESDOptions, FitOptions, split_options
+from ..pipeline import run
 from .workloads import get_workload, heavy_tailed
 
 __all__ = ["llama7b_layers", "LLAMA7B_SHAPES", "measure_shape_costs", "project", "measure_ranks",
@@ -37,6 +39,11 @@ LLAMA7B_SHAPES = tuple([(f"self_attn.{n}_proj", 4096, 4096) for n in "qkvo"]
 
 _FIT_OPTS = dict(fit="median", xmin_pos=2.0, filter_zeros=False, evals_thresh=1e-5, bins=100,
                  xmin_bound="reference", sr_mid_pos=None, method="auto", backend="auto")
+
+
+def _options(dtype: torch.dtype) -> tuple[ESDOptions, FitOptions]:
+    opts = split_options({**_FIT_OPTS, "dtype": dtype}, allowed=(ESDOptions, FitOptions))
+    return opts[ESDOptions], opts[FitOptions]
 
 
 def llama7b_layers(blocks: int = 32, seed: int = 0, device: Optional[torch.device] = None) -> list[Layer]:
@@ -71,7 +78,6 @@ def measure_shape_costs(shapes: Sequence[tuple[int, int]], device: torch.device,
                         dtype: torch.dtype = torch.float32) -> dict[tuple[int, int], float]:
     """Median seconds per matrix of ESD + median fit + metrics, per ``(rows, cols)`` shape."""
     from ..layers import layers_from_matrices
-    from ..metrics import esd_fit_metrics
 
     out = {}
     for rows, cols in shapes:
@@ -82,7 +88,7 @@ def measure_shape_costs(shapes: Sequence[tuple[int, int]], device: torch.device,
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            esd_fit_metrics(layers, dtype=dtype, on_invalid="raise", **_FIT_OPTS)
+            run(layers, *_options(dtype))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -121,7 +127,7 @@ def _rank_main(rank: int, world: int, port: int, workload: str, device_type: str
                out_dir: str) -> None:
     import torch.distributed as dist
 
-    from ..distributed import esd_fit_metrics_distributed
+    from ..distributed import run as run_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -133,8 +139,7 @@ def _rank_main(rank: int, world: int, port: int, workload: str, device_type: str
     layers = _workload_layers(workload, device)
     dist.barrier()
     t0 = time.perf_counter()
-    _, _, m = esd_fit_metrics_distributed(layers, group=dist.group.WORLD, dtype=torch.float32,
-                                          on_invalid="raise", **_FIT_OPTS)
+    m = run_distributed(layers, *_options(torch.float32), group=dist.group.WORLD).metrics
     dist.barrier()
     wall = time.perf_counter() - t0
     st = m.extra["distributed"]
@@ -177,14 +182,12 @@ def measure_ranks(workload: str, ranks: Sequence[int], device: torch.device) -> 
 
 
 def _single(workload: str, device: torch.device, threads: int, out_dir: str) -> None:
-    from ..metrics import esd_fit_metrics
-
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         layers = _workload_layers(workload, device)
         t0 = time.perf_counter()
-        _, _, m = esd_fit_metrics(layers, dtype=torch.float32, on_invalid="raise", **_FIT_OPTS)
+        m = run(layers, *_options(torch.float32)).metrics
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0

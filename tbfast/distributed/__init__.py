@@ -1,0 +1,75 @@
+"""ESD, power-law fits and metrics on a torch.distributed process group, each rank doing its share.
+
+The analysed layers are assigned to ranks by estimated cost (`layer_cost`: Gram + eigensolve
+flops, or measured seconds per size class) with a longest-processing-time-first greedy
+(`plan`), so the slowest rank sets the time. Each rank runs the ordinary single-process
+pipeline (`tbfast.pipeline.run`) on its share only; one tensor ``all_gather`` of
+fixed-size float64 rows (numbers, plus the status / warning strings as UTF-8 bytes) then gives
+every rank the whole table, bit-identical on every rank. Nothing is pickled.
+
+Sharded parameters (FSDP2 ``fully_shard``: DTensor weights) are materialised only on the rank
+that analyses the layer: for a 1-D mesh sharded on dim 0 (FSDP2's layout) the shards are sent
+to that rank with one ``gather`` per layer, layer by layer in the same global order on every
+rank (a collective must be entered by all ranks in the same order); any other DTensor layout
+falls back to ``full_tensor()`` on every rank, kept only by the owner. A rank therefore holds
+the full weights of the layers it analyses, never the whole model.
+
+An error on one rank (a corrupt tensor it reads, NaN weights in a layer it owns) travels in the
+same gather, so every rank raises it instead of waiting forever.
+
+Modules: `planning` (cost model, LPT plan), `gather` (row encoding, all_gather, errors from other
+ranks), `fsdp` (FSDP1 / FSDP2 weights materialised on the owner), `pipeline` (`run`,
+`layer_metrics`). See docs/DISTRIBUTED.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .pipeline import layer_metrics, run
+from .planning import EIG_FLOP_WEIGHT, layer_cost, plan, plan_loads
+
+__all__ = ["active_group", "layer_cost", "plan", "plan_loads", "run", "layer_metrics", "is_main_process",
+           "init_from_env", "EIG_FLOP_WEIGHT"]
+
+
+def active_group(process_group: Any = None) -> Optional[Any]:
+    """The process group to split work over, or None for a single-process run.
+
+    ``process_group=None``: the default group when torch.distributed is initialised with more
+    than one rank; a group: that group (None if it has one rank); ``False``: never distributed.
+    """
+    if process_group is False:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise RuntimeError("process_group was given but torch.distributed is not initialised")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def is_main_process(process_group: Any = None) -> bool:
+    """True on rank 0 of the group (and in a single-process run): the rank that prints and writes."""
+    group = active_group(process_group)
+    return group is None or dist.get_rank(group) == 0
+
+
+def init_from_env(device: Optional[str] = None) -> bool:
+    """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1).
+
+    Backend: NCCL when ``device`` is a CUDA device (each rank on ``cuda:LOCAL_RANK``), gloo
+    otherwise. Returns True when this call initialised it (the caller then destroys it).
+    """
+    import os
+
+    if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
