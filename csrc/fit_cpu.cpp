@@ -4,7 +4,7 @@
 //   ks_scan(values, starts, ends, lo, hi)           -> (alpha, D, index)   goodness-of-fit / fix-finger
 //   tbfast_testing::_ks_scan_exhaustive(...)       same result without pruning (test oracle)
 //
-// CPU kernels only: the schemas live in tbfast/ops/fit.py (see the registration at the end).
+// CPU kernels of the ops defined in tbfast/ops/fit.py (schemas, CUDA and fake kernels there).
 // Layer l is values[starts[l]:ends[l]] (ascending, finite, >= 0); N = ends[l] - starts[l].
 // NaN policy (all backends): a layer holding a NaN gets alpha = D = NaN, index = -1; any other
 // invalid input (infinite, negative or unsorted values, bad ranges, bad tensors) raises.
@@ -433,9 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& val
 }  // namespace
 }  // namespace tbfast
 
-// The schemas of hill_fit and ks_scan are defined once, in Python (tbfast/ops/fit.py), so that
-// the ops exist with their CUDA (Triton), fallback and fake kernels whether or not this extension
-// is built; this file only provides their CPU kernels.
+// CPU kernels only: the schemas are defined once, in tbfast/ops/fit.py (which says why).
 TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
   m.impl("hill_fit", &tbfast::hill_fit_cpu);
   m.impl("ks_scan", &tbfast::ks_scan_cpu<true>);
