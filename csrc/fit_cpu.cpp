@@ -2,9 +2,12 @@
 //
 //   hill_fit(values, starts, ends, xmin_pos)        -> (alpha, D, index)   "median" fit
 //   ks_scan(values, starts, ends, lo, hi)           -> (alpha, D, index)   goodness-of-fit / fix-finger
-//   _ks_scan_exhaustive(values, starts, ends, lo, hi)  same result without pruning (test oracle)
+//   tbfast_testing::_ks_scan_exhaustive(...)       same result without pruning (test oracle)
 //
+// CPU kernels of the ops defined in tbfast/ops/fit.py (schemas, CUDA and fake kernels there).
 // Layer l is values[starts[l]:ends[l]] (ascending, finite, >= 0); N = ends[l] - starts[l].
+// NaN policy (all backends): a layer holding a NaN gets alpha = D = NaN, index = -1; any other
+// invalid input (infinite, negative or unsorted values, bad ranges, bad tensors) raises.
 // With xmin = x[i], n = N - i:
 //   alpha_i = 1 + n / (sum_{j>=i} ln x[j] - n ln x[i])      (log sums in extended precision)
 //   D_i     = max_{j<n} |1 - (x[i+j]/x[i])^(1-alpha_i) - j/n|
@@ -54,21 +57,12 @@ constexpr int64_t kSeeds = 24;      // seed candidates per layer visited first
 // ---------------------------------------------------------------------------------------------
 // Input checks
 
-void check_index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t L) {
+// starts / ends (int64) and lo / hi (float64): 1-D, one entry per layer, contiguous, on the CPU.
+void check_layer_tensor(const char* op, const char* name, const at::Tensor& t, int64_t L, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "tbfast::", op, " (CPU): ", name, " must be a CPU tensor, got ",
               t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong, "tbfast::", op, ": ", name, " must be int64, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == L, "tbfast::", op, ": ", name,
-              " must be 1-D with one entry per layer (", L, "), got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "tbfast::", op, ": ", name, " must be contiguous");
-}
-
-void check_bound_tensor(const char* op, const char* name, const at::Tensor& t, int64_t L) {
-  TORCH_CHECK(t.device().is_cpu(), "tbfast::", op, " (CPU): ", name, " must be a CPU tensor, got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == at::kDouble, "tbfast::", op, ": ", name, " must be float64, got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "tbfast::", op, ": ", name, " must be ",
+              dtype == at::kLong ? "int64" : "float64", ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == L, "tbfast::", op, ": ", name,
               " must be 1-D with one entry per layer (", L, "), got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "tbfast::", op, ": ", name, " must be contiguous");
@@ -85,8 +79,8 @@ void check_common(const char* op, const at::Tensor& values, const at::Tensor& st
   TORCH_CHECK(values.is_contiguous(), "tbfast::", op, ": values must be contiguous");
   TORCH_CHECK(starts.dim() == 1, "tbfast::", op, ": starts must be 1-D, got shape ", starts.sizes());
   const int64_t L = starts.size(0);
-  check_index_tensor(op, "starts", starts, L);
-  check_index_tensor(op, "ends", ends, L);
+  check_layer_tensor(op, "starts", starts, L, at::kLong);
+  check_layer_tensor(op, "ends", ends, L, at::kLong);
   const int64_t* s = starts.const_data_ptr<int64_t>();
   const int64_t* e = ends.const_data_ptr<int64_t>();
   const int64_t total = values.size(0);
@@ -96,9 +90,12 @@ void check_common(const char* op, const at::Tensor& values, const at::Tensor& st
   }
 }
 
-// Checks that every layer's slice is finite, >= 0 and ascending; throws naming the first bad one.
+// Checks every layer's slice. A layer holding a NaN is flagged (result alpha = D = NaN,
+// index = -1; the NaN policy of the fit ops); any other layer must be finite, >= 0 and ascending,
+// else this throws naming the first bad layer. Returns the per-layer NaN flags.
 template <class T>
-void check_values(const char* op, const T* x, const int64_t* s, const int64_t* e, int64_t L) {
+std::vector<uint8_t> check_values(const char* op, const T* x, const int64_t* s, const int64_t* e, int64_t L) {
+  std::vector<uint8_t> has_nan(L, 0);
   std::vector<int8_t> bad(L, 0);
   std::vector<int64_t> where(L, 0);
   int64_t total = 0;
@@ -107,6 +104,11 @@ void check_values(const char* op, const T* x, const int64_t* s, const int64_t* e
     for (int64_t l = l0; l < l1; ++l) {
       for (int64_t p = s[l]; p < e[l]; ++p) {
         const double v = static_cast<double>(x[p]);
+        if (std::isnan(v)) {  // wins over any other defect of the layer
+          has_nan[l] = 1;
+          break;
+        }
+        if (bad[l] != 0) continue;  // keep looking for a NaN only
         int8_t code = 0;
         if (!std::isfinite(v)) code = 1;
         else if (v < 0) code = 2;
@@ -114,13 +116,12 @@ void check_values(const char* op, const T* x, const int64_t* s, const int64_t* e
         if (code != 0) {
           bad[l] = code;
           where[l] = p - s[l];
-          break;
         }
       }
     }
   });
   for (int64_t l = 0; l < L; ++l) {
-    if (bad[l] == 0) continue;
+    if (bad[l] == 0 || has_nan[l]) continue;
     const int64_t j = where[l];
     const double v = static_cast<double>(x[s[l] + j]);
     TORCH_CHECK(bad[l] != 1, "tbfast::", op, ": layer ", l, " has a non-finite eigenvalue (", v,
@@ -130,6 +131,7 @@ void check_values(const char* op, const T* x, const int64_t* s, const int64_t* e
     TORCH_CHECK(false, "tbfast::", op, ": layer ", l, " is not sorted ascending (position ", j,
                 ": ", v, " < ", static_cast<double>(x[s[l] + j - 1]), ")");
   }
+  return has_nan;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,8 +233,8 @@ inline void atomic_min(std::atomic<double>& a, double v) {
 // Median ("hill") fit
 
 template <class T>
-void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, int64_t L, double xmin_pos,
-                     double* alpha, double* D, int64_t* index) {
+void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, const uint8_t* has_nan, int64_t L,
+                     double xmin_pos, double* alpha, double* D, int64_t* index) {
   int64_t total = 0;
   for (int64_t l = 0; l < L; ++l) total += e[l] - s[l];
   parallel_for_static(L, 4, 8 * total, [&](int64_t l0, int64_t l1) {
@@ -242,7 +244,7 @@ void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, int64_t L, 
       // i = int(N / xmin_pos) as in Python; checked as a double first (N / tiny is inf)
       const double q = std::floor(static_cast<double>(N) / xmin_pos);
       const int64_t i = q < static_cast<double>(N) ? static_cast<int64_t>(q) : N;
-      if (N < 2 || i >= N) {
+      if (N < 2 || i >= N || has_nan[l]) {
         alpha[l] = D[l] = kNaN;
         index[l] = -1;
         continue;
@@ -274,8 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hill_fit_cpu(const at::Tensor& va
   at::Tensor index = at::empty({L}, values.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "tbfast_hill_fit", [&] {
     const scalar_t* x = values.const_data_ptr<scalar_t>();
-    check_values("hill_fit", x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), L);
-    hill_fit_kernel(x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), L, xmin_pos,
+    const std::vector<uint8_t> has_nan =
+        check_values("hill_fit", x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), L);
+    hill_fit_kernel(x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), has_nan.data(), L, xmin_pos,
                     alpha.mutable_data_ptr<double>(), D.mutable_data_ptr<double>(),
                     index.mutable_data_ptr<int64_t>());
   });
@@ -304,8 +307,8 @@ inline int64_t visit_order(const ScanLayer& ly, int64_t r) {
 }
 
 template <class T, bool kPrune>
-void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double* lo, const double* hi,
-                    int64_t L, double* alpha_out, double* D_out, int64_t* index_out) {
+void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const uint8_t* has_nan, const double* lo,
+                    const double* hi, int64_t L, double* alpha_out, double* D_out, int64_t* index_out) {
   // Layout, visited windows and seeds.
   std::vector<ScanLayer> layers(L);
   std::vector<int64_t> work_start(L + 1, 0);
@@ -315,7 +318,7 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
     ly.N = e[l] - s[l];
     ly.off = total_vals;
     total_vals += ly.N;
-    if (ly.N >= 2) {
+    if (ly.N >= 2 && !has_nan[l]) {  // a NaN layer visits no candidate
       const T* xl = x + s[l];
       const int64_t last = ly.N - 1;  // candidates are 0 .. N-2
       int64_t i = 0;
@@ -380,7 +383,7 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const double
   // First argmin per layer (abandoned candidates hold +inf, above the attained minimum).
   for (int64_t l = 0; l < L; ++l) {
     const ScanLayer& ly = layers[l];
-    if (ly.N < 2) {
+    if (ly.N < 2 || has_nan[l]) {
       alpha_out[l] = D_out[l] = kNaN;
       index_out[l] = -1;
       continue;
@@ -410,8 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& val
   const char* op = kPrune ? "ks_scan" : "_ks_scan_exhaustive";
   check_common(op, values, starts, ends);
   const int64_t L = starts.size(0);
-  check_bound_tensor(op, "lo", lo, L);
-  check_bound_tensor(op, "hi", hi, L);
+  check_layer_tensor(op, "lo", lo, L, at::kDouble);
+  check_layer_tensor(op, "hi", hi, L, at::kDouble);
   auto f64 = values.options().dtype(at::kDouble);
   at::Tensor alpha = at::empty({L}, f64), D = at::empty({L}, f64);
   at::Tensor index = at::empty({L}, values.options().dtype(at::kLong));
@@ -419,8 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& val
     const scalar_t* x = values.const_data_ptr<scalar_t>();
     const int64_t* s = starts.const_data_ptr<int64_t>();
     const int64_t* e = ends.const_data_ptr<int64_t>();
-    check_values(op, x, s, e, L);
-    ks_scan_kernel<scalar_t, kPrune>(x, s, e, lo.const_data_ptr<double>(), hi.const_data_ptr<double>(), L,
+    const std::vector<uint8_t> has_nan = check_values(op, x, s, e, L);
+    ks_scan_kernel<scalar_t, kPrune>(x, s, e, has_nan.data(), lo.const_data_ptr<double>(), hi.const_data_ptr<double>(), L,
                                      alpha.mutable_data_ptr<double>(), D.mutable_data_ptr<double>(),
                                      index.mutable_data_ptr<int64_t>());
   });
@@ -430,14 +433,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& val
 }  // namespace
 }  // namespace tbfast
 
-TORCH_LIBRARY_FRAGMENT(tbfast, m) {
-  m.def("hill_fit(Tensor values, Tensor starts, Tensor ends, float xmin_pos) -> (Tensor, Tensor, Tensor)");
-  m.def("ks_scan(Tensor values, Tensor starts, Tensor ends, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
-  m.def("_ks_scan_exhaustive(Tensor values, Tensor starts, Tensor ends, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
-}
-
+// CPU kernels only: the schemas are defined once, in tbfast/ops/fit.py (which says why).
 TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
   m.impl("hill_fit", &tbfast::hill_fit_cpu);
   m.impl("ks_scan", &tbfast::ks_scan_cpu<true>);
+}
+
+// Test-only: the scan without pruning, the oracle the pruned scan must equal bit for bit.
+TORCH_LIBRARY_FRAGMENT(tbfast_testing, m) {
+  m.def("_ks_scan_exhaustive(Tensor values, Tensor starts, Tensor ends, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tbfast_testing, CPU, m) {
   m.impl("_ks_scan_exhaustive", &tbfast::ks_scan_cpu<false>);
 }

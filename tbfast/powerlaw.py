@@ -9,8 +9,8 @@
   bound ``log10(0.95 * xmin2)`` (a log-scale number compared with eigenvalues); ``'corrected'``
   uses ``0.95 * xmin2``.
 
-Dispatch: CUDA tensors use the Triton kernels, CPU tensors the C++ kernels, and the plain-torch
-references of `tbfast.kernels.ref` serve when neither is available.
+The fits run as the ops of `tbfast.ops.fit` (C++ on CPU, Triton on CUDA, the torch reference where
+neither is available; ``backend`` picks one explicitly).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from . import _backend
 from ._transfer import to_device
 from .kernels import ref
 from .lower_edge import lower_edge
-from .options import FIT_BACKENDS, FIT_METHODS, FitOptions, canonical_fit, split_options
+from .ops.fit import fit_kernels
+from .options import FIT_METHODS, FitOptions, canonical_fit, split_options
 from .spectra import Spectra
 
 __all__ = ["PowerLawFit", "fit_power_law", "FIT_METHODS", "canonical_fit", "zero_filtered_starts",
@@ -117,35 +117,6 @@ def fix_finger_window(values: torch.Tensor, starts: torch.Tensor, ends: torch.Te
     return lo, 1.5 * xmin2
 
 
-def _pick_backend(values: torch.Tensor, backend: str) -> str:
-    if backend not in FIT_BACKENDS:
-        raise ValueError(f"unknown fit backend {backend!r}; choose from {FIT_BACKENDS}")
-    if backend != "auto":
-        return backend
-    if values.is_cuda:
-        from .kernels import triton_fit_available
-        ok, why = triton_fit_available()
-        if ok:
-            return "triton"
-        _backend.log_fallback_once("fit-triton", f"Triton fit kernels unavailable ({why}); CUDA fits use the torch reference")
-        return "torch"
-    if _backend.has_op("ks_scan") and _backend.has_op("hill_fit"):
-        return "cpp"
-    _backend.log_fallback_once("fit-cpp", "C++ extension not loaded: CPU fits use the torch reference")
-    return "torch"
-
-
-def _ops(backend: str) -> tuple[Any, Any]:
-    if backend == "cpp":
-        if not (_backend.has_op("ks_scan") and _backend.has_op("hill_fit")):
-            raise RuntimeError("C++ fit kernels requested but the tbfast._C extension is not loaded")
-        return torch.ops.tbfast.hill_fit, torch.ops.tbfast.ks_scan
-    if backend == "triton":
-        from .kernels import triton_fit
-        return triton_fit.hill_fit_triton, triton_fit.ks_scan_triton
-    return ref.hill_fit_ref, ref.ks_scan_ref
-
-
 def fit_power_law(spectra: Spectra | tuple[torch.Tensor, torch.Tensor], options: FitOptions | None = None,
                   **kw: Any) -> PowerLawFit:
     """Fit a power law to every layer's ESD in one pass (no Python loop over layers on the fast
@@ -184,8 +155,7 @@ def fit_power_law(spectra: Spectra | tuple[torch.Tensor, torch.Tensor], options:
     if options.filter_zeros:
         thresh = options.evals_thresh if scale is None else options.evals_thresh / scale
         starts = zero_filtered_starts(values, starts, ends, thresh)
-    kind = _pick_backend(values, options.fit_backend)
-    hill, scan = _ops(kind)
+    hill, scan = fit_kernels(values, options.fit_backend)
     values = values.contiguous()
     if method == "median":
         alpha, D, index = hill(values, starts, ends, float(options.xmin_pos))

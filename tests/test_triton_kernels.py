@@ -281,6 +281,25 @@ def test_matches_torch_reference_and_cpp(batch):
                 torch.testing.assert_close(g, w.cpu().double(), rtol=RTOL, atol=RTOL, equal_nan=True)
 
 
+def test_nan_layers_small_blocks(batch):
+    """NaN policy (tbfast/ops/fit.py): a layer whose values hold a NaN gets alpha = NaN, D = NaN,
+    index = -1, wherever the NaN sits (tiny blocks: in a later block of the Hill fit's head too);
+    the other layers match the oracle."""
+    specs = [s.copy() for s in batch if len(s) >= 20][:6]
+    specs[0][0] = math.nan                      # head of the Hill fit (below xmin), first block
+    specs[1][len(specs[1]) // 2 - 1] = math.nan  # last head value, a later block
+    specs[2][-1] = math.nan                     # top of the tail
+    specs[3][:] = math.nan
+    values, starts, ends, layers = _ragged(specs, False)
+    unfit = (math.nan, math.nan, -1, [])
+    want_h = [unfit if l < 4 else hill_oracle(x, 2.0) for l, x in enumerate(layers)]
+    _check("hill/nan/b8", triton_fit.hill_fit_triton(values, starts, ends, 2.0, block=8), want_h, layers)
+    want_k = [unfit if l < 4 else ks_oracle(x, -math.inf, math.inf) for l, x in enumerate(layers)]
+    lo = torch.full((len(layers),), -math.inf, dtype=torch.float64, device=DEVICE)
+    got = triton_fit.ks_scan_triton(values, starts, ends, lo, -lo, block_i=8, block_j=16, argmin_block=8)
+    _check("ks/nan/8x16", got, want_k, layers, [w[3] for w in want_k])
+
+
 def test_empty_batch_and_bad_input():
     values = torch.rand(5, dtype=torch.float64, device=DEVICE)
     none = torch.zeros(0, dtype=torch.int64, device=DEVICE)

@@ -2,6 +2,7 @@
 
 They define what the C++ and Triton kernels must return, serve as the fallback when neither is
 available, and are what the tests compare the fast kernels with. Arithmetic is float64.
+NaN policy of the fit ops (tbfast/ops/fit.py): a layer holding a NaN gets NaN, NaN, -1.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _tail_d(x: torch.Tensor, i: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
 
 
 def _unfitted(L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """alpha = D = NaN and index = -1 for L layers: the result of a layer that cannot be fitted."""
+    """alpha = D = NaN and index = -1 for L layers: the result of a layer that cannot be fitted
+    (too short, or holding a NaN)."""
     alpha = torch.full((L,), math.nan, dtype=torch.float64, device=device)
     return alpha, alpha.clone(), torch.full((L,), -1, dtype=torch.int64, device=device)
 
@@ -58,6 +60,8 @@ def hill_fit_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
         if N < 2 or i >= N:
             continue
         x = values[s:e].double()
+        if torch.isnan(x).any():
+            continue
         n = N - i
         a = 1.0 + n / (torch.log(x[i:]).sum() - n * torch.log(x[i]))
         alpha[l] = a
@@ -76,6 +80,8 @@ def ks_scan_ref(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
         if N < 2:
             continue
         x = values[s:e].double()
+        if torch.isnan(x).any():
+            continue
         logs = torch.log(x)
         suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])
         cand = torch.arange(N - 1, device=x.device)

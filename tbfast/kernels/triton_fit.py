@@ -26,7 +26,8 @@ Semantics (ragged batch, ARCHITECTURE.md): ``values`` 1-D, ascending per layer; 
 ``values[starts[l]:ends[l]]``; segments must be disjoint (the ragged convention), which bounds
 the number of candidate blocks by ``values.numel() / block_i + L`` without a host sync.
 Indices are relative to ``starts``. Outputs are float64 ``alpha``, ``D`` and int64 ``index`` of
-length L on ``values``' device; ``N < 2`` (and, for the Hill fit, ``i >= N``) gives NaN, NaN, -1.
+length L on ``values``' device; ``N < 2`` (and, for the Hill fit, ``i >= N``) gives NaN, NaN, -1,
+and so does a layer holding a NaN (the NaN policy of tbfast/ops/fit.py).
 In the KS scan a candidate is visited when ``lo <= x_i <= hi`` (values ascending, so "skip
 ``x_i < lo``, stop at the first ``x_i > hi``" is the same set); unvisited candidates keep
 alpha 0 and D 1; a visited one gets D 1 unless ``alpha_i > 1`` (NaN alpha counts as not > 1).
@@ -105,13 +106,22 @@ def _hill_kernel(x_ptr, starts_ptr, ends_ptr, i_ptr, alpha_ptr, d_ptr, index_ptr
     n = (end - base).to(tl.float64)
     lxmin = tl.log(tl.load(x_ptr + base, mask=ok, other=1.0).to(tl.float64))
 
+    # NaN policy: a layer holding a NaN (head or tail) gets NaN, NaN, -1
+    nans = tl.zeros([BLOCK], dtype=tl.int32)
+    head_stop = tl.where(ok, base, start)
+    for t0 in range(start, head_stop, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + t, mask=t < head_stop, other=1.0)
+        nans += (v != v).to(tl.int32)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for t0 in range(base, stop, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         m = t < stop
-        lx = tl.log(tl.load(x_ptr + t, mask=m, other=1.0).to(tl.float64))
-        acc += tl.where(m, lx, 0.0)
+        v = tl.load(x_ptr + t, mask=m, other=1.0).to(tl.float64)
+        nans += (v != v).to(tl.int32)
+        acc += tl.where(m, tl.log(v), 0.0)
     alpha = 1.0 + n / (tl.sum(acc, axis=0) - n * lxmin)
+    ok = ok & (tl.sum(nans, axis=0) == 0)
 
     inv_n = 1.0 / n
     dmax = tl.zeros([BLOCK], dtype=tl.float64)
@@ -185,7 +195,7 @@ def _ks_candidates_kernel(x_ptr, lx_ptr, starts_ptr, ends_ptr, lo_ptr, hi_ptr,
         tl.store(d_c_ptr + pos, tl.where(active, dmax, 1.0), mask=is_cand)
 
 
-def _ks_argmin_kernel(starts_ptr, ends_ptr, alpha_c_ptr, d_c_ptr, alpha_ptr, d_ptr, index_ptr,
+def _ks_argmin_kernel(x_ptr, starts_ptr, ends_ptr, alpha_c_ptr, d_c_ptr, alpha_ptr, d_ptr, index_ptr,
                       BLOCK: tl.constexpr):
     layer = tl.program_id(0)
     start = tl.load(starts_ptr + layer)
@@ -204,7 +214,12 @@ def _ks_argmin_kernel(starts_ptr, ends_ptr, alpha_c_ptr, d_c_ptr, alpha_ptr, d_p
         best_d = tl.where(better, d, best_d)
     d_min = tl.min(best_d, axis=0)
     k = tl.min(tl.where(best_d == d_min, best_i, big), axis=0)  # first index among the minima
-    ok = num_cand >= 1
+    nans = tl.zeros([BLOCK], dtype=tl.int32)  # NaN policy: a layer holding a NaN gets NaN, NaN, -1
+    for c0 in range(0, num_cand + 1, BLOCK):
+        c = c0 + lanes
+        v = tl.load(x_ptr + start + c, mask=c <= num_cand, other=1.0)
+        nans += (v != v).to(tl.int32)
+    ok = (num_cand >= 1) & (tl.sum(nans, axis=0) == 0)
     k = tl.where(ok, k, 0)
     alpha = tl.load(alpha_c_ptr + start + k, mask=ok, other=float("nan"))
     d = tl.load(d_c_ptr + start + k, mask=ok, other=float("nan"))
@@ -356,5 +371,5 @@ def ks_scan_triton(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tenso
     with _device_guard(device):
         candidates[(grid,)](values, log_values, starts, ends, lo, hi, prog_layer, blk_begin,
                             alpha_c, d_c, num_layers, BLOCK_I=block_i, BLOCK_J=block_j)
-        argmin[(num_layers,)](starts, ends, alpha_c, d_c, alpha, d, index, BLOCK=argmin_block)
+        argmin[(num_layers,)](values, starts, ends, alpha_c, d_c, alpha, d, index, BLOCK=argmin_block)
     return alpha, d, index

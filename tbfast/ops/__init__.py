@@ -1,0 +1,20 @@
+"""tbfast's op layer: every compiled/accelerated op is a ``torch.ops`` operator, one module each.
+
+Conventions (shared by every op module here):
+
+- Public ops live in the namespace ``tbfast`` (``torch.ops.tbfast.<name>``); test-only ops (an
+  unpruned oracle, ...) in ``tbfast_testing``.
+- Each op has one schema, kernels registered per device through ``torch.library`` (C++ on CPU,
+  Triton / cuSOLVER on CUDA, the plain-torch reference of `tbfast.kernels.ref` where no compiled
+  path exists) and a fake kernel, so it is torch.compile-safe.
+- Each module offers plain Python entry functions with an explicit ``backend=`` choice
+  (``"auto"`` = the dispatcher's pick) for tests and ``tbfast bench``; the library's stages
+  (`tbfast.powerlaw`, ...) call those.
+
+Modules: `tbfast.ops.fit` (``hill_fit``, ``ks_scan``: the power-law fits).
+Importing this package registers every op.
+"""
+
+from __future__ import annotations
+
+from . import fit  # noqa: F401  (registers torch.ops.tbfast.hill_fit / ks_scan)
