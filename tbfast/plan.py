@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .schedule import assign_lrs, block_means, block_of, normalize_mean, within_block_lrs
+from .schedule import _as_numpy, assign_lrs, block_means, block_of, normalize_mean, within_block_lrs
 
-__all__ = ["Plan", "select_rows", "check_rows", "plan_schedule"]
+__all__ = ["Plan", "table_column", "select_rows", "check_rows", "plan_schedule"]
 
 @dataclass
 class Plan:
@@ -46,6 +46,15 @@ class Plan:
     ratios: "OrderedDict[str, float]" = field(default_factory=OrderedDict)
     scores: "OrderedDict[str, float]" = field(default_factory=OrderedDict)
     layer_ratio: "OrderedDict[str, float]" = field(default_factory=OrderedDict)
+
+
+def table_column(table: Any, key: str) -> np.ndarray:
+    """Column ``key`` of an ESD table (``table[key]``: numpy, torch or a sequence) as float64 numpy."""
+    try:
+        col = table[key]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise KeyError(f"ESD table has no column {key!r}") from exc
+    return _as_numpy(col)
 
 
 def select_rows(num_evals: Sequence[float], opts: Any) -> list[int]:

@@ -6,21 +6,18 @@
 adds the Model Balancing options (SPEC section 7): TB_Sigmoid, per-block scheduling, lr
 normalisation, weight-decay balancing, a delayed start, and a ``metrics`` table.
 
-Where tbfast deliberately differs from the original:
+Where tbfast deliberately differs from the original (docs/TEMPBALANCE.md gives the details):
+optimizer groups are matched to layers by parameter identity (a group mixing keys is an error);
+``tb_linear_map`` with all scores equal gives the middle of the range
+(``linear_map_equal='reference'``: numpy's upper end); a tuned layer without a usable fit raises
+a ValueError naming it instead of giving a NaN lr; param groups hold lists of parameters; a
+layer with a flat fitted ESD tail (`tbfast.metrics.flat_tail`) gets a logged warning at every
+ESD and is scheduled on its alpha unless ``flat_policy='untuned'``.
 
-- ``step`` matches optimizer param groups to layers by parameter identity, not by position.
-  For the optimizer built from ``build_optimizer_param_group`` the result is the same; for any
-  other layout it is still right, and a group that mixes parameters scheduled differently is an
-  error instead of a silent mis-assignment.
-- ``tb_linear_map`` with all scores equal (or one tuned layer) gives every layer the middle of
-  ``[lr_min_ratio, lr_max_ratio] * lr`` instead of numpy's upper end
-  (``linear_map_equal='reference'`` restores the upper end).
-- A tuned layer whose ESD could not be fitted (metric status not "ok", or a non-finite score)
-  raises a ValueError naming it instead of producing a NaN learning rate.
-- Param groups hold lists of parameters (the original passes one-shot generators).
-- A layer whose fitted ESD tail is flat (`tbfast.metrics.flat_tail`, e.g. an orthogonally
-  initialised layer with alpha ~1e6) gets a logged warning naming it at every ESD; its alpha is
-  used as is (the original's numbers) unless ``flat_policy='untuned'``.
+Structure: the options are `tbfast.tempbalance_options.TempBalanceOptions`, the planning (ESD
+table columns -> factors) is `tbfast.plan`, the parameter layout `tbfast.param_layout`, the
+asynchronous ESD `tbfast.background.AsyncESD`; this class holds the state and the optimizer
+protocol.
 """
 from __future__ import annotations
 
@@ -29,22 +26,16 @@ import logging
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import _untuned_lr as _lr
-from .param_layout import group_keys, optimizer_groups, param_keys, param_layout
-from .plan import check_rows, plan_schedule, select_rows
+from .background import AsyncESD
+from .param_layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
+from .plan import check_rows, plan_schedule, select_rows, table_column
 from .schedule import BLOCK_PATTERN, block_of
-from .tempbalance_options import (
-    ALPHA_SCORES,
-    OPTION_NAMES,
-    PL_FITTINGS,
-    SCORE_METRICS,
-    TempBalanceOptions,
-    resolve_fit_backend,
-)
+from .tempbalance_options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, TempBalanceOptions,
+                                  add_option_attributes, resolve_fit_backend)
 
 __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 
@@ -63,49 +54,15 @@ _WD0 = "tb_initial_weight_decay"
 class TempBalance:
     """Drop-in TempBalance scheduler (original arguments first, Model Balancing options keyword-only).
 
-    Original arguments (SPEC section 6), same defaults: ``EVALS_THRESH``, ``bins``, ``conv_norm``,
-    ``pl_fitting`` ('median' | 'goodness-of-fit' | 'fix-finger'), ``xmin_pos``, ``filter_zeros``,
-    ``remove_first_layer``, ``remove_last_layer``, ``eigs_thresh``, ``esd_metric_for_tb``,
-    ``assign_func`` ('tb_linear_map' | 'tb_sqrt' | 'tb_log2' | 'tb_step', plus 'tb_sigmoid'),
-    ``lr_min_ratio``, ``lr_max_ratio``, ``batchnorm``, ``batchnorm_type`` ('name' | 'order'),
-    ``layernorm``.
-
-    Model Balancing options (SPEC section 7):
-
-    - ``tau``, ``s``: TB_Sigmoid parameters; ``s`` a number or a pair ``(s_below, s_above)``.
-    - ``granularity``: 'layer' (original), 'block' (one lr per transformer block, block score =
-      mean of its layers' scores, every parameter whose name is in the block gets it, others the
-      untuned lr) or 'layer_in_block' (block lr as for 'block', then each analysed layer is
-      mapped inside its block onto ``[lr_min_ratio, lr_min_ratio + lr_slope]`` times the block
-      lr; ``lr_slope`` defaults to ``lr_max_ratio - lr_min_ratio``).
-    - ``normalize``: rescale the tuned lrs (per layer, or per block) so their mean is the untuned lr.
-    - ``balance``: 'lr', 'weight_decay' (each group's weight decay times the layer's factor,
-      lr left untuned) or 'both'.
-    - ``start_step``: balancing starts once ``step`` has been called this many times; until
-      then every group gets the untuned lr and no ESD is computed.
-    - ``linear_map_equal``: 'mid' (tbfast) or 'reference' (numpy's upper end), see module docs.
-    - ``xmin_bound``, ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both): passed
-      to `tbfast.layer_metrics`.
-    - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
-      (anything with ``names``, optional ``status``, and columns by ``table[name]``).
-    - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
-      weights, starts their ESD on a worker thread (a side stream on CUDA) and returns without
-      waiting; the newest finished ESD becomes the schedule at the next ``step`` / ``apply``
-      (``lag`` steps old), `synchronize` waits for it. The first schedule (from
-      ``build_optimizer_param_group`` or the first active ``step``) is computed synchronously.
-    - ``flat_policy``: what to do with a scheduled layer whose fitted tail is flat
-      (`tbfast.metrics.flat_tail`, checked when the score is alpha, alphahat or log_alpha_norm):
-      'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
-      'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
-      left out of the scores that the assignment function and ``normalize`` see).
-    - ``process_group``: with torch.distributed initialised (DDP, FSDP2 ``fully_shard``), the
-      layers are split over the ranks of this group (default: the world group; ``False``: every
-      rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
+    Original arguments (SPEC section 6), same defaults; Model Balancing options (SPEC section 7):
+    ``tau``, ``s``, ``granularity``, ``lr_slope``, ``normalize``, ``balance``, ``start_step``,
+    ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
+    ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
+    ``asynchronous``, ``process_group``. `tbfast.tempbalance_options.TempBalanceOptions`
+    describes each one.
 
     Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
-    `tbfast.tempbalance_options.TempBalanceOptions` validated when built; setting an attribute
-    validates the new value. The planning (table -> factors) is `tbfast.plan`, the parameter
-    layout `tbfast.param_layout`; this class holds the state and writes optimizers.
+    `TempBalanceOptions` validated when built; setting an attribute validates the new value.
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -158,9 +115,7 @@ class TempBalance:
         self.net = net
         #: optimizer step whose weights produced the current schedule (None before the first ESD)
         self.schedule_step: Optional[int] = None
-        self._background: Any = None  # BackgroundESD, created on the first asynchronous request
-        self._side_streams: dict = {}
-        self._restored: Optional[tuple[int, Any]] = None  # finished ESD restored from a state_dict
+        self._async = AsyncESD(lambda layers: self.compute_metrics(layers))  # asynchronous=True
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
@@ -240,35 +195,29 @@ class TempBalance:
             self.update()
             self.schedule_step = self.step_count
             return
-        from .background import BackgroundESD, snapshot_layers
         from .distributed import active_group
 
         if active_group(self.process_group) is not None:
             raise ValueError(_ASYNC_ON_GROUP)
-        if self._background is None:
-            self._background = BackgroundESD(lambda layers: self.compute_metrics(layers))
-        self._background.submit(snapshot_layers(self.analysed_layers(), self.step_count, self._side_streams))
+        self._async.submit(self.analysed_layers(), self.step_count)
 
     def synchronize(self) -> None:
         """Wait for the background ESD (if any) and make the newest finished one the schedule."""
-        if self._background is not None:
-            self._background.wait()
+        self._async.wait()
         self._promote()
 
     def close(self) -> None:
         """Stop the background worker (a running ESD finishes; its result is dropped)."""
-        if self._background is not None:
-            self._background.close()
-            self._background = None
+        self._async.close()
+
+    @property
+    def _background(self) -> Any:
+        """The `tbfast.background.BackgroundESD` worker (None until the first asynchronous request)."""
+        return self._async.worker
 
     def _promote(self) -> bool:
         """Make the newest finished background ESD the schedule; True if there was one."""
-        done = self._restored
-        self._restored = None
-        if self._background is not None:
-            newer = self._background.take()
-            if newer is not None:
-                done = newer
+        done = self._async.newest()
         if done is None:
             return False
         step, table = done
@@ -277,15 +226,7 @@ class TempBalance:
         logger.debug("TempBalance: background ESD of step %d in use at step %d", step, self.step_count)
         return True
 
-    @staticmethod
-    def _column(table: Any, key: str) -> np.ndarray:
-        try:
-            col = table[key]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise KeyError(f"ESD table has no column {key!r}") from exc
-        if isinstance(col, torch.Tensor):
-            return col.detach().to("cpu", torch.float64).numpy()
-        return np.asarray(col, dtype=np.float64)
+    _column = staticmethod(table_column)  # an ESD table column as float64 numpy
 
     def update(self, table: Any = None) -> "OrderedDict[str, float]":
         """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key (`tbfast.plan`).
@@ -347,7 +288,7 @@ class TempBalance:
 
     def param_keys(self) -> dict[int, Any]:
         """``id(param) -> schedule key`` (None for parameters at the untuned lr)."""
-        return param_keys(self.layout())
+        return _param_keys(self.layout())
 
     def ratio(self, key: Any) -> float:
         """lr factor of a schedule key (1.0 for untuned parameters or before ``start_step``)."""
@@ -406,7 +347,7 @@ class TempBalance:
         if not self.ratios:
             self.update()
         names = {id(p): n for n, p in self.net.named_parameters()}
-        return group_keys(optimizer_groups(optimizer), self.param_keys(), names)
+        return _group_keys(optimizer_groups(optimizer), self.param_keys(), names)
 
     def apply(self, optimizer: Any, untuned_lr: Optional[float] = None) -> list[float]:
         """Write the latest factors into ``optimizer`` (no new ESD); returns the lrs written.
@@ -453,17 +394,9 @@ class TempBalance:
         exactly as the uninterrupted one. Only tensors, numbers, strings, lists and dicts: the
         state loads with ``torch.load(weights_only=True)``.
         """
-        pending = None
-        if self._background is not None:
-            self._background.wait()
-            ready = self._background.take()
-            if ready is not None:
-                self._restored = ready  # still to be promoted here too
-        if self._restored is not None:
-            pending = {"step": self._restored[0], "table": self._restored[1].to_state()}
         return {
             "schedule_step": self.schedule_step,
-            "pending_esd": pending,
+            "pending_esd": self._async.to_state(),
             "step_count": self.step_count,
             "ratios": dict(self.ratios),
             "scores": dict(self.scores),
@@ -484,13 +417,7 @@ class TempBalance:
         self.tuned_layers = list(state["tuned_layers"])
         self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
         self.schedule_step = state.get("schedule_step", self.step_count)
-        pending = state.get("pending_esd")
-        if pending is None:
-            self._restored = None
-        else:
-            from .metrics import ESDMetrics
-
-            self._restored = (int(pending["step"]), ESDMetrics.from_state(pending["table"]))
+        self._async.load_state(state.get("pending_esd"))
 
     # ------------------------------------------------------------------ reporting
     def table(self):
@@ -515,20 +442,7 @@ class TempBalance:
                 f"metric={self.esd_metric_for_tb!r}, pl_fitting={self.pl_fitting!r}, layers={len(self.tuned_layers)})")
 
 
-def _option(name: str) -> property:
-    def get(self: TempBalance) -> Any:
-        return getattr(self.options, name)
-
-    def set_(self: TempBalance, value: Any) -> None:
-        self.options = self.options.replace(**{name: value})
-
-    return property(get, set_, doc=f"The ``{name}`` option (`TempBalanceOptions`; setting it validates it).")
-
-
-for _name in OPTION_NAMES:
-    setattr(TempBalance, _name, _option(_name))
-TempBalance.backend = _option("fit_backend")  # type: ignore[attr-defined]  # documented alias
-del _name
+add_option_attributes(TempBalance)
 
 #: The original's class name.
 Tempbalance = TempBalance

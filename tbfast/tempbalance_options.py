@@ -19,7 +19,8 @@ from .layers import BLOCK_PATTERN
 from .schedule import ASSIGN_FUNCS, assign_lrs
 
 __all__ = ["TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS", "GRANULARITIES", "BALANCE", "FLAT_POLICIES",
-           "ALPHA_SCORES", "resolve_fit_backend"]
+           "ALPHA_SCORES", "resolve_fit_backend",
+           "OPTION_NAMES", "add_option_attributes"]
 
 PL_FITTINGS = ("median", "goodness-of-fit", "ks", "fix-finger")
 #: ESDMetrics columns a schedule can balance on.
@@ -44,17 +45,47 @@ def resolve_fit_backend(fit_backend: Optional[str], backend: Optional[str]) -> s
 
 @dataclass(frozen=True)
 class TempBalanceOptions:
-    """Every `TempBalance` option (SPEC sections 6-7); see `TempBalance` for their meaning.
+    """Every `TempBalance` option except the model, validated when built (messages name the option).
 
-    Original options: ``EVALS_THRESH``, ``bins``, ``conv_norm``, ``pl_fitting``, ``xmin_pos``,
-    ``filter_zeros`` (the ESD fit); ``remove_first_layer``, ``remove_last_layer``,
-    ``eigs_thresh``, ``esd_metric_for_tb`` (which layers and which score); ``assign_func``,
-    ``lr_min_ratio``, ``lr_max_ratio`` (score -> factor); ``batchnorm``, ``batchnorm_type``,
-    ``layernorm`` (parameter layout). Model Balancing options: ``tau``, ``s``, ``granularity``,
-    ``lr_slope`` (``None`` -> ``lr_max_ratio - lr_min_ratio``, stored resolved), ``normalize``,
-    ``balance``, ``start_step``, ``linear_map_equal``, ``block_pattern``, ``flat_policy``;
-    ESD options ``xmin_bound``, ``dtype``, ``method``, ``fit_backend``, ``metrics_fn``,
-    ``asynchronous``, ``process_group``.
+    Original arguments (SPEC section 6), same defaults: ``EVALS_THRESH``, ``bins``, ``conv_norm``,
+    ``pl_fitting`` ('median' | 'goodness-of-fit' | 'fix-finger'), ``xmin_pos``, ``filter_zeros``,
+    ``remove_first_layer``, ``remove_last_layer``, ``eigs_thresh``, ``esd_metric_for_tb``,
+    ``assign_func`` ('tb_linear_map' | 'tb_sqrt' | 'tb_log2' | 'tb_step', plus 'tb_sigmoid'),
+    ``lr_min_ratio``, ``lr_max_ratio``, ``batchnorm``, ``batchnorm_type`` ('name' | 'order'),
+    ``layernorm``.
+    ``lr_slope=None`` is stored resolved (``lr_max_ratio - lr_min_ratio``).
+
+    Model Balancing options (SPEC section 7):
+
+    - ``tau``, ``s``: TB_Sigmoid parameters; ``s`` a number or a pair ``(s_below, s_above)``.
+    - ``granularity``: 'layer' (original), 'block' (one lr per transformer block, block score =
+      mean of its layers' scores, every parameter whose name is in the block gets it, others the
+      untuned lr) or 'layer_in_block' (block lr as for 'block', then each analysed layer is
+      mapped inside its block onto ``[lr_min_ratio, lr_min_ratio + lr_slope]`` times the block
+      lr; ``lr_slope`` defaults to ``lr_max_ratio - lr_min_ratio``).
+    - ``normalize``: rescale the tuned lrs (per layer, or per block) so their mean is the untuned lr.
+    - ``balance``: 'lr', 'weight_decay' (each group's weight decay times the layer's factor,
+      lr left untuned) or 'both'.
+    - ``start_step``: balancing starts once ``step`` has been called this many times; until
+      then every group gets the untuned lr and no ESD is computed.
+    - ``linear_map_equal``: 'mid' (tbfast) or 'reference' (numpy's upper end), see module docs.
+    - ``xmin_bound``, ``dtype``, ``method``, ``fit_backend`` (`TempBalance` also takes it as
+      ``backend``, the documented alias): passed to `tbfast.layer_metrics`.
+    - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
+      (anything with ``names``, optional ``status``, and columns by ``table[name]``).
+    - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
+      weights, starts their ESD on a worker thread (a side stream on CUDA) and returns without
+      waiting; the newest finished ESD becomes the schedule at the next ``step`` / ``apply``
+      (``lag`` steps old), `synchronize` waits for it. The first schedule (from
+      ``build_optimizer_param_group`` or the first active ``step``) is computed synchronously.
+    - ``flat_policy``: what to do with a scheduled layer whose fitted tail is flat
+      (`tbfast.metrics.flat_tail`, checked when the score is alpha, alphahat or log_alpha_norm):
+      'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
+      'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
+      left out of the scores that the assignment function and ``normalize`` see).
+    - ``process_group``: with torch.distributed initialised (DDP, FSDP2 ``fully_shard``), the
+      layers are split over the ranks of this group (default: the world group; ``False``: every
+      rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
     """
 
     EVALS_THRESH: float = 0.00001
@@ -138,3 +169,22 @@ class TempBalanceOptions:
 
 #: names of the option fields, in declaration order
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TempBalanceOptions))
+
+
+def _option_property(name: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.options, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` option (`TempBalanceOptions`; setting it validates it).")
+
+
+def add_option_attributes(cls: type) -> type:
+    """Give ``cls`` (holding a `TempBalanceOptions` as ``self.options``) one attribute per option,
+    read from the options and validated when set, plus ``backend``, the alias of ``fit_backend``."""
+    for name in OPTION_NAMES:
+        setattr(cls, name, _option_property(name))
+    cls.backend = _option_property("fit_backend")  # type: ignore[attr-defined]
+    return cls
