@@ -88,6 +88,7 @@ class TempBalanceOptions:
       rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
     """
 
+    # the original's options (SPEC section 6)
     EVALS_THRESH: float = 0.00001
     bins: int = 100
     conv_norm: float = 0.5
@@ -104,6 +105,7 @@ class TempBalanceOptions:
     batchnorm: bool = True
     batchnorm_type: str = "name"
     layernorm: bool = False
+    # Model Balancing (SPEC section 7) and tbfast's additions
     tau: float = 10.0
     s: Union[float, Sequence[float]] = 1.0
     granularity: str = "layer"
@@ -113,14 +115,15 @@ class TempBalanceOptions:
     start_step: int = 0
     linear_map_equal: str = "mid"
     block_pattern: str = BLOCK_PATTERN
+    flat_policy: str = "keep"
+    # how the ESD is computed
     xmin_bound: str = "reference"
     dtype: torch.dtype = torch.float32
     method: str = "auto"
     fit_backend: str = "auto"
-    metrics_fn: Optional[Callable[[Any], Any]] = None
     asynchronous: bool = False
-    flat_policy: str = "keep"
     process_group: Any = None
+    metrics_fn: Optional[Callable[[Any], Any]] = None
 
     def __post_init__(self) -> None:
         if self.pl_fitting not in PL_FITTINGS:
