@@ -184,16 +184,16 @@ class AsyncESD:
     side streams of its snapshots, and a finished result restored from a checkpoint (`restored`),
     which `newest` hands out unless the worker has a newer one."""
 
-    def __init__(self, compute: Callable[[list[Layer]], Any]) -> None:
-        self.compute = compute
+    def __init__(self) -> None:
         self.worker: Optional[BackgroundESD] = None
         self.restored: Optional[tuple[int, Any]] = None
         self._side_streams: dict = {}
 
-    def submit(self, layers: Sequence[Layer], step: int) -> None:
-        """Snapshot ``layers`` at optimizer step ``step`` and queue their ESD."""
+    def submit(self, compute: Callable[[list[Layer]], Any], layers: Sequence[Layer], step: int) -> None:
+        """Snapshot ``layers`` at optimizer step ``step`` and queue their ESD; the first call starts
+        the worker, which turns every snapshot into a table with ``compute``."""
         if self.worker is None:
-            self.worker = BackgroundESD(self.compute)
+            self.worker = BackgroundESD(compute)
         self.worker.submit(snapshot_layers(layers, step, self._side_streams))
 
     def newest(self) -> Optional[tuple[int, Any]]:

@@ -115,7 +115,7 @@ class TempBalance:
         self.net = net
         #: optimizer step whose weights produced the current schedule (None before the first ESD)
         self.schedule_step: Optional[int] = None
-        self._async = AsyncESD(lambda layers: self.compute_metrics(layers))  # asynchronous=True
+        self._async = AsyncESD()  # asynchronous=True: the background worker, a restored pending ESD
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
@@ -199,7 +199,7 @@ class TempBalance:
 
         if active_group(self.process_group) is not None:
             raise ValueError(_ASYNC_ON_GROUP)
-        self._async.submit(self.analysed_layers(), self.step_count)
+        self._async.submit(lambda layers: self.compute_metrics(layers), self.analysed_layers(), self.step_count)
 
     def synchronize(self) -> None:
         """Wait for the background ESD (if any) and make the newest finished one the schedule."""

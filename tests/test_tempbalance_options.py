@@ -125,3 +125,11 @@ def test_state_dict_format_and_an_old_checkpoint():
     assert tb2.step_count == 7 and tb2.schedule_step == 7 and tb2.ratios == old["ratios"]
     groups, _ = tb2.build_optimizer_param_group(0.1)  # a new ESD replaces the restored schedule
     assert math.isclose(groups[0]["lr"], 0.1 * 0.5)  # alpha 3 is the smallest tuned score
+
+
+def test_a_fresh_scheduler_pickles_with_its_options():
+    import pickle
+
+    tb = TempBalance(net(), assign_func="tb_sigmoid", s=(2.0, 1.0), granularity="block")
+    tb2 = pickle.loads(pickle.dumps(tb))
+    assert tb2.options == tb.options and tb2.s == (2.0, 1.0) and tb2.granularity == "block"
