@@ -42,8 +42,11 @@ def _layer_groups(net: nn.Module, keys: Collection[str], opts: Any, seen: set[in
         if isinstance(module, nn.Linear):
             last_linear = name
         if key is not None:
-            params = [p for p in module.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in params)
+            params = []
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
             if params:
                 groups.append((name, key, params))
     return groups

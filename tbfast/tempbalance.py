@@ -130,7 +130,7 @@ class TempBalance:
     @property
     def active(self) -> bool:
         """Whether balancing is on (``step`` called at least ``start_step`` times)."""
-        return self.step_count >= self.start_step
+        return self.step_count >= self.options.start_step
 
     def set_step(self, step_count: int, start_step: Optional[int] = None) -> None:
         """Align the step counter with an outer loop (e.g. a Trainer's global step); optionally move ``start_step``."""
@@ -364,13 +364,14 @@ class TempBalance:
             untuned_lr = _lr.check_lr(untuned_lr, "untuned_lr")
         keys = self.group_keys(optimizer) if self.active else None
         written = []
+        balance = self.balance
         if untuned_lr is None:
             _lr.resolve_build(optimizer_groups(optimizer))
         for gi, group in enumerate(optimizer_groups(optimizer)):
             base = untuned_lr if untuned_lr is not None else _lr.untuned_lr(group)
             factor = self.ratio(keys[gi]) if keys is not None else 1.0
-            lr_factor = factor if self.balance in ("lr", "both") else 1.0
-            if self.balance in ("weight_decay", "both"):
+            lr_factor = factor if balance in ("lr", "both") else 1.0
+            if balance in ("weight_decay", "both"):
                 if "weight_decay" not in group:
                     raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
                 wd0 = group.setdefault(_WD0, group["weight_decay"])
