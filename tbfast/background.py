@@ -3,7 +3,8 @@
 `BackgroundESD` runs one job at a time on a worker thread: a *snapshot* (copies of the matrices
 of every analysed layer, taken on the caller's thread at a well-defined point of training) and a
 function that turns a snapshot into an ESD table. At most one job runs; a newer snapshot
-replaces one that is still queued. A finished table waits in `ready` until the owner takes it.
+replaces one that is still queued. A finished table waits in `ready` until the owner takes it. `AsyncESD` is a scheduler's side of
+it: the worker (started on first use), the side streams, and a result restored from a checkpoint.
 
 On CUDA the snapshot is a device copy enqueued on a side stream after an event recorded on the
 current (training) stream, and the training stream waits (on the GPU, not the host) for the copy
@@ -22,7 +23,7 @@ import torch
 
 from .layers import Layer
 
-__all__ = ["Snapshot", "BackgroundESD", "snapshot_layers"]
+__all__ = ["Snapshot", "BackgroundESD", "AsyncESD", "snapshot_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +177,58 @@ class BackgroundESD:
                 self._cond.notify_all()
         except Exception:
             pass
+
+
+class AsyncESD:
+    """A scheduler's asynchronous ESD: a `BackgroundESD` started on the first `submit`, the CUDA
+    side streams of its snapshots, and a finished result restored from a checkpoint (`restored`),
+    which `newest` hands out unless the worker has a newer one."""
+
+    def __init__(self) -> None:
+        self.worker: Optional[BackgroundESD] = None
+        self.restored: Optional[tuple[int, Any]] = None
+        self._side_streams: dict = {}
+
+    def submit(self, compute: Callable[[list[Layer]], Any], layers: Sequence[Layer], step: int) -> None:
+        """Snapshot ``layers`` at optimizer step ``step`` and queue their ESD; the first call starts
+        the worker, which turns every snapshot into a table with ``compute``."""
+        if self.worker is None:
+            self.worker = BackgroundESD(compute)
+        self.worker.submit(snapshot_layers(layers, step, self._side_streams))
+
+    def newest(self) -> Optional[tuple[int, Any]]:
+        """The newest finished ``(step, table)`` not handed out yet, or None."""
+        done, self.restored = self.restored, None
+        newer = self.worker.take() if self.worker is not None else None
+        return newer if newer is not None else done
+
+    def wait(self) -> None:
+        """Block until the ESD in flight (if any) has finished."""
+        if self.worker is not None:
+            self.worker.wait()
+
+    def close(self) -> None:
+        """Stop the worker (a running ESD finishes; its result is dropped)."""
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def to_state(self) -> Optional[dict]:
+        """Wait for the ESD in flight and keep its result pending (not handed out); the pending
+        result as ``{"step", "table"}`` of plain values, or None."""
+        self.wait()
+        ready = self.worker.take() if self.worker is not None else None
+        if ready is not None:
+            self.restored = ready
+        if self.restored is None:
+            return None
+        return {"step": self.restored[0], "table": self.restored[1].to_state()}
+
+    def load_state(self, pending: Optional[dict]) -> None:
+        """Restore the pending result saved by `to_state` (None: nothing pending)."""
+        if pending is None:
+            self.restored = None
+            return
+        from .metrics import ESDMetrics
+
+        self.restored = (int(pending["step"]), ESDMetrics.from_state(pending["table"]))

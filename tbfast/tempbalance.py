@@ -6,59 +6,41 @@
 adds the Model Balancing options (SPEC section 7): TB_Sigmoid, per-block scheduling, lr
 normalisation, weight-decay balancing, a delayed start, and a ``metrics`` table.
 
-Where tbfast deliberately differs from the original:
+Where tbfast deliberately differs from the original (docs/TEMPBALANCE.md gives the details):
+optimizer groups are matched to layers by parameter identity (a group mixing keys is an error);
+``tb_linear_map`` with all scores equal gives the middle of the range
+(``linear_map_equal='reference'``: numpy's upper end); a tuned layer without a usable fit raises
+a ValueError naming it instead of giving a NaN lr; param groups hold lists of parameters; a
+layer with a flat fitted ESD tail (`tbfast.metrics.flat_tail`) gets a logged warning at every
+ESD and is scheduled on its alpha unless ``flat_policy='untuned'``.
 
-- ``step`` matches optimizer param groups to layers by parameter identity, not by position.
-  For the optimizer built from ``build_optimizer_param_group`` the result is the same; for any
-  other layout it is still right, and a group that mixes parameters scheduled differently is an
-  error instead of a silent mis-assignment.
-- ``tb_linear_map`` with all scores equal (or one tuned layer) gives every layer the middle of
-  ``[lr_min_ratio, lr_max_ratio] * lr`` instead of numpy's upper end
-  (``linear_map_equal='reference'`` restores the upper end).
-- A tuned layer whose ESD could not be fitted (metric status not "ok", or a non-finite score)
-  raises a ValueError naming it instead of producing a NaN learning rate.
-- Param groups hold lists of parameters (the original passes one-shot generators).
-- A layer whose fitted ESD tail is flat (`tbfast.metrics.flat_tail`, e.g. an orthogonally
-  initialised layer with alpha ~1e6) gets a logged warning naming it at every ESD; its alpha is
-  used as is (the original's numbers) unless ``flat_policy='untuned'``.
+Structure: the options are `tbfast.tempbalance_options.TempBalanceOptions`, the planning (ESD
+table columns -> factors) is `tbfast.plan`, the parameter layout `tbfast.param_layout`, the
+asynchronous ESD `tbfast.background.AsyncESD`; this class holds the state and the optimizer
+protocol.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import _untuned_lr as _lr
-from .schedule import (
-    ASSIGN_FUNCS,
-    BLOCK_PATTERN,
-    assign_lrs,
-    block_means,
-    block_of,
-    normalize_mean,
-    within_block_lrs,
-)
+from .background import AsyncESD
+from .param_layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
+from .plan import check_rows, plan_schedule, select_rows, table_column
+from .schedule import BLOCK_PATTERN, block_of
+from .tempbalance_options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, TempBalanceOptions,
+                                  add_option_attributes, resolve_fit_backend)
 
 __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 
 logger = logging.getLogger(__name__)
 
-PL_FITTINGS = ("median", "goodness-of-fit", "ks", "fix-finger")
-#: ESDMetrics columns a schedule can balance on.
-SCORE_METRICS = (
-    "alpha", "alphahat", "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank",
-    "norm_stable_rank", "eig_ratio", "log_alpha_norm", "entropy", "D", "xmin", "xmax",
-)
-GRANULARITIES = ("layer", "block", "layer_in_block")
-BALANCE = ("lr", "weight_decay", "both")
-FLAT_POLICIES = ("keep", "untuned")
-_ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")  # scores that a flat tail makes meaningless
 _UNTUNED = None  # key of parameters at the untuned learning rate
 _ASYNC_ON_GROUP = ("TempBalance: asynchronous=True is not supported on a process group yet; pass "
                    "process_group=False (every rank computes the whole ESD) or use the synchronous mode "
@@ -69,57 +51,18 @@ _ASYNC_ON_GROUP = ("TempBalance: asynchronous=True is not supported on a process
 _WD0 = "tb_initial_weight_decay"
 
 
-def _groups_of(optimizer: Any) -> list[dict]:
-    """``param_groups`` of an optimizer or of a wrapper exposing an inner optimizer's groups."""
-    for obj in (optimizer, getattr(optimizer, "optimizer", None), getattr(optimizer, "base_optimizer", None)):
-        groups = getattr(obj, "param_groups", None) if obj is not None else None
-        if groups is not None:
-            return groups
-    raise TypeError(
-        f"{type(optimizer).__name__} has no param_groups (nor an inner .optimizer / .base_optimizer with them)"
-    )
-
-
 class TempBalance:
     """Drop-in TempBalance scheduler (original arguments first, Model Balancing options keyword-only).
 
-    Original arguments (SPEC section 6), same defaults: ``EVALS_THRESH``, ``bins``, ``conv_norm``,
-    ``pl_fitting`` ('median' | 'goodness-of-fit' | 'fix-finger'), ``xmin_pos``, ``filter_zeros``,
-    ``remove_first_layer``, ``remove_last_layer``, ``eigs_thresh``, ``esd_metric_for_tb``,
-    ``assign_func`` ('tb_linear_map' | 'tb_sqrt' | 'tb_log2' | 'tb_step', plus 'tb_sigmoid'),
-    ``lr_min_ratio``, ``lr_max_ratio``, ``batchnorm``, ``batchnorm_type`` ('name' | 'order'),
-    ``layernorm``.
+    Original arguments (SPEC section 6), same defaults; Model Balancing options (SPEC section 7):
+    ``tau``, ``s``, ``granularity``, ``lr_slope``, ``normalize``, ``balance``, ``start_step``,
+    ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
+    ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
+    ``asynchronous``, ``process_group``. `tbfast.tempbalance_options.TempBalanceOptions`
+    describes each one.
 
-    Model Balancing options (SPEC section 7):
-
-    - ``tau``, ``s``: TB_Sigmoid parameters; ``s`` a number or a pair ``(s_below, s_above)``.
-    - ``granularity``: 'layer' (original), 'block' (one lr per transformer block, block score =
-      mean of its layers' scores, every parameter whose name is in the block gets it, others the
-      untuned lr) or 'layer_in_block' (block lr as for 'block', then each analysed layer is
-      mapped inside its block onto ``[lr_min_ratio, lr_min_ratio + lr_slope]`` times the block
-      lr; ``lr_slope`` defaults to ``lr_max_ratio - lr_min_ratio``).
-    - ``normalize``: rescale the tuned lrs (per layer, or per block) so their mean is the untuned lr.
-    - ``balance``: 'lr', 'weight_decay' (each group's weight decay times the layer's factor,
-      lr left untuned) or 'both'.
-    - ``start_step``: balancing starts once ``step`` has been called this many times; until
-      then every group gets the untuned lr and no ESD is computed.
-    - ``linear_map_equal``: 'mid' (tbfast) or 'reference' (numpy's upper end), see module docs.
-    - ``xmin_bound``, ``dtype``, ``method``, ``backend``: passed to `tbfast.layer_metrics`.
-    - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
-      (anything with ``names``, optional ``status``, and columns by ``table[name]``).
-    - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
-      weights, starts their ESD on a worker thread (a side stream on CUDA) and returns without
-      waiting; the newest finished ESD becomes the schedule at the next ``step`` / ``apply``
-      (``lag`` steps old), `synchronize` waits for it. The first schedule (from
-      ``build_optimizer_param_group`` or the first active ``step``) is computed synchronously.
-    - ``flat_policy``: what to do with a scheduled layer whose fitted tail is flat
-      (`tbfast.metrics.flat_tail`, checked when the score is alpha, alphahat or log_alpha_norm):
-      'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
-      'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
-      left out of the scores that the assignment function and ``normalize`` see).
-    - ``process_group``: with torch.distributed initialised (DDP, FSDP2 ``fully_shard``), the
-      layers are split over the ranks of this group (default: the world group; ``False``: every
-      rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
+    Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
+    `TempBalanceOptions` validated when built; setting an attribute validates the new value.
 
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
@@ -157,7 +100,8 @@ class TempBalance:
         xmin_bound: str = "reference",
         dtype: torch.dtype = torch.float32,
         method: str = "auto",
-        backend: str = "auto",
+        backend: Optional[str] = None,
+        fit_backend: Optional[str] = None,
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
         asynchronous: bool = False,
         flat_policy: str = "keep",
@@ -165,79 +109,13 @@ class TempBalance:
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
-        if pl_fitting not in PL_FITTINGS:
-            raise ValueError(f"unknown pl_fitting {pl_fitting!r}; expected one of {PL_FITTINGS}")
-        if not callable(assign_func) and assign_func not in ASSIGN_FUNCS:
-            raise ValueError(f"unknown assign_func {assign_func!r}; expected one of {sorted(ASSIGN_FUNCS)}")
-        for label, v in (("lr_min_ratio", lr_min_ratio), ("lr_max_ratio", lr_max_ratio)):
-            if not math.isfinite(float(v)) or float(v) < 0:
-                raise ValueError(f"{label} must be a finite number >= 0, got {v}")
-        if batchnorm_type not in ("name", "order"):
-            raise ValueError(f"batchnorm_type must be 'name' or 'order', got {batchnorm_type!r}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if balance not in BALANCE:
-            raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
-        if metrics_fn is None and esd_metric_for_tb not in SCORE_METRICS:
-            raise ValueError(f"unknown esd_metric_for_tb {esd_metric_for_tb!r}; expected one of {SCORE_METRICS}")
-        if xmin_pos <= 0 or conv_norm <= 0 or bins < 1:
-            raise ValueError(f"xmin_pos and conv_norm must be > 0 and bins >= 1 (got {xmin_pos}, {conv_norm}, {bins})")
-        if eigs_thresh < 0 or start_step < 0:
-            raise ValueError(f"eigs_thresh and start_step must be >= 0 (got {eigs_thresh}, {start_step})")
-        if linear_map_equal not in ("mid", "reference"):
-            raise ValueError(f"linear_map_equal must be 'mid' or 'reference', got {linear_map_equal!r}")
-        if asynchronous and metrics_fn is not None:
-            raise ValueError("asynchronous=True computes the ESD of a weight snapshot with tbfast's own pipeline; "
-                             "it cannot be combined with metrics_fn")
-        if flat_policy not in FLAT_POLICIES:
-            raise ValueError(f"flat_policy must be one of {FLAT_POLICIES}, got {flat_policy!r}")
-        if lr_slope is None:
-            lr_slope = float(lr_max_ratio) - float(lr_min_ratio)
-        if float(lr_min_ratio) + float(lr_slope) < 0:
-            raise ValueError(f"lr_min_ratio + lr_slope must be >= 0, got {lr_min_ratio} + {lr_slope}")
-        # validate tau / s early with a dummy call
-        if assign_func == "tb_sigmoid":
-            assign_lrs("tb_sigmoid", np.array([1.0, 2.0]), 1.0, tau=tau, s=s)
-
+        options = {k: v for k, v in locals().items() if k in OPTION_NAMES}
+        options["fit_backend"] = resolve_fit_backend(fit_backend, backend)
+        self.options = TempBalanceOptions(**options)  #: the validated options (attributes read them)
         self.net = net
-        self.EVALS_THRESH = EVALS_THRESH
-        self.bins = bins
-        self.conv_norm = conv_norm
-        self.pl_fitting = pl_fitting
-        self.xmin_pos = xmin_pos
-        self.filter_zeros = filter_zeros
-        self.remove_first_layer = remove_first_layer
-        self.remove_last_layer = remove_last_layer
-        self.eigs_thresh = eigs_thresh
-        self.esd_metric_for_tb = esd_metric_for_tb
-        self.assign_func = assign_func
-        self.lr_min_ratio = lr_min_ratio
-        self.lr_max_ratio = lr_max_ratio
-        self.batchnorm = batchnorm
-        self.batchnorm_type = batchnorm_type
-        self.layernorm = layernorm
-        self.tau = tau
-        self.s = s
-        self.granularity = granularity
-        self.lr_slope = float(lr_slope)
-        self.normalize = normalize
-        self.balance = balance
-        self.start_step = int(start_step)
-        self.linear_map_equal = linear_map_equal
-        self.block_pattern = block_pattern
-        self.xmin_bound = xmin_bound
-        self.dtype = dtype
-        self.method = method
-        self.backend = backend
-        self.metrics_fn = metrics_fn
-        self.asynchronous = bool(asynchronous)
         #: optimizer step whose weights produced the current schedule (None before the first ESD)
         self.schedule_step: Optional[int] = None
-        self._background: Any = None  # BackgroundESD, created on the first asynchronous request
-        self._side_streams: dict = {}
-        self._restored: Optional[tuple[int, Any]] = None  # finished ESD restored from a state_dict
-        self.flat_policy = flat_policy
-        self.process_group = process_group
+        self._async = AsyncESD()  # asynchronous=True: the background worker, a restored pending ESD
 
         self.metrics: Any = None  #: last per-layer ESD table (all analysed layers)
         self.tuned_layers: list[str] = []  #: layers whose scores entered the schedule
@@ -252,7 +130,7 @@ class TempBalance:
     @property
     def active(self) -> bool:
         """Whether balancing is on (``step`` called at least ``start_step`` times)."""
-        return self.step_count >= self.start_step
+        return self.step_count >= self.options.start_step
 
     def set_step(self, step_count: int, start_step: Optional[int] = None) -> None:
         """Align the step counter with an outer loop (e.g. a Trainer's global step); optionally move ``start_step``."""
@@ -294,7 +172,7 @@ class TempBalance:
             return layer_metrics(
                 source, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
                 evals_thresh=self.EVALS_THRESH, bins=self.bins, xmin_bound=self.xmin_bound,
-                method=self.method, dtype=self.dtype, backend=self.backend,
+                method=self.method, dtype=self.dtype, backend=self.fit_backend,
             )
 
     def analysed_layers(self) -> list:
@@ -317,35 +195,29 @@ class TempBalance:
             self.update()
             self.schedule_step = self.step_count
             return
-        from .background import BackgroundESD, snapshot_layers
         from .distributed import active_group
 
         if active_group(self.process_group) is not None:
             raise ValueError(_ASYNC_ON_GROUP)
-        if self._background is None:
-            self._background = BackgroundESD(lambda layers: self.compute_metrics(layers))
-        self._background.submit(snapshot_layers(self.analysed_layers(), self.step_count, self._side_streams))
+        self._async.submit(lambda layers: self.compute_metrics(layers), self.analysed_layers(), self.step_count)
 
     def synchronize(self) -> None:
         """Wait for the background ESD (if any) and make the newest finished one the schedule."""
-        if self._background is not None:
-            self._background.wait()
+        self._async.wait()
         self._promote()
 
     def close(self) -> None:
         """Stop the background worker (a running ESD finishes; its result is dropped)."""
-        if self._background is not None:
-            self._background.close()
-            self._background = None
+        self._async.close()
+
+    @property
+    def _background(self) -> Any:
+        """The `tbfast.background.BackgroundESD` worker (None until the first asynchronous request)."""
+        return self._async.worker
 
     def _promote(self) -> bool:
         """Make the newest finished background ESD the schedule; True if there was one."""
-        done = self._restored
-        self._restored = None
-        if self._background is not None:
-            newer = self._background.take()
-            if newer is not None:
-                done = newer
+        done = self._async.newest()
         if done is None:
             return False
         step, table = done
@@ -354,28 +226,10 @@ class TempBalance:
         logger.debug("TempBalance: background ESD of step %d in use at step %d", step, self.step_count)
         return True
 
-    @staticmethod
-    def _column(table: Any, key: str) -> np.ndarray:
-        try:
-            col = table[key]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise KeyError(f"ESD table has no column {key!r}") from exc
-        if isinstance(col, torch.Tensor):
-            return col.detach().to("cpu", torch.float64).numpy()
-        return np.asarray(col, dtype=np.float64)
-
-    def _selected(self, table: Any) -> list[int]:
-        """Rows entering the schedule: first/last removal, then ``num_evals >= eigs_thresh``."""
-        idx = list(range(len(table.names)))
-        if self.remove_first_layer:
-            idx = idx[1:]
-        if self.remove_last_layer:
-            idx = idx[:-1]
-        num_evals = self._column(table, "num_evals")
-        return [i for i in idx if num_evals[i] >= self.eigs_thresh]
+    _column = staticmethod(table_column)  # an ESD table column as float64 numpy
 
     def update(self, table: Any = None) -> "OrderedDict[str, float]":
-        """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key.
+        """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key (`tbfast.plan`).
 
         Keys are layer names ('layer'), ``"block.<b>"`` ('block'), or both ('layer_in_block').
         Returns ``ratios``; the lr of a key is ``untuned_lr * ratio``.
@@ -386,95 +240,35 @@ class TempBalance:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"ESD table names layers that are not modules of the model: {missing[:5]}")
-        rows = self._selected(table)
-        if not rows:
-            raise ValueError(
-                "TempBalance: no layer left to schedule after remove_first_layer/remove_last_layer and "
-                f"eigs_thresh={self.eigs_thresh} ({len(names)} analysed layers)"
-            )
+        rows = select_rows(self._column(table, "num_evals"), self.options)
         status = list(getattr(table, "status", ["ok"] * len(names)))
         all_scores = self._column(table, self.esd_metric_for_tb)
-        for i in rows:
-            if status[i] != "ok":
-                raise ValueError(f"TempBalance: layer {names[i]!r} has no usable ESD fit ({status[i]})")
-            if not math.isfinite(all_scores[i]):
-                raise ValueError(f"TempBalance: layer {names[i]!r} has a non-finite {self.esd_metric_for_tb} ({all_scores[i]})")
+        check_rows(names, all_scores, status, rows, self.esd_metric_for_tb)
         flat = self._flat(table, rows)
-        fit_rows = [i for i in rows if not (flat[i] and self.flat_policy == "untuned")]
-        sel_names = [names[i] for i in fit_rows]
-        sel_scores = all_scores[fit_rows]
-        opts = dict(lr_min_ratio=self.lr_min_ratio, lr_max_ratio=self.lr_max_ratio, tau=self.tau, s=self.s,
-                    equal_scores=self.linear_map_equal)
-
-        ratios: "OrderedDict[str, float]" = OrderedDict()
-        scores: "OrderedDict[str, float]" = OrderedDict()
-        layer_ratio: "OrderedDict[str, float]" = OrderedDict()
-        if not sel_names:
-            pass  # every scheduled layer is flat and flat_policy='untuned': all at factor 1.0 (below)
-        elif self.granularity == "layer":
-            r = np.asarray(assign_lrs(self.assign_func, sel_scores, 1.0, names=sel_names, **opts), dtype=np.float64)
-            if self.normalize:
-                r = normalize_mean(r, 1.0)
-            for n, v, sc in zip(sel_names, r, sel_scores):
-                ratios[n] = layer_ratio[n] = float(v)
-                scores[n] = float(sc)
-        else:
-            blocks = [block_of(n, self.block_pattern) for n in sel_names]
-            order, means = block_means(sel_scores, blocks)
-            if not order:
-                raise ValueError(
-                    f"TempBalance: granularity={self.granularity!r} but no scheduled layer name matches the "
-                    f"block pattern {self.block_pattern!r} (e.g. {sel_names[0]!r})"
-                )
-            keys = [f"block.{b}" for b in order]
-            r = np.asarray(assign_lrs(self.assign_func, means, 1.0, names=keys, **opts), dtype=np.float64)
-            if self.normalize:
-                r = normalize_mean(r, 1.0)
-            block_r = {b: float(v) for b, v in zip(order, r)}
-            for k, b, m in zip(keys, order, means):
-                ratios[k] = block_r[b]
-                scores[k] = float(m)
-            in_block = [j for j, b in enumerate(blocks) if b is not None]
-            if self.granularity == "block":
-                for j in in_block:
-                    layer_ratio[sel_names[j]] = block_r[blocks[j]]
-            else:
-                sub_names = [sel_names[j] for j in in_block]
-                sub = within_block_lrs(sel_scores[in_block], [blocks[j] for j in in_block], block_r,
-                                       self.lr_min_ratio, self.lr_slope)
-                for n, v, j in zip(sub_names, sub, in_block):
-                    ratios[n] = layer_ratio[n] = float(v)
-                    scores[n] = float(sel_scores[j])
-        if len(fit_rows) < len(rows):
-            ratios, scores, layer_ratio = self._flat_untuned(names, all_scores, rows, ratios, scores, layer_ratio)
-        bad = [k for k, v in ratios.items() if not (math.isfinite(v) and v >= 0)]
-        if bad:
-            raise ValueError(f"TempBalance: invalid learning-rate factor for {bad[:5]}: {[ratios[k] for k in bad[:5]]}")
+        plan = plan_schedule([names[i] for i in rows], all_scores[rows], flat, self.options)
 
         self.metrics = table
         self.tuned_layers = [names[i] for i in rows]
-        self.flat_layers = [names[i] for i in rows if flat[i]]
-        self.scores = scores
-        self.ratios = ratios
-        self._layer_ratio = layer_ratio
-        logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(ratios),
-                     min(ratios.values()), max(ratios.values()))
-        return ratios
+        self.flat_layers = [n for n, f in zip(self.tuned_layers, flat) if f]
+        self.scores = plan.scores
+        self.ratios = plan.ratios
+        self._layer_ratio = plan.layer_ratio
+        logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(plan.ratios),
+                     min(plan.ratios.values()), max(plan.ratios.values()))
+        return plan.ratios
 
-    def _flat(self, table: Any, rows: list[int]) -> dict[int, bool]:
-        """Row -> whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
+    def _flat(self, table: Any, rows: list[int]) -> list[bool]:
+        """Per row: whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
         from .metrics import FLAT_TAIL_SPREAD, flat_tail
 
-        names = list(table.names)
-        if self.esd_metric_for_tb not in _ALPHA_SCORES:
-            return {i: False for i in rows}
+        if self.esd_metric_for_tb not in ALPHA_SCORES:
+            return [False] * len(rows)
         try:
             alpha = self._column(table, "alpha")
         except KeyError:  # a metrics_fn table without alpha
-            return {i: False for i in rows}
-        is_flat = flat_tail(alpha[rows]).tolist()
-        flat = dict(zip(rows, is_flat))
-        hit = [f"{names[i]} (alpha={alpha[i]:.4g})" for i in rows if flat[i]]
+            return [False] * len(rows)
+        flat = flat_tail(alpha[rows]).tolist()
+        hit = [f"{table.names[i]} (alpha={alpha[i]:.4g})" for i, f in zip(rows, flat) if f]
         if hit:
             logger.warning(
                 "TempBalance: flat ESD tail (alpha >= %g: the tail eigenvalues lie within %g%% of xmin on "
@@ -484,112 +278,17 @@ class TempBalance:
                 else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
         return flat
 
-    def _flat_untuned(self, names: list[str], all_scores: np.ndarray, rows: list[int], ratios: "OrderedDict",
-                      scores: "OrderedDict", layer_ratio: "OrderedDict") -> tuple["OrderedDict", "OrderedDict", "OrderedDict"]:
-        """flat_policy='untuned': the same keys as without flat layers, the left-out ones at factor 1.0."""
-        new_r: "OrderedDict[str, float]" = OrderedDict()
-        new_s: "OrderedDict[str, float]" = OrderedDict()
-        new_l: "OrderedDict[str, float]" = OrderedDict()
-        if self.granularity == "layer":
-            for i in rows:
-                n = names[i]
-                new_r[n] = new_l[n] = ratios.get(n, 1.0)
-                new_s[n] = scores.get(n, float(all_scores[i]))
-            return new_r, new_s, new_l
-        in_block: "OrderedDict[Any, list[int]]" = OrderedDict()
-        for i in rows:
-            b = block_of(names[i], self.block_pattern)
-            if b is not None:
-                in_block.setdefault(b, []).append(i)
-        for b, idx in in_block.items():  # a block whose layers are all flat: factor 1.0
-            k = f"block.{b}"
-            new_r[k] = ratios.get(k, 1.0)
-            new_s[k] = scores.get(k, float(np.mean(all_scores[idx])))
-        for b, idx in in_block.items():
-            for i in idx:
-                n = names[i]
-                if self.granularity == "layer_in_block":
-                    new_r[n] = new_l[n] = ratios.get(n, 1.0)
-                    new_s[n] = scores.get(n, float(all_scores[i]))
-                else:  # 'block': every parameter of the block follows the block lr
-                    new_l[n] = new_r[f"block.{b}"]
-        return new_r, new_s, new_l
-
     # ------------------------------------------------------------------ parameters -> keys
     def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
-        """Tuned groups ``(label, key, params)`` in the original's order, and the untuned params.
-
-        'layer': one group per tuned module in ``named_modules()`` order, plus coupled
-        BatchNorm2d (``batchnorm``) and LayerNorm (``layernorm``) modules with their layer's key.
-        BN coupling 'name': the layer named like the BN with 'bn' replaced by 'conv'; 'order':
-        the nearest nn.Conv2d before the BN in module order. LN coupling: the nearest nn.Linear
-        before the LN. 'block' / 'layer_in_block': one group per block (its parameters not owned
-        by a separately tuned layer), plus one per tuned layer for 'layer_in_block'.
-        """
+        """Tuned groups ``(label, key, params)`` in the original's order, and the untuned params
+        (`tbfast.param_layout.param_layout` of the current schedule keys)."""
         if not self.ratios:
             raise RuntimeError("TempBalance: no schedule yet; call update() first")
-        seen: set[int] = set()
-        groups: list[tuple[str, Any, list[nn.Parameter]]] = []
-
-        def take(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-            out = []
-            for p in params:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-            return out
-
-        if self.granularity == "layer":
-            last_conv = last_linear = None
-            for name, module in self.net.named_modules():
-                key = None
-                if name in self.ratios:
-                    key = name
-                elif self.batchnorm and isinstance(module, nn.BatchNorm2d):
-                    partner = name.replace("bn", "conv") if self.batchnorm_type == "name" else last_conv
-                    if partner in self.ratios:
-                        key = partner
-                elif self.layernorm and isinstance(module, nn.LayerNorm):
-                    if last_linear in self.ratios:
-                        key = last_linear
-                if isinstance(module, nn.Conv2d):
-                    last_conv = name
-                if isinstance(module, nn.Linear):
-                    last_linear = name
-                if key is not None:
-                    params = take(module.parameters())
-                    if params:
-                        groups.append((name, key, params))
-        else:
-            by_label: "OrderedDict[str, tuple[Any, list]]" = OrderedDict()
-            owner: dict[int, str] = {}
-            if self.granularity == "layer_in_block":
-                modules = dict(self.net.named_modules())
-                for name in self.ratios:
-                    if not name.startswith("block."):
-                        for p in modules[name].parameters():
-                            owner.setdefault(id(p), name)
-            for pname, p in self.net.named_parameters():
-                key = owner.get(id(p))
-                if key is None:
-                    b = block_of(pname, self.block_pattern)
-                    key = f"block.{b}" if b is not None and f"block.{b}" in self.ratios else None
-                if key is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                by_label.setdefault(key, (key, []))[1].append(p)
-            groups = [(label, key, params) for label, (key, params) in by_label.items()]
-        untuned = [p for p in self.net.parameters() if id(p) not in seen]
-        return groups, untuned
+        return param_layout(self.net, self.ratios, self.options)
 
     def param_keys(self) -> dict[int, Any]:
         """``id(param) -> schedule key`` (None for parameters at the untuned lr)."""
-        groups, untuned = self.layout()
-        keys: dict[int, Any] = {id(p): _UNTUNED for p in untuned}
-        for _, key, params in groups:
-            for p in params:
-                keys[id(p)] = key
-        return keys
+        return _param_keys(self.layout())
 
     def ratio(self, key: Any) -> float:
         """lr factor of a schedule key (1.0 for untuned parameters or before ``start_step``)."""
@@ -647,27 +346,8 @@ class TempBalance:
         """The schedule key of every param group of ``optimizer`` (None = untuned)."""
         if not self.ratios:
             self.update()
-        keys = self.param_keys()
         names = {id(p): n for n, p in self.net.named_parameters()}
-        out = []
-        for gi, group in enumerate(_groups_of(optimizer)):
-            found = set()
-            for p in group["params"]:
-                if id(p) not in keys:
-                    raise ValueError(
-                        f"optimizer param group {gi} holds a parameter of shape {tuple(p.shape)} that is not "
-                        "a parameter of the model TempBalance was built with"
-                    )
-                found.add(keys[id(p)])
-            if len(found) > 1:
-                ex = {k if k is not None else "untuned": next(names.get(id(p), "?") for p in group["params"]
-                                                           if keys[id(p)] == k) for k in found}
-                raise ValueError(
-                    f"optimizer param group {gi} mixes parameters that TempBalance schedules separately "
-                    f"({ex}); build the optimizer from build_optimizer_param_group() or tbfast.integrations"
-                )
-            out.append(found.pop() if found else _UNTUNED)
-        return out
+        return _group_keys(optimizer_groups(optimizer), self.param_keys(), names)
 
     def apply(self, optimizer: Any, untuned_lr: Optional[float] = None) -> list[float]:
         """Write the latest factors into ``optimizer`` (no new ESD); returns the lrs written.
@@ -684,13 +364,14 @@ class TempBalance:
             untuned_lr = _lr.check_lr(untuned_lr, "untuned_lr")
         keys = self.group_keys(optimizer) if self.active else None
         written = []
+        balance = self.balance
         if untuned_lr is None:
-            _lr.resolve_build(_groups_of(optimizer))
-        for gi, group in enumerate(_groups_of(optimizer)):
+            _lr.resolve_build(optimizer_groups(optimizer))
+        for gi, group in enumerate(optimizer_groups(optimizer)):
             base = untuned_lr if untuned_lr is not None else _lr.untuned_lr(group)
             factor = self.ratio(keys[gi]) if keys is not None else 1.0
-            lr_factor = factor if self.balance in ("lr", "both") else 1.0
-            if self.balance in ("weight_decay", "both"):
+            lr_factor = factor if balance in ("lr", "both") else 1.0
+            if balance in ("weight_decay", "both"):
                 if "weight_decay" not in group:
                     raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
                 wd0 = group.setdefault(_WD0, group["weight_decay"])
@@ -714,17 +395,9 @@ class TempBalance:
         exactly as the uninterrupted one. Only tensors, numbers, strings, lists and dicts: the
         state loads with ``torch.load(weights_only=True)``.
         """
-        pending = None
-        if self._background is not None:
-            self._background.wait()
-            ready = self._background.take()
-            if ready is not None:
-                self._restored = ready  # still to be promoted here too
-        if self._restored is not None:
-            pending = {"step": self._restored[0], "table": self._restored[1].to_state()}
         return {
             "schedule_step": self.schedule_step,
-            "pending_esd": pending,
+            "pending_esd": self._async.to_state(),
             "step_count": self.step_count,
             "ratios": dict(self.ratios),
             "scores": dict(self.scores),
@@ -745,13 +418,7 @@ class TempBalance:
         self.tuned_layers = list(state["tuned_layers"])
         self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
         self.schedule_step = state.get("schedule_step", self.step_count)
-        pending = state.get("pending_esd")
-        if pending is None:
-            self._restored = None
-        else:
-            from .metrics import ESDMetrics
-
-            self._restored = (int(pending["step"]), ESDMetrics.from_state(pending["table"]))
+        self._async.load_state(state.get("pending_esd"))
 
     # ------------------------------------------------------------------ reporting
     def table(self):
@@ -775,6 +442,8 @@ class TempBalance:
         return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
                 f"metric={self.esd_metric_for_tb!r}, pl_fitting={self.pl_fitting!r}, layers={len(self.tuned_layers)})")
 
+
+add_option_attributes(TempBalance)
 
 #: The original's class name.
 Tempbalance = TempBalance

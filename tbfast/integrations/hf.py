@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..param_layout import param_layout
 from ..tempbalance import TempBalance
 
 try:  # transformers is optional
@@ -74,7 +75,7 @@ def param_groups(tb: TempBalance, decay_parameter_names: Any, weight_decay: floa
         tb.update()
     decay = set(decay_parameter_names)
     names = {id(p): n for n, p in tb.net.named_parameters()}
-    layout, untuned = tb.layout()
+    layout, untuned = param_layout(tb.net, tb.ratios, tb.options)
     blocks = [(key, params) for _, key, params in layout] + [(None, untuned)]
     out: list[dict] = []
     for key, params in blocks:
@@ -145,7 +146,10 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         if not self.log_table:
             return
         logs: dict[str, float] = {}
-        alpha = self.tb.layer_values("alpha") if "alpha" in _columns(self.tb.metrics) else None
+        try:
+            alpha = self.tb.layer_values("alpha")
+        except KeyError:  # a metrics_fn table without alpha
+            alpha = None
         if alpha is not None:
             for n, a in alpha.items():
                 if math.isfinite(a):  # unfittable layers (e.g. a 2-row classifier) are left out
@@ -214,14 +218,6 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
             self._esd(state)
         self.tb.apply(optimizer)
         self._export(state)
-
-
-def _columns(table: Any) -> set:
-    try:
-        table["alpha"]
-        return {"alpha"}
-    except Exception:
-        return set()
 
 
 def attach(trainer: Any, tb: TempBalance, esd_interval: Optional[int] = None, start_after_warmup: bool = False,
