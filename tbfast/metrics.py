@@ -192,7 +192,7 @@ def compute_metrics(spectra: Spectra, fit: PowerLawFit, *, sr_mid_pos: float | N
     counts = spectra.counts
     seg = to_device(np.repeat(np.arange(L), counts.numpy()), dev)
     off = spectra.device_offsets()
-    starts_all, ends = off[:-1], off[1:]
+    ends = off[1:]
     last = (ends - 1).clamp(min=0)
     lam_max = e[last]
     norm = _segment_sum(e, seg, L)

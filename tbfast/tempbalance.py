@@ -172,7 +172,7 @@ class TempBalance:
             return layer_metrics(
                 source, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
                 evals_thresh=self.EVALS_THRESH, bins=self.bins, xmin_bound=self.xmin_bound,
-                method=self.method, dtype=self.dtype, backend=self.fit_backend,
+                method=self.method, dtype=self.dtype, fit_backend=self.fit_backend,
             )
 
     def analysed_layers(self) -> list:

@@ -123,7 +123,7 @@ def test_trainer_block_sigmoid(kind, tmp_path):
     # per-layer table went through Trainer.log
     logged = [h for h in trainer.state.log_history if any(k.startswith("tempbalance/alpha/") for k in h)]
     assert len(logged) == 6
-    assert f"tempbalance/lr_factor/block.1" in logged[-1]
+    assert "tempbalance/lr_factor/block.1" in logged[-1]
     first = "bert" if kind == "bert" else "roberta"
     assert f"tempbalance/alpha/{first}.encoder.layer.0.attention.self.query" in logged[-1]
 

@@ -29,7 +29,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..param_layout import param_layout
 from ..tempbalance import TempBalance
