@@ -21,7 +21,7 @@ from torch import nn
 
 from ._progress import progress_bar
 from ._transfer import to_device
-from .eig import eigvalsh_batched
+from .ops.eig import eigvalsh_batched
 from .layers import Layer, find_layers, layers_from_matrices
 
 __all__ = ["Spectra", "esd", "resolve_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
@@ -209,7 +209,7 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
             else:
                 G.index_copy_(0, idx, Gs)
     if method != "svd":
-        out = eigvalsh_batched(G, backend=backend, checks=eig_checks)
+        out = eigvalsh_batched(G, backend=backend, failure_flags=eig_checks)
     scales = [layers[i].scale for i in chunk]
     if any(s != 1.0 for s in scales):
         sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)
