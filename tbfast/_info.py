@@ -53,8 +53,8 @@ def backend_info() -> dict[str, Any]:
     Keys: ``active`` (per device: the eigensolver kernel and the fit path in use),
     ``extension`` (loaded, path, reason, build: torch version built against, OpenMP,
     compiler), ``lapack`` (whether ?syevd was found for the CPU eigensolver), ``ops`` (the
-    registered torch.ops.tbfast names), ``eig_op`` (the kernels registered for
-    ``tbfast::eigvalsh_batched``), ``torch`` (version, threads), ``devices`` (cpu, cuda and
+    registered torch.ops.tbfast names), ``eig_op`` (the kernels the dispatcher holds for
+    ``tbfast::eigvalsh_batched``, per dispatch key), ``torch`` (version, threads), ``devices`` (cpu, cuda and
     its device name), ``triton`` (available, version, TRITON_INTERPRET), ``cusolver``.
     """
     ext = _backend.extension_details()
@@ -73,7 +73,7 @@ def backend_info() -> dict[str, Any]:
         "extension": ext,
         "lapack": lapack if lapack is not None else {"syevd": False, "source": "extension not loaded"},
         "ops": {n: _backend.has_op(n) for n in OP_NAMES},
-        "eig_op": {"name": eig_op.OP, **eig, "fake": True},
+        "eig_op": eig_op.registration(),
         "torch": {"version": torch.__version__, "cuda_version": torch.version.cuda,
                   "num_threads": torch.get_num_threads()},
         "devices": devices,

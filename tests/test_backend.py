@@ -125,14 +125,12 @@ def test_cusolver_failure_is_reported_not_raised(monkeypatch):
 
 
 def test_backend_info_reports_the_eig_op_registration():
-    info = tbfast.backend_info()
-    assert info["eig_op"]["name"] == "tbfast::eigvalsh_batched" and info["eig_op"]["fake"] is True
-    assert info["eig_op"]["cpu"] == info["active"]["cpu"]["eigensolver"]
-    if EXT_BUILT:  # the C++ kernel is registered for CPU exactly when the extension is loaded
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("tbfast::eigvalsh_batched", "CPU")
-        assert info["eig_op"]["cpu"].startswith("C++ batched")
-    else:
-        assert info["eig_op"]["cpu"] == "torch.linalg.eigvalsh"
+    info = tbfast.backend_info()["eig_op"]
+    assert info["name"] == "tbfast::eigvalsh_batched" and info["fake"] is True
+    assert info["reference"] == "torch.linalg.eigvalsh (CompositeExplicitAutograd)"
+    assert info["CUDA"].startswith("cuSOLVER where it pays")
+    # the C++ kernel is registered for CPU exactly when the extension is loaded
+    assert info["CPU"] == ("C++ LAPACK kernel (tbfast._C)" if EXT_BUILT else "torch reference")
 
 
 def test_backend_info_runs_no_cuda_work(monkeypatch):

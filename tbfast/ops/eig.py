@@ -9,7 +9,8 @@ here, once, with one kernel per device:
 - anywhere else, or with nothing compiled: the torch reference (CompositeExplicitAutograd);
 - a fake kernel, so the op traces under ``torch.compile``.
 
-``info[k] != 0`` means matrix k was not solved. The op never synchronises. The Python entry
+``info[k] != 0`` means matrix k was not solved. The op adds no host synchronisation of its own
+(``torch.linalg.eigvalsh`` keeps its own error check). The Python entry
 :func:`eigvalsh_batched` adds the one retry policy (:func:`resolve_flagged`): matrices a solver
 flags are solved again with ``torch.linalg.eigvalsh``, or, with ``failure_flags``, their flags
 are handed to the caller to check later without a host sync.
@@ -26,7 +27,7 @@ from ..kernels.ref import eigvalsh_batched_ref
 from ..options import EIG_BACKENDS
 from . import cusolver
 
-__all__ = ["eigvalsh_batched", "resolve_flagged", "implementations", "EIG_BACKENDS"]
+__all__ = ["eigvalsh_batched", "resolve_flagged", "implementations", "registration", "EIG_BACKENDS"]
 
 OP = "tbfast::eigvalsh_batched"
 CUSOLVER_OP = "tbfast::cusolver_eigvalsh"
@@ -109,6 +110,19 @@ def implementations() -> dict[str, str]:
     out["cuda"] = (f"cuSOLVER XsyevBatched for n <= {st['max_n']}, torch.linalg.eigvalsh above"
                    if st["loaded"] else "torch.linalg.eigvalsh")
     return out
+
+
+def registration() -> dict[str, object]:
+    """What the dispatcher holds for ``tbfast::eigvalsh_batched``, per dispatch key."""
+    def has(key: str) -> bool:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(OP, key))
+
+    return {"name": OP,
+            "CPU": "C++ LAPACK kernel (tbfast._C)" if has("CPU") else "torch reference",
+            "CUDA": "cuSOLVER where it pays, else torch.linalg.eigvalsh (tbfast.ops.eig)" if has("CUDA")
+            else "torch reference",
+            "reference": "torch.linalg.eigvalsh (CompositeExplicitAutograd)" if has("CompositeExplicitAutograd") else None,
+            "fake": has("Meta")}
 
 
 # ---------------------------------------------------------------------------------------------
