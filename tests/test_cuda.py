@@ -205,6 +205,17 @@ def test_status_runs_no_cuda_work(monkeypatch):
     cs.cusolver_status(refresh=True)  # leave the cache as the real machine would have it
 
 
+@needs_ops
+def test_raw_solver_refuses_cpu_tensors():
+    """The cuSOLVER kernel is CUDA-only; its host entry takes CPU tensors only with the test double."""
+    G = torch.eye(3)[None].contiguous()
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.tbfast.cusolver_eigvalsh(G, 0)
+    if not cs.cusolver_status()["loaded"]:  # this process never holds the host double
+        with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+            torch.ops.tbfast_testing.cusolver_eigvalsh_host(G, 0)
+
+
 def _compile_fake(tmp_path, name: str, with_syev: bool, version: int) -> str:
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:

@@ -139,13 +139,12 @@ def resolve_flagged(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor, solver
     are solved again with ``torch.linalg.eigvalsh`` (one host sync); matrices holding NaN/Inf
     get NaN rows (the caller reports them per layer). A re-solve is logged once per solver.
     """
-    flags = (info != 0) | ~torch.isfinite(w).all(dim=1)
     if failure_flags is not None:
-        failure_flags.append(flags)
+        failure_flags.append((info != 0) | ~torch.isfinite(w).all(dim=1))
         return w
-    if not bool(flags.any()):  # the one host synchronisation of a call
+    if not bool(info.any() | ~torch.isfinite(w).all()):  # the one host synchronisation of a call
         return w
-    bad = torch.nonzero(flags).flatten()
+    bad = torch.nonzero((info != 0) | ~torch.isfinite(w).all(dim=1)).flatten()
     sub = G[bad]
     finite = torch.isfinite(sub).flatten(1).all(dim=1)
     fixed = torch.full_like(w[bad], math.nan)
