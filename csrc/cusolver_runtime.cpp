@@ -259,17 +259,29 @@ Plan plan_chunks(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch
   return plan;
 }
 
-// The native handle (cudaStream_t) of a c10::Stream. c10::Stream::native_handle() is used where
-// the torch headers declare it (torch 2.13 does); the overload below is the fallback for a torch
-// without it: the AOTInductor C shim's aoti_torch_get_current_cuda_stream, a stable C function
-// exported by libtorch_cuda, looked up at run time so that no CUDA header is needed.
+// stream_pointer: the native handle (cudaStream_t) of a c10::Stream, by the first of these that
+// the torch headers offer (chosen at compile time, so one source builds against any torch 2.x):
+//   2. c10::Stream::native_handle()   (torch 2.13 declares it);
+//   1. c10::Stream::stream_handle()   (the same accessor under an earlier name);
+//   0. the AOTInductor C shim's aoti_torch_get_current_cuda_stream, a stable C function exported
+//      by libtorch_cuda, looked up at run time so that no CUDA header is needed.
+template <int N>
+struct Rank : Rank<N - 1> {};
+template <>
+struct Rank<0> {};
+
 template <class S>
-auto native_handle(const S& s, int) -> decltype(s.native_handle()) {
+auto stream_pointer(const S& s, Rank<2>) -> decltype(s.native_handle()) {
   return s.native_handle();
 }
 
 template <class S>
-void* native_handle(const S& s, long) {
+auto stream_pointer(const S& s, Rank<1>) -> decltype(s.stream_handle()) {
+  return s.stream_handle();
+}
+
+template <class S>
+void* stream_pointer(const S& s, Rank<0>) {
   using GetStreamFn = int32_t (*)(int32_t device_index, void** ret_stream);
   auto fn = reinterpret_cast<GetStreamFn>(dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream"));
   if (fn == nullptr) {
@@ -288,7 +300,7 @@ void* native_handle(const S& s, long) {
 // torch's current cudaStream_t on `device` (the stream torch enqueues G's producers on).
 void* current_stream(const c10::Device& device) {
   const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-  return native_handle(stream, 0);
+  return stream_pointer(stream, Rank<2>{});
 }
 
 std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit) {

@@ -63,6 +63,19 @@ def has_op(name: str) -> bool:
     return True
 
 
+def schema_defined(qualname: str) -> bool:
+    """True when torch's dispatcher holds a schema for ``qualname`` (e.g. "tbfast::eigvalsh_batched").
+
+    Op modules define a schema only when it is missing: the C++ kernels register first, and a
+    tbfast._C built from an older checkout may define the schema itself (defining it twice aborts).
+    """
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def log_fallback_once(key: str, msg: str, level: int = logging.WARNING) -> None:
     """Log ``msg`` the first time ``key`` is seen in this process (one line per fallback kind)."""
     with _lock:

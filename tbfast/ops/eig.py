@@ -39,20 +39,12 @@ SCHEMAS = {
 }
 
 
-def _has_schema(qualname: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(qualname, "")
-    except RuntimeError:
-        return False
-    return True
-
-
 # The C++ kernels register first (impl before def is legal); a schema already defined (by a
 # tbfast._C built from an older checkout) is kept rather than defined twice, which would abort.
 _backend.extension_loaded()
 _lib = torch.library.Library("tbfast", "FRAGMENT")  # kept alive: dropping it unregisters the ops
 for _name, _schema in SCHEMAS.items():
-    if not _has_schema(f"tbfast::{_name}"):
+    if not _backend.schema_defined(f"tbfast::{_name}"):
         _lib.define(_schema)
 
 
