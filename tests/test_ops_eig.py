@@ -179,3 +179,43 @@ def test_entry_cpp_without_extension_raises(monkeypatch):
     monkeypatch.setattr(_backend, "has_op", lambda name: False)
     with pytest.raises(RuntimeError, match="extension is not loaded"):
         eig_ops.eigvalsh_batched(sym_batch(1, 3, 0), backend="cpp")
+
+
+def test_without_the_extension_the_op_runs_the_torch_reference():
+    """A fresh process where tbfast._C cannot be imported: the op exists, its CPU calls reach the
+    torch reference, opcheck passes, and the entry matches numpy."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent("""
+        import importlib.abc, json, sys
+        class NoExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "tbfast._C":
+                    raise ImportError("simulated: extension not built")
+        sys.meta_path.insert(0, NoExtension())
+        import numpy as np, torch
+        from tbfast import _backend
+        from tbfast.ops import eig
+        X = torch.randn(3, 9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        G = X.mT @ X
+        w, info = torch.ops.tbfast.eigvalsh_batched(G, 0)
+        torch.library.opcheck(torch.ops.tbfast.eigvalsh_batched.default, (G, 0))
+        want = np.linalg.eigvalsh(G.numpy())
+        print(json.dumps({"loaded": _backend.extension_loaded(), "info": info.tolist(),
+                          "cpu_kernel": torch._C._dispatch_has_kernel_for_dispatch_key("tbfast::eigvalsh_batched", "CPU"),
+                          "err_op": float(np.abs(w.numpy() - want).max() / np.abs(want).max()),
+                          "err_entry": float(np.abs(eig.eigvalsh_batched(G).numpy() - want).max() / np.abs(want).max()),
+                          "registration": eig.registration()["CPU"]}))
+        """)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["loaded"] is False and out["cpu_kernel"] is False and out["info"] == [0, 0, 0]
+    assert out["err_op"] < 1e-12 and out["err_entry"] < 1e-12
+    assert out["registration"] == "torch reference"
