@@ -4,16 +4,17 @@
 // through dlopen/dlsym (the ABI subset is declared in cusolver_api.h) and reaches the GPU
 // through ATen and c10 only:
 //   * memory:  at::empty on the CUDA device -> torch's caching allocator, current stream;
-//   * stream:  passed in by the caller (tbfast/_cusolver.py passes
-//              torch.cuda.current_stream().cuda_stream); -1 asks torch for its current stream
-//              through torch._C._cuda_getCurrentRawStream (Python C API, no CUDA header);
+//   * stream:  torch's current stream of G's device, from c10's device-generic interface
+//              (c10::impl::getDeviceGuardImpl(CUDA)->getStream(device), then
+//              c10::Stream::native_handle()); no CUDA header and no call into Python;
 //   * device:  c10::DeviceGuard makes G's device current while handles are created and used.
 //
-// Ops (schemas below):
-//   eigvalsh_batched(G, workspace_limit)            CUDA kernel of the op declared in eig_cpu.cpp
-//   cusolver_eigvalsh(G, workspace_limit, stream)   same, stream given by the caller (-1: current)
-//   cusolver_load(path) -> error ("" on success)    path "" tries the usual sonames
-//   cusolver_status() -> (loaded, path, version, last_error)
+// Ops (tbfast/ops/eig.py defines the tensor op's schema and fake kernel; the rest are below):
+//   tbfast::cusolver_eigvalsh(G, workspace_limit) -> (w, info)   the raw batched solver (CUDA)
+//   tbfast::cusolver_load(path) -> error ("" on success)         path "" tries the usual sonames
+//   tbfast::cusolver_status() -> (loaded, path, version, last_error)
+// Test-only ops, namespace tbfast_testing (tests/test_cuda.py, scripts/device_check.sh):
+//   cusolver_eigvalsh_host(G, workspace_limit) -> (w, info)      CPU tensors, host test double only
 //   cusolver_syev_batched_workspace(n, batch, dtype, device) -> (device_bytes, host_bytes)
 //   cusolver_syev_batched_plan(n, batch, dtype, device, workspace_limit)
 //       -> (matrices per call, device_bytes, host_bytes)
@@ -21,10 +22,10 @@
 // CPU tensors (and device = -1) are accepted only when the loaded library is the host-memory
 // test double of tests/test_cuda.py, which lets the chunking and indexing be tested without a GPU.
 
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -154,7 +155,7 @@ Library& loaded_library() {
   const std::string why = load_library("");
   TORCH_CHECK(why.empty(),
               "tbfast: cuSOLVER is not loaded (", why,
-              "). Load it first with tbfast._cusolver.cusolver_status(), which searches the nvidia "
+              "). Load it first with tbfast.ops.cusolver.cusolver_status(), which searches the nvidia "
               "pip packages and LD_LIBRARY_PATH, or torch.ops.tbfast.cusolver_load(path).");
   return lib;
 }
@@ -258,45 +259,51 @@ Plan plan_chunks(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch
   return plan;
 }
 
-// torch's current cudaStream_t on `device`, from torch._C._cuda_getCurrentRawStream (the call
-// torch's own generated Triton code uses). Goes through Python because the C++ accessors need
-// CUDA headers (c10::cuda::getCurrentCUDAStream) or a newer torch (c10::Stream::native_handle).
-void* current_stream(const c10::Device& device) {
-  TORCH_CHECK(Py_IsInitialized(), "tbfast cuSOLVER eigvalsh: no Python interpreter to ask for torch's "
-              "current CUDA stream; call torch.ops.tbfast.cusolver_eigvalsh with an explicit stream");
-  PyGILState_STATE gil = PyGILState_Ensure();
-  std::string error;
+// stream_pointer: the native handle (cudaStream_t) of a c10::Stream, by the first of these that
+// the torch headers offer (chosen at compile time, so one source builds against any torch 2.x):
+//   2. c10::Stream::native_handle()   (torch 2.13 declares it);
+//   1. c10::Stream::stream_handle()   (the same accessor under an earlier name);
+//   0. the AOTInductor C shim's aoti_torch_get_current_cuda_stream, a stable C function exported
+//      by libtorch_cuda, looked up at run time so that no CUDA header is needed.
+template <int N>
+struct Rank : Rank<N - 1> {};
+template <>
+struct Rank<0> {};
+
+template <class S>
+auto stream_pointer(const S& s, Rank<2>) -> decltype(s.native_handle()) {
+  return s.native_handle();
+}
+
+template <class S>
+auto stream_pointer(const S& s, Rank<1>) -> decltype(s.stream_handle()) {
+  return s.stream_handle();
+}
+
+template <class S>
+void* stream_pointer(const S& s, Rank<0>) {
+  using GetStreamFn = int32_t (*)(int32_t device_index, void** ret_stream);
+  auto fn = reinterpret_cast<GetStreamFn>(dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream"));
+  if (fn == nullptr) {
+    if (void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD)) {
+      fn = reinterpret_cast<GetStreamFn>(dlsym(lib, "aoti_torch_get_current_cuda_stream"));
+    }
+  }
+  TORCH_CHECK(fn != nullptr, "tbfast cuSOLVER eigvalsh: this torch has neither c10::Stream::native_handle "
+              "nor aoti_torch_get_current_cuda_stream; cannot find the current CUDA stream");
   void* stream = nullptr;
-  PyObject* mod = PyImport_ImportModule("torch._C");
-  PyObject* res = mod ? PyObject_CallMethod(mod, "_cuda_getCurrentRawStream", "i",
-                                            static_cast<int>(device.index()))
-                      : nullptr;
-  if (res) {
-    stream = PyLong_AsVoidPtr(res);
-  }
-  if (PyErr_Occurred()) {
-    PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject* text = value ? PyObject_Str(value) : nullptr;
-    const char* utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
-    error = utf8 ? utf8 : "unknown Python error";
-    Py_XDECREF(text);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
-    PyErr_Clear();
-  }
-  Py_XDECREF(res);
-  Py_XDECREF(mod);
-  PyGILState_Release(gil);
-  TORCH_CHECK(error.empty(), "tbfast cuSOLVER eigvalsh: torch._C._cuda_getCurrentRawStream(",
-              static_cast<int>(device.index()), ") failed: ", error,
-              "; call torch.ops.tbfast.cusolver_eigvalsh with an explicit stream");
+  TORCH_CHECK(fn(static_cast<int32_t>(s.device_index()), &stream) == 0,
+              "tbfast cuSOLVER eigvalsh: aoti_torch_get_current_cuda_stream failed");
   return stream;
 }
 
-std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit,
-                                                int64_t stream_arg) {
+// torch's current cudaStream_t on `device` (the stream torch enqueues G's producers on).
+void* current_stream(const c10::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return stream_pointer(stream, Rank<2>{});
+}
+
+std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit) {
   const bool on_host = G.is_cpu() && host_memory_library_loaded();  // test double only
   TORCH_CHECK(G.is_cuda() || on_host, "tbfast cuSOLVER eigvalsh: G must be a CUDA tensor, got device ",
               G.device());
@@ -317,9 +324,7 @@ std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t wor
   Library& lib = loaded_library();
   c10::OptionalDeviceGuard guard;
   if (!on_host) guard.reset_device(G.device());
-  Stream stream = stream_arg >= 0 ? reinterpret_cast<Stream>(static_cast<intptr_t>(stream_arg))
-                  : on_host       ? nullptr
-                                  : current_stream(G.device());
+  Stream stream = on_host ? nullptr : current_stream(G.device());
   const int64_t limit = workspace_limit > 0 ? workspace_limit : kDefaultWorkspaceLimit;
   const size_t elem = G.element_size();
 
@@ -356,10 +361,6 @@ std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t wor
                  "cusolverDnXsyevBatched", n, b);
   }
   return {W, info};
-}
-
-std::tuple<at::Tensor, at::Tensor> eigvalsh_batched_cuda(const at::Tensor& G, int64_t workspace_limit) {
-  return syev_batched(G, workspace_limit, -1);
 }
 
 // Workspace planning for (n, batch) matrices of `dtype` on CUDA device `device`, using tiny
@@ -409,20 +410,23 @@ std::tuple<bool, std::string, int64_t, std::string> status_op() {
 TORCH_LIBRARY_FRAGMENT(tbfast, m) {
   m.def("cusolver_load(str path) -> str", &tbfast::load_op);
   m.def("cusolver_status() -> (bool, str, int, str)", &tbfast::status_op);
+}
+
+// The schema of tbfast::cusolver_eigvalsh (and its fake kernel) is defined in tbfast/ops/eig.py.
+TORCH_LIBRARY_IMPL(tbfast, CUDA, m) {
+  m.impl("cusolver_eigvalsh", &tbfast::syev_batched);
+}
+
+TORCH_LIBRARY_FRAGMENT(tbfast_testing, m) {
+  m.def("cusolver_eigvalsh_host(Tensor G, int workspace_limit) -> (Tensor, Tensor)");
   m.def("cusolver_syev_batched_workspace(int n, int batch, ScalarType dtype, int device) -> (int, int)",
         &tbfast::workspace_op);
   m.def("cusolver_syev_batched_plan(int n, int batch, ScalarType dtype, int device, int workspace_limit)"
         " -> (int, int, int)",
         &tbfast::plan_op);
-  m.def("cusolver_eigvalsh(Tensor G, int workspace_limit, int stream) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
+TORCH_LIBRARY_IMPL(tbfast_testing, CPU, m) {
   // Only for the host-memory test double; any other CPU call gets "must be a CUDA tensor".
-  m.impl("cusolver_eigvalsh", &tbfast::syev_batched);
-}
-
-TORCH_LIBRARY_IMPL(tbfast, CUDA, m) {
-  m.impl("cusolver_eigvalsh", &tbfast::syev_batched);
-  m.impl("eigvalsh_batched", &tbfast::eigvalsh_batched_cuda);
+  m.impl("cusolver_eigvalsh_host", &tbfast::syev_batched);
 }

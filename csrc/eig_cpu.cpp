@@ -5,8 +5,9 @@
 // exported by libtorch_cpu when torch is built with MKL). Where they are absent each matrix
 // falls back to at::linalg_eigvalsh inside the same parallel loop.
 //
-// Op schema (defined here; csrc/cusolver*.cpp adds the CUDA implementation):
-//   eigvalsh_batched(Tensor G, int workspace_limit) -> (Tensor w, Tensor info)
+// This file registers the CPU kernel of tbfast::eigvalsh_batched(Tensor G, int workspace_limit)
+// -> (Tensor w, Tensor info). The schema, the CUDA kernel, the fake kernel and the torch reference
+// are registered once, in tbfast/ops/eig.py; tbfast_testing::eigvalsh_batched_path is a test hook.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -237,12 +238,16 @@ std::string lapack_info() {
 
 }  // namespace tbfast
 
-TORCH_LIBRARY_FRAGMENT(tbfast, m) {
-  m.def("eigvalsh_batched(Tensor G, int workspace_limit) -> (Tensor, Tensor)");
-  m.def("_eigvalsh_batched_path(Tensor G, int workspace_limit, bool use_lapack) -> (Tensor, Tensor)");
-}
-
+// The schema of tbfast::eigvalsh_batched is defined in tbfast/ops/eig.py (importing tbfast._C
+// imports the tbfast package first); an impl registered before its def is legal in torch.library.
 TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
   m.impl("eigvalsh_batched", &tbfast::eigvalsh_batched_cpu);
-  m.impl("_eigvalsh_batched_path", &tbfast::eigvalsh_batched_cpu_path);
+}
+
+TORCH_LIBRARY_FRAGMENT(tbfast_testing, m) {
+  m.def("eigvalsh_batched_path(Tensor G, int workspace_limit, bool use_lapack) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tbfast_testing, CPU, m) {
+  m.impl("eigvalsh_batched_path", &tbfast::eigvalsh_batched_cpu_path);
 }

@@ -12,7 +12,7 @@ _interrupt.install_cli_excepthook()  # `tbfast` command: Ctrl-C while torch load
 
 import logging  # noqa: E402
 
-from ._backend import backend_info
+from ._info import backend_info
 from .analyze import analyze, summary
 from .layers import Layer, block_index, find_layers, layers_from_matrices
 from .metrics import ESDMetrics, compute_metrics

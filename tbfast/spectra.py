@@ -21,9 +21,9 @@ import torch
 
 from ._progress import progress_bar
 from ._transfer import to_device
-from .eig import eigvalsh_batched
 from .errors import NoLayersError, NonFiniteWeightsError
 from .layers import Layer
+from .ops.eig import eigvalsh_batched
 from .options import ESD_METHODS, ESDOptions, LayerOptions, either
 from .sources import build_layers
 
@@ -208,7 +208,7 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
             else:
                 G.index_copy_(0, idx, Gs)
     if method != "svd":
-        out = eigvalsh_batched(G, backend=eig_backend, checks=failure_flags)
+        out = eigvalsh_batched(G, backend=eig_backend, failure_flags=failure_flags)
     scales = [layers[i].scale for i in chunk]
     if any(s != 1.0 for s in scales):
         sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)

@@ -272,21 +272,21 @@ def test_all_zero_matrix_gets_status():
 
 
 def test_deferred_eigensolver_failure_is_recomputed(monkeypatch, caplog):
-    """A GPU solve reports failures through `checks` (no sync); layer_metrics checks them in its
+    """A GPU solve reports failures through `failure_flags` (no sync); layer_metrics checks them in its
     single transfer and recomputes with torch's solver. Simulated here on CPU."""
     import tbfast.spectra as spectra_mod
     real = spectra_mod.eigvalsh_batched
     calls = []
 
-    def flaky(G, *, backend="auto", checks=None, **kw):
+    def flaky(G, *, backend="auto", failure_flags=None, **kw):
         calls.append(backend)
         w = real(G, backend=backend)
-        if checks is not None and backend != "torch":
+        if failure_flags is not None and backend != "torch":
             w = w.clone()
             w[0] = 123.0  # a "non-converged" garbage row
             bad = torch.zeros(G.shape[0], dtype=torch.bool)
             bad[0] = True
-            checks.append(bad)
+            failure_flags.append(bad)
         return w
 
     monkeypatch.setattr(spectra_mod, "eigvalsh_batched", flaky)

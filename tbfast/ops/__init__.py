@@ -11,10 +11,13 @@ Conventions (shared by every op module here):
   (``"auto"`` = the dispatcher's pick) for tests and ``tbfast bench``; the library's stages
   (`tbfast.powerlaw`, ...) call those.
 
-Modules: `tbfast.ops.fit` (``hill_fit``, ``ks_scan``: the power-law fits).
+Modules: `tbfast.ops.eig` (``eigvalsh_batched``: batched symmetric eigenvalues; ``cusolver_eigvalsh``),
+`tbfast.ops.cusolver` (finding libcusolver, size policy), `tbfast.ops.fit` (``hill_fit``,
+``ks_scan``: the power-law fits).
 Importing this package registers every op.
 """
 
 from __future__ import annotations
 
+from . import eig  # noqa: F401  (registers torch.ops.tbfast.eigvalsh_batched / cusolver_eigvalsh)
 from . import fit  # noqa: F401  (registers torch.ops.tbfast.hill_fit / ks_scan)

@@ -63,16 +63,8 @@ _CPP_LOADED = _backend.extension_loaded()
 _lib = torch.library.Library("tbfast", "FRAGMENT")
 
 
-def _schema_defined(qualname: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(qualname, "")
-    except RuntimeError:
-        return False
-    return True
-
-
 for _name in OP_NAMES:
-    if not _schema_defined(f"tbfast::{_name}"):
+    if not _backend.schema_defined(f"tbfast::{_name}"):
         _lib.define(_SCHEMAS[_name])
 
 
