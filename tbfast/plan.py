@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .schedule import _as_numpy, assign_lrs, block_means, block_of, normalize_mean, within_block_lrs
+from .schedule import scores_array, assign_lrs, block_means, block_of, normalize_mean, within_block_lrs
 
 __all__ = ["Plan", "table_column", "select_rows", "check_rows", "plan_schedule"]
 
@@ -54,7 +54,7 @@ def table_column(table: Any, key: str) -> np.ndarray:
         col = table[key]
     except (KeyError, IndexError, TypeError) as exc:
         raise KeyError(f"ESD table has no column {key!r}") from exc
-    return _as_numpy(col)
+    return scores_array(col)
 
 
 def select_rows(num_evals: Sequence[float], opts: Any) -> list[int]:

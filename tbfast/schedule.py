@@ -54,7 +54,8 @@ ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
 
 
 
-def _as_numpy(scores: ArrayLike) -> np.ndarray:
+def scores_array(scores: ArrayLike) -> np.ndarray:
+    """Scores as a 1-D float64 numpy array (a ValueError for any other shape)."""
     if torch is not None and isinstance(scores, torch.Tensor):
         arr = scores.detach().to("cpu", torch.float64).numpy()
     else:
@@ -112,7 +113,7 @@ def tb_linear_map(
     the default symmetric ratios) because nothing distinguishes the layers. Pass
     ``equal_scores="reference"`` to get numpy's upper end.
     """
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     _check_scores(arr, names, "tb_linear_map")
     lr = _check_lr(lr)
     _check_ratios(lr_min_ratio, lr_max_ratio)
@@ -132,7 +133,7 @@ def tb_linear_map(
 
 def tb_sqrt(scores: ArrayLike, lr: float, *, names: Optional[Sequence[str]] = None, **_: Any) -> ArrayLike:
     """``sqrt(s) / sum(sqrt(s)) * n * lr``; scores must be >= 0 with a positive sum."""
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     _check_scores(arr, names, "tb_sqrt")
     lr = _check_lr(lr)
     neg = np.flatnonzero(arr < 0)
@@ -148,7 +149,7 @@ def tb_sqrt(scores: ArrayLike, lr: float, *, names: Optional[Sequence[str]] = No
 
 def tb_log2(scores: ArrayLike, lr: float, *, names: Optional[Sequence[str]] = None, **_: Any) -> ArrayLike:
     """``log2(s) / sum(log2(s)) * n * lr``; every score must be > 1 (so every lr is positive)."""
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     _check_scores(arr, names, "tb_log2")
     lr = _check_lr(lr)
     low = np.flatnonzero(arr <= 1.0)
@@ -173,7 +174,7 @@ def tb_step(
 ) -> ArrayLike:
     """Rank-based steps: rank ``r`` (0 = smallest score, ties by position) gets
     ``lr * (lr_min_ratio + (lr_max_ratio - lr_min_ratio) * r / n)``."""
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     _check_scores(arr, names, "tb_step")
     lr = _check_lr(lr)
     _check_ratios(lr_min_ratio, lr_max_ratio)
@@ -212,7 +213,7 @@ def tb_sigmoid(
     ``s`` is a scale or a pair ``(s_below, s_above)``: ``s_below`` for scores at or below the
     mean, ``s_above`` for those above (the paper's ``(s1, s2)``, often ``(2, 1)``).
     """
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     _check_scores(arr, names, "tb_sigmoid")
     lr = _check_lr(lr)
     tau = float(tau)
@@ -257,8 +258,8 @@ def assign_lrs(
     """
     if callable(assign_func):
         out = assign_func(scores, lr)
-        arr = _as_numpy(out)
-        if arr.shape != _as_numpy(scores).shape:
+        arr = scores_array(out)
+        if arr.shape != scores_array(scores).shape:
             raise ValueError(f"custom assign_func returned shape {arr.shape} for {len(arr)} scores")
         return out
     if assign_func not in ASSIGN_FUNCS:
@@ -274,7 +275,7 @@ def assign_lrs(
 
 def normalize_mean(lrs: ArrayLike, lr: float) -> ArrayLike:
     """Rescale ``lrs`` so that their mean equals ``lr`` (the paper's lr normalisation)."""
-    arr = _as_numpy(lrs)
+    arr = scores_array(lrs)
     mean = arr.mean() if arr.size else 0.0
     if not mean > 0:
         raise ValueError(f"cannot normalise learning rates with mean {mean}")
@@ -283,7 +284,7 @@ def normalize_mean(lrs: ArrayLike, lr: float) -> ArrayLike:
 
 def block_means(scores: ArrayLike, blocks: Sequence[Optional[int]]) -> tuple[list[int], np.ndarray]:
     """Mean score per block, blocks in order of first appearance; ``None`` blocks are skipped."""
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     if len(blocks) != arr.size:
         raise ValueError(f"{len(blocks)} block labels for {arr.size} scores")
     order: list[int] = []
@@ -309,7 +310,7 @@ def within_block_lrs(
     ``[min, max]`` onto ``[lr_min_ratio, lr_min_ratio + lr_slope]`` times the block lr (the
     middle of that range when the block's scores are all equal). Layers with block ``None``
     get NaN here and must be handled by the caller."""
-    arr = _as_numpy(scores)
+    arr = scores_array(scores)
     _check_ratios(lr_min_ratio, lr_min_ratio + lr_slope)
     out = np.full(arr.size, np.nan)
     for b in {b for b in blocks if b is not None}:

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from ._transfer import to_device
-from .analyze import Analysis, _resolve_layers, analyze_spectra
+from .analyze import Analysis, analyze_spectra
 from .layers import Layer
+from .options import LayerOptions
+from .sources import build_layers
 from .spectra import esd
 
 __all__ = ["WeightWatcher", "WW_DEFAULT_MIN_EVALS", "WW_DEFAULT_MAX_EVALS", "WW_DEFAULT_MAX_N"]
@@ -158,10 +160,9 @@ class WeightWatcher:
         """Selected layers and, per layer name, WeightWatcher's ``(layer_id, name, layer_type)``."""
         source = self._model(model)
         base = _unwrap(base_model) if base_model is not None else self.base_model
-        found = _resolve_layers(source, base=base, include_embedding=True, types=None, include=None,
-                                exclude=None, conv_norm=0.5 if conv2d_norm else 1.0, lora_scaling=True,
-                                min_evals=min_evals or 0, max_evals=max_evals or None,
-                                max_n=max_N or None)
+        options = LayerOptions(base=base, include_embedding=True, conv_norm=0.5 if conv2d_norm else 1.0,
+                               min_evals=min_evals or 0, max_evals=max_evals or None, max_n=max_N or None)
+        found = build_layers(source, options, mapping="state_dict", require=True)
         ids = self._ww_ids(source, found, start_ids)
         module = isinstance(source, nn.Module)
         info: dict[str, tuple[int, str, str]] = {}

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import errors
 from ..layers import Layer
 from ..metrics import METRIC_COLUMNS, ESDMetrics
 from ..powerlaw import PowerLawFit
@@ -29,11 +30,10 @@ _HEADER = 4  # header row: error flag, seconds, message length, class-name lengt
 
 # errors that travel between ranks keep their class when it is one of these (no unpickling)
 def _error_classes() -> dict[str, type]:
-    from .. import checkpoint as ck
-
     classes = [ValueError, KeyError, TypeError, RuntimeError, FileNotFoundError, ImportError,
-               ck.CheckpointError, ck.CheckpointNotFoundError, ck.CorruptCheckpointError,
-               ck.UnsupportedDtypeError, ck.EmptyCheckpointError]
+               errors.CheckpointError, errors.CheckpointNotFoundError, errors.CorruptCheckpointError,
+               errors.UnsupportedDtypeError, errors.EmptyCheckpointError, errors.NoLayersError,
+               errors.BackendUnavailableError]
     return {c.__name__: c for c in classes}
 
 
