@@ -25,7 +25,7 @@ around every ``optimizer.step()`` of a group that carries these keys:
   ``TempBalance.apply`` writes ``U * f`` again.
 
 A scheduler built on groups fresh from ``build_optimizer_param_group`` (``initial_lr`` = the
-untuned lr, ``lr`` balanced) may write either frame before the first step; `resolve_build`
+untuned lr, ``lr`` balanced) may write either frame before the first step; `frame_build_groups`
 picks it. Groups without these keys (optimizers TempBalance never wrote) are not touched.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "BUILD", "unchanged", "untuned_lr", "resolve_build",
+__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "BUILD", "unchanged", "untuned_lr", "frame_build_groups",
            "write", "install_hooks"]
 
 UNTUNED = "tb_untuned_lr"
@@ -90,7 +90,7 @@ def _uniform(values: list[float]) -> bool:
     return max(values) - min(values) <= 1e-12 * max(abs(v) for v in values)
 
 
-def resolve_build(groups: list) -> None:
+def frame_build_groups(groups: list) -> None:
     """Frame of an lr a scheduler wrote into groups fresh from ``build_optimizer_param_group``.
 
     All such groups share one untuned lr. A scheduler built on them either computes from their
@@ -115,7 +115,7 @@ def _scheduler_attached(optimizer: Any) -> bool:
 
 
 def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    resolve_build(optimizer.param_groups)
+    frame_build_groups(optimizer.param_groups)
     for group in optimizer.param_groups:
         if FACTOR not in group:
             continue

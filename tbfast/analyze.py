@@ -53,7 +53,7 @@ class Analysis:
     metrics: ESDMetrics
 
 
-def _resolve_layers(source: Any, **layer_options: Any) -> list[Layer]:
+def _report_layers(source: Any, **layer_options: Any) -> list[Layer]:
     """The layers `analyze` reports: `tbfast.sources.build_layers` on `LayerOptions` fields, a
     ``Mapping`` source being a state dict; `NoLayersError` when none is left."""
     return build_layers(source, LayerOptions(**layer_options), mapping="state_dict", require=True)
@@ -133,7 +133,7 @@ def analyze_spectra(
     _check_device(options.get("device"))
     opts = split_options(options, allowed=(ESDOptions, FitOptions), defaults=_DEFAULTS, where="tbfast.analyze")
     esd_options, fit_options = opts[ESDOptions], opts[FitOptions]  # validated before any work
-    layers = _resolve_layers(source, base=base, include_embedding=include_embedding, types=types,
+    layers = _report_layers(source, base=base, include_embedding=include_embedding, types=types,
                              include=include, exclude=exclude, conv_norm=conv_norm,
                              lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,
                              max_n=max_n)

@@ -29,7 +29,7 @@ from .layers import Layer
 from .metrics import ESDMetrics, compute_metrics
 from .options import ESDOptions, FitOptions, take_options
 from .powerlaw import PowerLawFit, fit_power_law
-from .spectra import Spectra, layer_spectra, resolve_layers
+from .spectra import Spectra, layer_spectra, esd_layers
 
 __all__ = ["PipelineResult", "run", "layer_metrics", "check_on_invalid", "raise_nonfinite"]
 
@@ -108,5 +108,5 @@ def layer_metrics(source: Any, *, on_invalid: str = "raise", **options: Any) -> 
     """
     check_on_invalid(on_invalid)
     opts, layer_options = take_options(options, where="tbfast.layer_metrics")
-    layers = resolve_layers(source, **layer_options)
+    layers = esd_layers(source, **layer_options)
     return run(layers, opts[ESDOptions], opts[FitOptions], on_invalid=on_invalid).metrics

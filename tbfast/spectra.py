@@ -27,7 +27,7 @@ from .ops.eig import eigvalsh_batched
 from .options import ESD_METHODS, ESDOptions, LayerOptions, either
 from .sources import build_layers
 
-__all__ = ["Spectra", "esd", "layer_spectra", "resolve_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
+__all__ = ["Spectra", "esd", "layer_spectra", "esd_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Spectra:
         return cached
 
 
-def resolve_layers(source: Any, options: LayerOptions | None = None, **layer_options: Any) -> list[Layer]:
+def esd_layers(source: Any, options: LayerOptions | None = None, **layer_options: Any) -> list[Layer]:
     """Layers from a model, a list of `Layer`, a checkpoint path, or raw matrices (a tensor, a
     sequence or a mapping of tensors): `tbfast.sources.build_layers` with ``mapping="matrices"``.
     ``layer_options`` are `LayerOptions` fields (on top of ``options``)."""
@@ -325,7 +325,7 @@ def esd(
     failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
     options = ESDOptions(method=method, dtype=dtype, device=device, memory_budget=memory_budget,
                          progress=progress, eig_backend=eig_backend, allow_tf32=allow_tf32)
-    spectra = layer_spectra(resolve_layers(source, **layer_options), options, failure_flags=failure_flags)
+    spectra = layer_spectra(esd_layers(source, **layer_options), options, failure_flags=failure_flags)
     if check_finite:
         raise_on_nonfinite(spectra)
     return spectra

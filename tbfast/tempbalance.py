@@ -35,7 +35,7 @@ from .param_layout import group_keys as _group_keys, optimizer_groups, param_key
 from .plan import check_rows, plan_schedule, select_rows, table_column
 from .schedule import BLOCK_PATTERN, block_of
 from .tempbalance_options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, TempBalanceOptions,
-                                  add_option_attributes, resolve_fit_backend)
+                                  add_option_attributes, pick_fit_backend)
 
 __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 
@@ -110,7 +110,7 @@ class TempBalance:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
         options = {k: v for k, v in locals().items() if k in OPTION_NAMES}
-        options["fit_backend"] = resolve_fit_backend(fit_backend, backend)
+        options["fit_backend"] = pick_fit_backend(fit_backend, backend)
         self.options = TempBalanceOptions(**options)  #: the validated options (attributes read them)
         self.net = net
         #: optimizer step whose weights produced the current schedule (None before the first ESD)
@@ -366,7 +366,7 @@ class TempBalance:
         written = []
         balance = self.balance
         if untuned_lr is None:
-            _lr.resolve_build(optimizer_groups(optimizer))
+            _lr.frame_build_groups(optimizer_groups(optimizer))
         for gi, group in enumerate(optimizer_groups(optimizer)):
             base = untuned_lr if untuned_lr is not None else _lr.untuned_lr(group)
             factor = self.ratio(keys[gi]) if keys is not None else 1.0

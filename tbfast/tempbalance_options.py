@@ -19,7 +19,7 @@ from .layers import BLOCK_PATTERN
 from .schedule import ASSIGN_FUNCS, assign_lrs
 
 __all__ = ["TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS", "GRANULARITIES", "BALANCE", "FLAT_POLICIES",
-           "ALPHA_SCORES", "resolve_fit_backend",
+           "ALPHA_SCORES", "pick_fit_backend",
            "OPTION_NAMES", "add_option_attributes"]
 
 PL_FITTINGS = ("median", "goodness-of-fit", "ks", "fix-finger")
@@ -35,7 +35,7 @@ FLAT_POLICIES = ("keep", "untuned")
 ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")
 
 
-def resolve_fit_backend(fit_backend: Optional[str], backend: Optional[str]) -> str:
+def pick_fit_backend(fit_backend: Optional[str], backend: Optional[str]) -> str:
     """The fit backend from the canonical ``fit_backend`` or its documented alias ``backend`` (not both)."""
     if fit_backend is not None and backend is not None:
         raise TypeError("TempBalance: pass fit_backend or its alias backend, not both")

@@ -26,8 +26,8 @@ def test_extension_required_and_loaded():
     assert info["active"]["cpu"] == {"eigensolver": "C++ batched LAPACK ?syevd", "fits": "C++ kernels"}
     assert info["triton"]["available"], "CI must exercise the Triton kernels (interpreter on CPU)"
     # the fast paths are the ones the dispatchers pick
-    from tbfast.ops.fit import resolve_backend
-    assert resolve_backend(torch.zeros(3), "auto") == "cpp"
+    from tbfast.ops.fit import pick_backend
+    assert pick_backend(torch.zeros(3), "auto") == "cpp"
 
 
 def test_backend_info_fields():

@@ -220,8 +220,8 @@ def test_backend_table():
     values = torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown fit backend 'gpu'"):
         fit.fit_kernels(values, "gpu")
-    assert fit.resolve_backend(values, "torch") == "torch"
-    assert fit.resolve_backend(values, "auto") == ("cpp" if HAS_CPP else "torch")
+    assert fit.pick_backend(values, "torch") == "torch"
+    assert fit.pick_backend(values, "auto") == ("cpp" if HAS_CPP else "torch")
     if HAS_CPP:
         with pytest.raises(ValueError, match="C\\+\\+ fit kernels run on CPU tensors"):
             fit.fit_kernels(values.to("meta"), "cpp")
@@ -245,7 +245,7 @@ try:
 except RuntimeError as exc:
     err = str(exc)
 print(json.dumps({"alpha": alpha.tolist(), "D": D.tolist(), "index": index.tolist(),
-                  "auto": fit.resolve_backend(values), "cpp_error": err}))
+                  "auto": fit.pick_backend(values), "cpp_error": err}))
 """
 
 

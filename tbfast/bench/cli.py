@@ -196,7 +196,7 @@ def target_checks(results: list[dict], device_type: str) -> list[dict[str, Any]]
     return out
 
 
-def _resolve_device(name: str) -> torch.device:
+def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tbfast bench``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    device = _resolve_device(args.device)
+    device = _pick_device(args.device)
     workloads = _split(args.workloads, WORKLOADS, "workload") or \
         (QUICK_WORKLOADS if args.quick else list(WORKLOADS))
     methods = _split(args.methods, METHODS, "method") or \

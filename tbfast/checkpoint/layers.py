@@ -41,7 +41,7 @@ def _layer_name(tensor_name: str) -> str | None:
     return None
 
 
-def _resolve(name: str, keys: Iterable[str], suffix: str = ".weight") -> str | None:
+def _find_key(name: str, keys: Iterable[str], suffix: str = ".weight") -> str | None:
     """The key for layer ``name`` in another checkpoint: exact, or a unique match up to a prefix
     (``bert.encoder.x`` vs ``encoder.x``)."""
     keys = keys if isinstance(keys, (set, dict)) else set(keys)
@@ -125,7 +125,7 @@ def checkpoint_layers(
             continue
         bname = None
         if bstore is not None:
-            bname = _resolve(lname, bkeys)
+            bname = _find_key(lname, bkeys)
             if bname is None:
                 missing_in_base.append(lname)
                 continue
@@ -208,7 +208,7 @@ def lora_layers(
             raise CorruptCheckpointError(f"{wfile}: module {mod!r} has lora_{set('AB') - set(ab)} missing")
         if not selected(mod):
             continue
-        bname = _resolve(mod, bkeys)
+        bname = _find_key(mod, bkeys)
         if bname is None:
             raise KeyError(f"LoRA module {mod!r}: no matching '{mod}.weight' in the base checkpoint")
         shape = bkeys[bname].shape

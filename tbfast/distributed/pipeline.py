@@ -18,7 +18,7 @@ from ..metrics import ESDMetrics
 from ..options import ESDOptions, FitOptions, take_options
 from ..pipeline import PipelineResult, check_on_invalid, raise_nonfinite
 from ..pipeline import run as run_local
-from ..spectra import resolve_layers
+from ..spectra import esd_layers
 from .fsdp import fsdp1_layers, fsdp1_units, materialise
 from .gather import ROW, encode_rows, gather_rows, gather_spectra, metrics_from_rows
 from .planning import layer_cost, plan
@@ -100,5 +100,5 @@ def layer_metrics(source: Any, *, group: Any, on_invalid: str = "raise", costs: 
     if fsdp1_units(source):
         layers = fsdp1_layers(source, group, costs, **layer_options)
     else:
-        layers = resolve_layers(source, **layer_options)
+        layers = esd_layers(source, **layer_options)
     return run(layers, opts[ESDOptions], opts[FitOptions], group=group, costs=costs, on_invalid=on_invalid).metrics

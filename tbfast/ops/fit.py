@@ -44,7 +44,7 @@ from .. import _backend
 from ..kernels import ref
 from ..options import FIT_BACKENDS
 
-__all__ = ["hill_fit", "ks_scan", "fit_kernels", "resolve_backend", "OP_NAMES"]
+__all__ = ["hill_fit", "ks_scan", "fit_kernels", "pick_backend", "OP_NAMES"]
 
 OP_NAMES = ("hill_fit", "ks_scan")
 _SCHEMAS = {
@@ -154,7 +154,7 @@ _BACKENDS: dict[str, Callable[[], tuple[Callable[..., FitOut], Callable[..., Fit
 assert set(_BACKENDS) == set(FIT_BACKENDS)
 
 
-def resolve_backend(values: torch.Tensor, backend: str = "auto") -> str:
+def pick_backend(values: torch.Tensor, backend: str = "auto") -> str:
     """The fit backend that runs for ``values``: ``backend`` itself, or for ``"auto"`` the
     kernel the dispatcher picks on ``values``' device (``"cpp"``, ``"triton"`` or ``"torch"``)."""
     if backend not in _BACKENDS:
@@ -172,7 +172,7 @@ def fit_kernels(values: torch.Tensor, backend: str = "auto"
 
     Raises ValueError for an unknown name or ``"cpp"`` on non-CPU tensors, RuntimeError for
     ``"cpp"`` without the extension."""
-    kind = resolve_backend(values, backend)
+    kind = pick_backend(values, backend)
     if kind == "cpp" and values.device.type != "cpu":
         raise ValueError(f"the C++ fit kernels run on CPU tensors; values are on {values.device}")
     return _BACKENDS[backend if backend == "auto" else kind]()
