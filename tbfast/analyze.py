@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -40,7 +40,8 @@ COLUMNS = (
 )
 SUMMARY_COLUMNS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm",
                    "stable_rank", "entropy", "D")
-_DEFAULTS = {FitOptions: {"fit": "ks"}}  # WeightWatcher's power-law fit
+_DEFAULTS = {FitOptions: {"fit": "ks"},  # WeightWatcher's power-law fit and layer selection
+             LayerOptions: {"min_evals": WW_MIN_EVALS, "max_evals": WW_MAX_EVALS, "include_embedding": True}}
 
 
 @dataclass
@@ -51,12 +52,6 @@ class Analysis:
     spectra: Spectra
     fit: PowerLawFit
     metrics: ESDMetrics
-
-
-def _report_layers(source: Any, **layer_options: Any) -> list[Layer]:
-    """The layers `analyze` reports: `tbfast.sources.build_layers` on `LayerOptions` fields, a
-    ``Mapping`` source being a state dict; `NoLayersError` when none is left."""
-    return build_layers(source, LayerOptions(**layer_options), mapping="state_dict", require=True)
 
 
 def _check_device(device: str | torch.device | None) -> torch.device | None:
@@ -112,31 +107,15 @@ def _frame(layers: list[Layer], m: ESDMetrics):
 
 
 @interruptible  # Ctrl-C reaches the caller at once, even inside one long eigensolve
-def analyze_spectra(
-    source: Any,
-    *,
-    base: Any = None,
-    min_evals: int = WW_MIN_EVALS,
-    max_evals: int | None = WW_MAX_EVALS,
-    max_n: int | None = None,
-    include_embedding: bool = True,
-    types: Iterable[str] | None = None,
-    include: str | None = None,
-    exclude: str | None = None,
-    conv_norm: float = 0.5,
-    lora_scaling: bool = True,
-    process_group: Any = None,
-    **options: Any,
-) -> Analysis:
-    """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments: the ESD
-    and fit ``options`` become an `ESDOptions` and a `FitOptions` (default ``fit="ks"``)."""
+def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -> Analysis:
+    """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments: the layer,
+    ESD and fit ``options`` become a `LayerOptions`, an `ESDOptions` and a `FitOptions`
+    (WeightWatcher's defaults: ``fit="ks"``, ``min_evals=10``, ``max_evals=15000``,
+    ``include_embedding=True``)."""
     _check_device(options.get("device"))
-    opts = split_options(options, allowed=(ESDOptions, FitOptions), defaults=_DEFAULTS, where="tbfast.analyze")
-    esd_options, fit_options = opts[ESDOptions], opts[FitOptions]  # validated before any work
-    layers = _report_layers(source, base=base, include_embedding=include_embedding, types=types,
-                             include=include, exclude=exclude, conv_norm=conv_norm,
-                             lora_scaling=lora_scaling, min_evals=min_evals, max_evals=max_evals,
-                             max_n=max_n)
+    opts = split_options(options, defaults=_DEFAULTS, where="tbfast.analyze")  # validated before any work
+    esd_options, fit_options = opts[ESDOptions], opts[FitOptions]
+    layers = build_layers(source, opts[LayerOptions], mapping="state_dict", require=True)
     logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit_options.fit, esd_options.dtype)
     from .distributed import active_group, run as run_distributed
 

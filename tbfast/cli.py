@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .errors import STATUS_OK
+
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_CORRUPT", "EXIT_DTYPE",
            "EXIT_EMPTY"]
 
@@ -110,7 +112,7 @@ def _format_table(df, all_columns: bool) -> str:
     import pandas as pd
 
     cols = list(df.columns) if all_columns else [c for c in _TABLE_COLUMNS if c in df.columns]
-    if not all_columns and (df["status"] != "ok").any():
+    if not all_columns and (df["status"] != STATUS_OK).any():
         cols.append("status")
     t = df[cols].rename(columns=_HEADERS)
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,

@@ -140,17 +140,17 @@ _FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (LayerOptio
 ALIASES = {"backend": "fit_backend"}
 
 
-def _both(alias: str, name: str) -> TypeError:
-    return TypeError(f"pass either {name}= or its alias {alias}=, not both")
+def _both(alias: str, name: str, where: str | None = None) -> TypeError:
+    return TypeError(f"{where + ': ' if where else ''}pass either {name}= or its alias {alias}=, not both")
 
 
-def either(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+def either(name: str, value: Any, alias: str, alias_value: Any, *, where: str | None = None) -> Any:
     """The value of keyword ``name`` or of its documented alias ``alias`` (None: not given);
-    giving both is a TypeError."""
+    giving both is a TypeError (naming ``where``)."""
     if alias_value is None:
         return value
     if value is not None:
-        raise _both(alias, name)
+        raise _both(alias, name, where)
     return alias_value
 
 

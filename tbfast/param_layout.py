@@ -14,7 +14,7 @@ from typing import Any, Collection, Iterable, Mapping, Optional
 
 from torch import nn
 
-from .schedule import block_of
+from .layers import block_index
 
 __all__ = ["param_layout", "param_keys", "optimizer_groups", "group_keys", "Layout"]
 
@@ -66,7 +66,7 @@ def _block_groups(net: nn.Module, keys: Collection[str], opts: Any, seen: set[in
     for pname, p in net.named_parameters():
         key = owner.get(id(p))
         if key is None:
-            b = block_of(pname, opts.block_pattern)
+            b = block_index(pname, opts.block_pattern)
             key = f"block.{b}" if b is not None and f"block.{b}" in keys else None
         if key is None or id(p) in seen:
             continue

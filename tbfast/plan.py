@@ -33,7 +33,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .schedule import scores_array, assign_lrs, block_means, block_of, normalize_mean, within_block_lrs
+from .errors import STATUS_OK
+from .layers import block_index
+from .schedule import assign_lrs, block_means, normalize_mean, scores_array, within_block_lrs
 
 __all__ = ["Plan", "table_column", "select_rows", "check_rows", "plan_schedule"]
 
@@ -77,7 +79,7 @@ def check_rows(names: Sequence[str], scores: np.ndarray, status: Sequence[str], 
                metric: str) -> None:
     """A selected layer must have an "ok" fit and a finite score; raises a ValueError naming it."""
     for i in rows:
-        if status[i] != "ok":
+        if status[i] != STATUS_OK:
             raise ValueError(f"TempBalance: layer {names[i]!r} has no usable ESD fit ({status[i]})")
         if not math.isfinite(scores[i]):
             raise ValueError(f"TempBalance: layer {names[i]!r} has a non-finite {metric} ({scores[i]})")
@@ -100,7 +102,7 @@ def _plan_layers(names: list[str], scores: np.ndarray, opts: Any) -> Plan:
 
 
 def _plan_blocks(names: list[str], scores: np.ndarray, opts: Any) -> Plan:
-    blocks = [block_of(n, opts.block_pattern) for n in names]
+    blocks = [block_index(n, opts.block_pattern) for n in names]
     order, means = block_means(scores, blocks)
     if not order:
         raise ValueError(
@@ -136,7 +138,7 @@ def _with_flat_untuned(names: list[str], scores: np.ndarray, fitted: Plan, opts:
         return plan
     in_block: "OrderedDict[Any, list[int]]" = OrderedDict()
     for j, n in enumerate(names):
-        b = block_of(n, opts.block_pattern)
+        b = block_index(n, opts.block_pattern)
         if b is not None:
             in_block.setdefault(b, []).append(j)
     for b, idx in in_block.items():  # a block whose layers are all flat: factor 1.0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._progress import progress_bar
+from .errors import STATUS_OK
 
 __all__ = ["plot_esd", "plot_alpha_overview", "plot_analysis", "esd_filename"]
 
@@ -85,7 +86,7 @@ class _ESDFigure:
         pos = e[e > 0]
         if pos.size == 0:
             raise ValueError(f"layer {name!r}: no positive eigenvalue to plot")
-        fitted = status == "ok" and math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and alpha > 1
+        fitted = status == STATUS_OK and math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and alpha > 1
 
         lo, hi = pos[0], pos[-1]
         if hi <= lo:
@@ -149,7 +150,7 @@ def plot_esd(
     xmin: float,
     name: str = "",
     D: float | None = None,
-    status: str = "ok",
+    status: str = STATUS_OK,
     path: str | os.PathLike | None = None,
     bins: int = 100,
 ):
@@ -194,7 +195,7 @@ def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, 
     fig = _figure(max(8.0, min(0.22 * n + 2, 40.0)), 4.8)
     ax = fig.subplots()
     alpha = np.asarray(details["alpha"], dtype=np.float64)
-    ok = np.asarray(details["status"] == "ok") if "status" in details else np.isfinite(alpha)
+    ok = np.asarray(details["status"] == STATUS_OK) if "status" in details else np.isfinite(alpha)
     kinds = list(details["type"]) if "type" in details else ["matrix"] * n
     colors = [_TYPE_COLORS.get(k, "tab:gray") for k in kinds]
     x = np.arange(n)

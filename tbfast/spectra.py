@@ -24,7 +24,7 @@ from ._transfer import to_device
 from .errors import NoLayersError, NonFiniteWeightsError
 from .layers import Layer
 from .ops.eig import eigvalsh_batched
-from .options import ESD_METHODS, ESDOptions, LayerOptions, either
+from .options import ESD_METHODS, ESDOptions, LayerOptions, either, split_options
 from .sources import build_layers
 
 __all__ = ["Spectra", "esd", "layer_spectra", "esd_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
@@ -86,12 +86,12 @@ class Spectra:
 def esd_layers(source: Any, options: LayerOptions | None = None, **layer_options: Any) -> list[Layer]:
     """Layers from a model, a list of `Layer`, a checkpoint path, or raw matrices (a tensor, a
     sequence or a mapping of tensors): `tbfast.sources.build_layers` with ``mapping="matrices"``.
-    ``layer_options`` are `LayerOptions` fields (on top of ``options``)."""
-    if options is None:
-        options = LayerOptions(**layer_options)
-    elif layer_options:
-        options = dataclasses.replace(options, **layer_options)
-    return build_layers(source, options, mapping="matrices")
+    ``layer_options`` are `LayerOptions` fields (on top of ``options``; another keyword is a
+    TypeError naming `tbfast.esd`)."""
+    if layer_options:
+        base = {} if options is None else {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        options = split_options({**base, **layer_options}, allowed=(LayerOptions,), where="tbfast.esd")[LayerOptions]
+    return build_layers(source, options or LayerOptions(), mapping="matrices")
 
 
 def _layer_bytes(L: Layer, elem: int) -> int:

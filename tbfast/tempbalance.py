@@ -21,7 +21,6 @@ protocol.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence, Union
@@ -31,9 +30,11 @@ from torch import nn
 
 from . import _untuned_lr as _lr
 from .background import AsyncESD
+from .errors import STATUS_OK
+from .layers import BLOCK_PATTERN, block_index
+# module functions named like the methods that call them
 from .param_layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
 from .plan import check_rows, plan_schedule, select_rows, table_column
-from .schedule import BLOCK_PATTERN, block_of
 from .tempbalance_options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, TempBalanceOptions,
                                   add_option_attributes, pick_fit_backend)
 
@@ -153,27 +154,19 @@ class TempBalance:
         """
         if self.metrics_fn is not None:
             return self.metrics_fn(self.net)
-        from .pipeline import layer_metrics
+        from .distributed import active_group, model_layers, run as run_on_group
+        from .pipeline import run
 
-        fit = "goodness-of-fit" if self.pl_fitting == "ks" else self.pl_fitting
-        from .distributed import active_group, layer_metrics as distributed_layer_metrics
-
+        esd, fit = self.options.esd_options(), self.options.fit_options()
         group = active_group(self.process_group)
-        if group is not None:
+        with torch.no_grad():
+            if group is None:
+                return run(self.analysed_layers() if layers is None else layers, esd, fit).metrics
             if layers is not None:
                 raise ValueError(_ASYNC_ON_GROUP)
             # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
-            layer_metrics = functools.partial(distributed_layer_metrics, group=group,
-                                              types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
-            source: Any = self.net
-        else:
-            source = self.analysed_layers() if layers is None else layers
-        with torch.no_grad():
-            return layer_metrics(
-                source, fit=fit, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
-                evals_thresh=self.EVALS_THRESH, bins=self.bins, xmin_bound=self.xmin_bound,
-                method=self.method, dtype=self.dtype, fit_backend=self.fit_backend,
-            )
+            mine = model_layers(self.net, group, types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
+            return run_on_group(mine, esd, fit, group=group).metrics
 
     def analysed_layers(self) -> list:
         """The `Layer` records TempBalance analyses: nn.Linear and nn.Conv2d, module order."""
@@ -241,7 +234,7 @@ class TempBalance:
         if missing:
             raise ValueError(f"ESD table names layers that are not modules of the model: {missing[:5]}")
         rows = select_rows(self._column(table, "num_evals"), self.options)
-        status = list(getattr(table, "status", ["ok"] * len(names)))
+        status = list(getattr(table, "status", [STATUS_OK] * len(names)))
         all_scores = self._column(table, self.esd_metric_for_tb)
         check_rows(names, all_scores, status, rows, self.esd_metric_for_tb)
         flat = self._flat(table, rows)
@@ -432,7 +425,7 @@ class TempBalance:
         lr_ratio = getattr(self, "_layer_ratio", {})
         return pd.DataFrame({
             "name": names,
-            "block": [block_of(n, self.block_pattern) for n in names],
+            "block": [block_index(n, self.block_pattern) for n in names],
             self.esd_metric_for_tb: score,
             "tuned": [n in lr_ratio for n in names],
             "lr_factor": [lr_ratio.get(n, 1.0) for n in names],

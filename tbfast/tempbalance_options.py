@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .layers import BLOCK_PATTERN
+from .options import ESDOptions, FitOptions, either
 from .schedule import ASSIGN_FUNCS, assign_lrs
 
 __all__ = ["TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS", "GRANULARITIES", "BALANCE", "FLAT_POLICIES",
@@ -37,9 +38,7 @@ ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")
 
 def pick_fit_backend(fit_backend: Optional[str], backend: Optional[str]) -> str:
     """The fit backend from the canonical ``fit_backend`` or its documented alias ``backend`` (not both)."""
-    if fit_backend is not None and backend is not None:
-        raise TypeError("TempBalance: pass fit_backend or its alias backend, not both")
-    chosen = fit_backend if fit_backend is not None else backend
+    chosen = either("fit_backend", fit_backend, "backend", backend, where="TempBalance")
     return "auto" if chosen is None else chosen
 
 
@@ -168,6 +167,16 @@ class TempBalanceOptions:
     def replace(self, **changes: Any) -> "TempBalanceOptions":
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
+
+    def esd_options(self) -> ESDOptions:
+        """How the ESD is computed (`tbfast.options.ESDOptions`)."""
+        return ESDOptions(method=self.method, dtype=self.dtype)
+
+    def fit_options(self) -> FitOptions:
+        """The power-law fit (`tbfast.options.FitOptions`; validated when the ESD runs)."""
+        return FitOptions(fit=self.pl_fitting, xmin_pos=self.xmin_pos, filter_zeros=self.filter_zeros,
+                          evals_thresh=self.EVALS_THRESH, bins=self.bins, xmin_bound=self.xmin_bound,
+                          fit_backend=self.fit_backend)
 
 
 #: names of the option fields, in declaration order

@@ -102,7 +102,7 @@ def test_fit_backend_and_its_alias():
     assert TempBalance(net(), backend="torch").fit_backend == "torch"
     tb = TempBalance(net(), fit_backend="cpp")
     assert tb.backend == "cpp" and tb.options.fit_backend == "cpp"
-    with pytest.raises(TypeError, match="pass fit_backend or its alias backend, not both"):
+    with pytest.raises(TypeError, match="TempBalance: pass either fit_backend= or its alias backend=, not both"):
         TempBalance(net(), fit_backend="cpp", backend="torch")
     # the option reaches the fit: an unknown backend is rejected by the pipeline
     with pytest.raises(ValueError, match="unknown fit backend 'nope'"):

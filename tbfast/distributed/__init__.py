@@ -29,10 +29,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .pipeline import layer_metrics, run
+from .pipeline import layer_metrics, model_layers, run
 from .planning import EIG_FLOP_WEIGHT, layer_cost, plan, plan_loads
 
-__all__ = ["active_group", "layer_cost", "plan", "plan_loads", "run", "layer_metrics", "is_main_process",
+__all__ = ["active_group", "layer_cost", "plan", "plan_loads", "run", "layer_metrics", "model_layers", "is_main_process",
            "init_from_env", "EIG_FLOP_WEIGHT"]
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..layers import Layer
+from ..layers.core import as_matrices
 from .gather import check_same_layers, sync_error
 from .planning import layer_cost, plan
 
@@ -102,13 +103,7 @@ def materialise(layers: list[Layer], owner: list[int], group: Any, stats: dict) 
 
 
 def _full_layer(layer: Layer, full: torch.Tensor) -> Layer:
-    if layer.kind in ("Conv1d", "Conv2d"):
-        def loader(full=full):
-            return full.reshape(full.shape[0], full.shape[1], -1).permute(2, 0, 1)
-    else:
-        def loader(full=full):
-            return full.unsqueeze(0)
-    return dataclasses.replace(layer, loader=loader)
+    return dataclasses.replace(layer, loader=lambda: as_matrices(full))
 
 
 # ---------------------------------------------------------------------------------------------- FSDP1

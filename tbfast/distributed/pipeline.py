@@ -23,7 +23,7 @@ from .fsdp import fsdp1_layers, fsdp1_units, materialise
 from .gather import ROW, encode_rows, gather_rows, gather_spectra, metrics_from_rows
 from .planning import layer_cost, plan
 
-__all__ = ["run", "layer_metrics"]
+__all__ = ["run", "layer_metrics", "model_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,14 @@ def layer_metrics(source: Any, *, group: Any, on_invalid: str = "raise", costs: 
     ``group``; the same keyword options."""
     check_on_invalid(on_invalid)
     opts, layer_options = take_options(options, where="tbfast.distributed.layer_metrics")
-    if fsdp1_units(source):
-        layers = fsdp1_layers(source, group, costs, **layer_options)
-    else:
-        layers = esd_layers(source, **layer_options)
+    layers = model_layers(source, group, costs, **layer_options)
     return run(layers, opts[ESDOptions], opts[FitOptions], group=group, costs=costs, on_invalid=on_invalid).metrics
+
+
+def model_layers(source: Any, group: Any, costs: Optional[dict[int, float]] = None, **layer_options: Any) -> list[Layer]:
+    """The layers of ``source`` for a run over ``group``: an FSDP1-wrapped model's flat
+    parameters are gathered per layer on the owner (`fsdp.fsdp1_layers`); any other source as
+    `tbfast.esd` reads it."""
+    if fsdp1_units(source):
+        return fsdp1_layers(source, group, costs, **layer_options)
+    return esd_layers(source, **layer_options)
