@@ -145,7 +145,7 @@ class TempBalance:
         """``layer name -> value`` of one column of the latest ESD table (empty before the first ESD)."""
         if self.metrics is None:
             return OrderedDict()
-        return OrderedDict(zip(self.metrics.names, (float(v) for v in self._column(self.metrics, column))))
+        return OrderedDict(zip(self.metrics.names, (float(v) for v in table_column(self.metrics, column))))
 
     def compute_metrics(self, layers: Optional[list] = None) -> Any:
         """ESD table of every analysed layer (nn.Conv2d and nn.Linear, module order). The model is not changed.
@@ -219,8 +219,6 @@ class TempBalance:
         logger.debug("TempBalance: background ESD of step %d in use at step %d", step, self.step_count)
         return True
 
-    _column = staticmethod(table_column)  # an ESD table column as float64 numpy
-
     def update(self, table: Any = None) -> "OrderedDict[str, float]":
         """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key (`tbfast.plan`).
 
@@ -233,9 +231,9 @@ class TempBalance:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"ESD table names layers that are not modules of the model: {missing[:5]}")
-        rows = select_rows(self._column(table, "num_evals"), self.options)
+        rows = select_rows(table_column(table, "num_evals"), self.options)
         status = list(getattr(table, "status", [STATUS_OK] * len(names)))
-        all_scores = self._column(table, self.esd_metric_for_tb)
+        all_scores = table_column(table, self.esd_metric_for_tb)
         check_rows(names, all_scores, status, rows, self.esd_metric_for_tb)
         flat = self._flat(table, rows)
         plan = plan_schedule([names[i] for i in rows], all_scores[rows], flat, self.options)
@@ -257,7 +255,7 @@ class TempBalance:
         if self.esd_metric_for_tb not in ALPHA_SCORES:
             return [False] * len(rows)
         try:
-            alpha = self._column(table, "alpha")
+            alpha = table_column(table, "alpha")
         except KeyError:  # a metrics_fn table without alpha
             return [False] * len(rows)
         flat = flat_tail(alpha[rows]).tolist()
@@ -421,7 +419,7 @@ class TempBalance:
         if self.metrics is None:
             raise RuntimeError("TempBalance: no ESD computed yet")
         names = list(self.metrics.names)
-        score = self._column(self.metrics, self.esd_metric_for_tb)
+        score = table_column(self.metrics, self.esd_metric_for_tb)
         lr_ratio = getattr(self, "_layer_ratio", {})
         return pd.DataFrame({
             "name": names,

@@ -267,7 +267,7 @@ def test_hf_trainer_reduce_lr_on_plateau(tmp_path):
 
     class Check(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kw):
-            alpha = dict(zip(tb.metrics.names, tb._column(tb.metrics, "alpha")))
+            alpha = dict(tb.layer_values("alpha"))
             tuned = [alpha[n] for n in tb.tuned_layers]
             lo, hi = min(tuned), max(tuned)
             for g in optimizer.param_groups:
