@@ -69,7 +69,8 @@ def abi_mismatch(module: Any) -> str | None:
         abi = json.loads(module.build_info()).get("abi")
     except Exception as exc:  # no build_info, or not JSON: an extension from another checkout
         abi = None
-        detail = f" (build_info() failed: {type(exc).__name__}: {exc})"
+        why = " ".join(str(exc).split())  # keep the message on one line
+        detail = f" (build_info() failed: {type(exc).__name__}: {why})"
     else:
         detail = ""
     if abi == EXTENSION_ABI:
