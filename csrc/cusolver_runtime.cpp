@@ -9,10 +9,11 @@
 //              c10::Stream::native_handle()); no CUDA header and no call into Python;
 //   * device:  c10::DeviceGuard makes G's device current while handles are created and used.
 //
-// Ops (tbfast/ops/eig.py defines the tensor op's schema and fake kernel; the rest are below):
+// Op (tbfast/ops/eig.py defines its schema and fake kernel):
 //   tbfast::cusolver_eigvalsh(G, workspace_limit) -> (w, info)   the raw batched solver (CUDA)
-//   tbfast::cusolver_load(path) -> error ("" on success)         path "" tries the usual sonames
-//   tbfast::cusolver_status() -> (loaded, path, version, last_error)
+// Plain functions (cusolver_runtime.h; module.cpp exposes them as tbfast._C.cusolver_load/_status):
+//   cusolver_load(path) -> error ("" on success)                  path "" tries the usual sonames
+//   cusolver_status() -> (loaded, path, version, last_error)
 // Test-only ops, namespace tbfast_testing (tests/test_cuda.py, scripts/device_check.sh):
 //   cusolver_eigvalsh_host(G, workspace_limit) -> (w, info)      CPU tensors, host test double only
 //   cusolver_syev_batched_workspace(n, batch, dtype, device) -> (device_bytes, host_bytes)
@@ -40,6 +41,7 @@
 #include <vector>
 
 #include "cusolver_api.h"
+#include "cusolver_runtime.h"
 
 namespace tbfast {
 namespace {
@@ -156,7 +158,7 @@ Library& loaded_library() {
   TORCH_CHECK(why.empty(),
               "tbfast: cuSOLVER is not loaded (", why,
               "). Load it first with tbfast.ops.cusolver.cusolver_status(), which searches the nvidia "
-              "pip packages and LD_LIBRARY_PATH, or torch.ops.tbfast.cusolver_load(path).");
+              "pip packages and LD_LIBRARY_PATH, or tbfast._C.cusolver_load(path).");
   return lib;
 }
 
@@ -396,21 +398,17 @@ std::tuple<int64_t, int64_t> workspace_op(int64_t n, int64_t batch, at::ScalarTy
   return {std::get<1>(plan), std::get<2>(plan)};
 }
 
-std::string load_op(std::string path) { return load_library(path); }
+}  // namespace
 
-std::tuple<bool, std::string, int64_t, std::string> status_op() {
+std::string cusolver_load(const std::string& path) { return load_library(path); }
+
+CusolverStatus cusolver_status() {
   Library& lib = library();
   std::lock_guard<std::mutex> lock(lib.mu);
   return {lib.dl != nullptr, lib.path, static_cast<int64_t>(lib.version), lib.last_error};
 }
 
-}  // namespace
 }  // namespace tbfast
-
-TORCH_LIBRARY_FRAGMENT(tbfast, m) {
-  m.def("cusolver_load(str path) -> str", &tbfast::load_op);
-  m.def("cusolver_status() -> (bool, str, int, str)", &tbfast::status_op);
-}
 
 // The schema of tbfast::cusolver_eigvalsh (and its fake kernel) is defined in tbfast/ops/eig.py.
 TORCH_LIBRARY_IMPL(tbfast, CUDA, m) {

@@ -1,14 +1,22 @@
-// Python module init for tbfast._C and its two plain info functions (build_info, lapack_info).
+// Python module init for tbfast._C and its plain (non-op) functions: build_info, lapack_info,
+// cusolver_load, cusolver_status.
 //
 // Importing tbfast._C loads this shared library; the ops themselves register through
 // TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL static initialisers in the other csrc files.
+#define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include <string>
 
+#include "cusolver_runtime.h"
 #include "tbfast_parallel.h"
+
+// The ABI of tbfast._C: which op schemas and plain functions it defines. tbfast/_backend.py
+// refuses to load an extension whose build_info() "abi" differs from its EXTENSION_ABI.
+// Bump both whenever a schema, a kernel registration or a plain function changes.
+#define TBFAST_ABI 2
 
 #ifndef TBFAST_TORCH_VERSION
 #define TBFAST_TORCH_VERSION "unknown"
@@ -36,7 +44,7 @@ namespace {
 // preprocessor, so nothing is formatted at run time. (Formatting numbers with
 // std::ostringstream here segfaulted on the GPU machine, torch 2.11+cu130 with its /opt/gcc g++.)
 const char* build_info() {
-  return "{\"torch_version\": \"" TBFAST_TORCH_VERSION "\"" TBFAST_OPENMP_JSON
+  return "{\"abi\": " TBFAST_STR(TBFAST_ABI) ", \"torch_version\": \"" TBFAST_TORCH_VERSION "\"" TBFAST_OPENMP_JSON
          ", \"compiler\": \"" TBFAST_COMPILER "\", \"cplusplus\": \"" TBFAST_STR(__cplusplus) "\"}";
 }
 
@@ -57,9 +65,43 @@ PyObject* py_lapack_info(PyObject*, PyObject*) {
   return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
 }
 
+// cusolver_load(path: str) -> str: "" when libcusolver is (already) loaded, else why not.
+PyObject* py_cusolver_load(PyObject*, PyObject* args) {
+  const char* path = nullptr;
+  if (!PyArg_ParseTuple(args, "s:cusolver_load", &path)) return nullptr;
+  const std::string p(path);
+  std::string err;
+  std::string failure;
+  Py_BEGIN_ALLOW_THREADS  // dlopen may take a while; the library state has its own mutex
+  try {
+    err = tbfast::cusolver_load(p);
+  } catch (const std::exception& e) {
+    failure = e.what();
+    if (failure.empty()) failure = "cusolver_load failed";
+  }
+  Py_END_ALLOW_THREADS
+  if (!failure.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, failure.c_str());
+    return nullptr;
+  }
+  return PyUnicode_FromStringAndSize(err.data(), static_cast<Py_ssize_t>(err.size()));
+}
+
+// cusolver_status() -> (loaded: bool, path: str, version: int, last_error: str).
+PyObject* py_cusolver_status(PyObject*, PyObject*) {
+  const tbfast::CusolverStatus st = tbfast::cusolver_status();
+  return Py_BuildValue("(Os#Ls#)", st.loaded ? Py_True : Py_False, st.path.data(),
+                       static_cast<Py_ssize_t>(st.path.size()), static_cast<long long>(st.version),
+                       st.last_error.data(), static_cast<Py_ssize_t>(st.last_error.size()));
+}
+
 PyMethodDef tbfast_c_methods[] = {
     {"build_info", py_build_info, METH_NOARGS, "JSON: how this extension was built"},
     {"lapack_info", py_lapack_info, METH_NOARGS, "JSON: where the LAPACK ?syevd symbols come from"},
+    {"cusolver_load", py_cusolver_load, METH_VARARGS,
+     "cusolver_load(path) -> str: dlopen libcusolver (\"\" tries the usual sonames); \"\" on success, else why not"},
+    {"cusolver_status", py_cusolver_status, METH_NOARGS,
+     "cusolver_status() -> (loaded, path, version, last_error) of the libcusolver this process holds"},
     {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef tbfast_c_module = {

@@ -13,8 +13,10 @@ import torch
 
 from . import _backend
 from .ops import eig as eig_op
+from .ops import fit as fit_op
 
-OP_NAMES = ("eigvalsh_batched", "hill_fit", "ks_scan", "cusolver_eigvalsh")
+#: Every op in namespace ``tbfast``, as the op modules define them.
+OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES)
 
 
 def _triton_info() -> dict[str, Any]:

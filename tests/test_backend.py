@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,3 +160,71 @@ def test_backend_info_runs_no_cuda_work(monkeypatch):
     assert info["devices"]["cuda"] is True and info["devices"]["cuda_name"] is None
     assert "not initialised" in info["devices"]["cuda_name_note"]
     assert "cuda" in info["active"]
+
+
+# ------------------------------------------------------------------------------ extension ABI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _abi_in_source() -> int:
+    """TBFAST_ABI as csrc/module.cpp defines it (the number the build stamps into build_info)."""
+    with open(os.path.join(ROOT, "csrc", "module.cpp"), encoding="utf-8") as f:
+        return int(re.search(r"^#define TBFAST_ABI (\d+)$", f.read(), re.M).group(1))
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason="tbfast._C extension not built")
+def test_built_extension_reports_the_source_abi():
+    abi = _abi_in_source()
+    assert _backend.EXTENSION_ABI == abi
+    assert tbfast.backend_info()["extension"]["build"]["abi"] == abi
+
+
+_STALE_SCRIPT = """
+import json, sys, types
+stale = types.ModuleType("tbfast._C")  # stands in for a _C built from an older checkout
+stale.__file__ = "/old/checkout/tbfast/_C.so"
+stale.build_info = lambda: {build_info!r}
+sys.modules["tbfast._C"] = stale
+errors = []
+for _ in range(2):  # the refusal sticks: a second import fails the same way
+    try:
+        import tbfast
+        errors.append(None)
+    except ImportError as exc:
+        errors.append(str(exc))
+    for name in [m for m in sys.modules if m.startswith("tbfast") and m != "tbfast._C"]:
+        del sys.modules[name]
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.parametrize("build_info, found", [
+    ('{"torch_version": "2.13.0", "openmp": true}', "no ABI number"),  # before ABI stamping
+    ('{"abi": 1, "torch_version": "2.13.0"}', "ABI 1"),
+])
+def test_stale_extension_is_a_one_line_import_error(build_info, found):
+    script = _STALE_SCRIPT.format(build_info=build_info)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    errors = json.loads(res.stdout.strip().splitlines()[-1])
+    want = (f"stale tbfast._C extension /old/checkout/tbfast/_C.so: it has {found}, this tbfast needs ABI "
+            f"{_abi_in_source()}; rebuild it with `pip install --no-build-isolation -e .` or "
+            "`python setup.py build_ext --inplace`")
+    assert errors == [want, want]
+
+
+@pytest.mark.skipif(not EXT_BUILT, reason="tbfast._C extension not built")
+def test_namespace_holds_only_tensor_ops_and_loader_is_plain():
+    """Every torch op in namespace tbfast takes tensors (each has opcheck tests in test_ops*.py);
+    the cuSOLVER loader is two plain functions of tbfast._C."""
+    ops = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("tbfast::")}
+    assert ops == {"tbfast::eigvalsh_batched", "tbfast::cusolver_eigvalsh", "tbfast::hill_fit", "tbfast::ks_scan"}
+    assert ops == {f"tbfast::{n}" for n in _info.OP_NAMES}
+    ext = _backend.extension_module()
+    loaded, path, version, last_error = ext.cusolver_status()
+    assert isinstance(loaded, bool) and isinstance(path, str) and isinstance(version, int)
+    assert isinstance(last_error, str)
+    with pytest.raises(TypeError):
+        ext.cusolver_load(3)

@@ -25,7 +25,8 @@ from tbfast.ops import eig as eig_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-needs_ops = pytest.mark.skipif(not _backend.has_op("cusolver_load"), reason="tbfast._C with the cuSOLVER ops is not built")
+needs_ops = pytest.mark.skipif(_backend.extension_function("cusolver_load") is None,
+                               reason="tbfast._C with the cuSOLVER loader is not built")
 
 
 def solve_cusolver(G: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -116,7 +117,7 @@ def test_version_mismatch_names_both_versions():
 
 
 class FakeLoaderOps:
-    """Stands in for torch.ops.tbfast's cusolver_load / cusolver_status (no library, no GPU)."""
+    """Stands in for tbfast._C's cusolver_load / cusolver_status (no library, no GPU)."""
 
     def __init__(self, version: int):
         self.version, self.loaded, self.calls = version, "", []
@@ -242,7 +243,7 @@ def test_loader_failure_paths_in_subprocess(tmp_path):
     new = _compile_fake(tmp_path, "libcusolver_new", with_syev=True, version=12001)
     script = textwrap.dedent(f"""
         import json, torch, tbfast._C
-        ops = torch.ops.tbfast
+        ops = tbfast._C
         out = {{"before": list(ops.cusolver_status())}}
         out["missing"] = ops.cusolver_load({str(tmp_path / 'nope' / 'libcusolver.so.12')!r})
         out["not_a_lib"] = ops.cusolver_load({str(not_a_lib)!r})
@@ -389,7 +390,7 @@ def test_op_indexing_chunking_and_stream_with_host_test_double(tmp_path):
     script = textwrap.dedent(f"""
         import ctypes, json, math, torch, tbfast._C
         from tbfast.ops import eig as eig_ops
-        assert torch.ops.tbfast.cusolver_load({str(lib)!r}) == ""
+        assert tbfast._C.cusolver_load({str(lib)!r}) == ""
         ops = torch.ops.tbfast_testing
         fake = ctypes.CDLL({str(lib)!r})
         fake.fake_max_batch.restype = ctypes.c_longlong

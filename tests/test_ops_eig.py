@@ -14,6 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tbfast import _backend
+from tbfast.errors import BackendUnavailableError
 from tbfast.ops import eig as eig_ops
 
 EXT_BUILT = _backend.has_op("eigvalsh_batched")
@@ -177,7 +178,7 @@ def test_entry_rejects_bad_input(kwargs, exc, match):
 
 def test_entry_cpp_without_extension_raises(monkeypatch):
     monkeypatch.setattr(_backend, "has_op", lambda name: False)
-    with pytest.raises(RuntimeError, match="extension is not loaded"):
+    with pytest.raises(BackendUnavailableError, match="extension is not loaded"):
         eig_ops.eigvalsh_batched(sym_batch(1, 3, 0), backend="cpp")
 
 

@@ -228,6 +228,7 @@ def _not_loaded(reason: str, tried: list[str] | None = None) -> dict[str, Any]:
 
 
 def _load(ops: Any, cuda_version: str | None) -> dict[str, Any]:
+    """Load the first usable candidate through ``ops`` (tbfast._C: its cusolver_load/_status)."""
     tried: list[str] = []
     reasons: list[str] = []
     for cand in candidates(cuda_version):
@@ -262,13 +263,13 @@ def cusolver_status(refresh: bool = False) -> dict[str, Any]:
     global _status
     with _lock:
         if _status is None or refresh:
-            if not _backend.has_op("cusolver_load"):
+            if _backend.extension_function("cusolver_load") is None:
                 why = ("the tbfast._C extension is not built" if not _backend.extension_loaded()
-                       else "tbfast._C was built without csrc/cusolver_runtime.cpp (no cusolver_load op)")
+                       else "tbfast._C was built without csrc/cusolver_runtime.cpp (no cusolver_load)")
                 _status = _not_loaded(why)
             else:
                 try:
-                    _status = _load(torch.ops.tbfast, torch.version.cuda)
+                    _status = _load(_backend.extension_module(), torch.version.cuda)
                 except Exception as exc:  # a broken library must not break the caller
                     _status = _not_loaded(f"loading libcusolver failed: {exc}")
         out = dict(_status)

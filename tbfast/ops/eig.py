@@ -23,11 +23,12 @@ import math
 import torch
 
 from .. import _backend
+from ..errors import BackendUnavailableError
 from ..kernels.ref import eigvalsh_batched_ref
 from ..options import EIG_BACKENDS
 from . import cusolver
 
-__all__ = ["eigvalsh_batched", "resolve_flagged", "implementations", "registration", "EIG_BACKENDS"]
+__all__ = ["eigvalsh_batched", "resolve_flagged", "implementations", "registration", "EIG_BACKENDS", "OP_NAMES"]
 
 OP = "tbfast::eigvalsh_batched"
 CUSOLVER_OP = "tbfast::cusolver_eigvalsh"
@@ -37,15 +38,16 @@ SCHEMAS = {
     # the raw batched cuSOLVER solver: CUDA kernel in csrc/cusolver_runtime.cpp, none without it
     "cusolver_eigvalsh": "cusolver_eigvalsh(Tensor G, int workspace_limit) -> (Tensor, Tensor)",
 }
+#: The ops this module defines in namespace ``tbfast``.
+OP_NAMES = tuple(SCHEMAS)
 
 
-# The C++ kernels register first (impl before def is legal); a schema already defined (by a
-# tbfast._C built from an older checkout) is kept rather than defined twice, which would abort.
+# The C++ kernels register first (impl before def is legal). An extension from another checkout,
+# which could define these schemas itself, is refused by _backend's ABI check.
 _backend.extension_loaded()
 _lib = torch.library.Library("tbfast", "FRAGMENT")  # kept alive: dropping it unregisters the ops
-for _name, _schema in SCHEMAS.items():
-    if not _backend.schema_defined(f"tbfast::{_name}"):
-        _lib.define(_schema)
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
 
 
 def _reference_kernel(G: torch.Tensor, workspace_limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +130,11 @@ def resolve_flagged(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor, solver
     A matrix is flagged when ``info != 0`` or its eigenvalues are not all finite. With a
     ``failure_flags`` list the flags (a device bool tensor, True = failed) are appended for the
     caller to check later and ``w`` is returned as is (no host sync). Otherwise flagged matrices
-    are solved again with ``torch.linalg.eigvalsh`` (one host sync); matrices holding NaN/Inf
-    get NaN rows (the caller reports them per layer). A re-solve is logged once per solver.
+    are solved again with ``torch.linalg.eigvalsh`` (one host sync), except flagged matrices
+    holding NaN/Inf, which get NaN rows. A matrix holding NaN/Inf that is not flagged (e.g. a NaN
+    on the diagonal can give finite eigenvalues with info 0) keeps its eigenvalues: finding
+    non-finite weights is the caller's job (it checks them per layer). A re-solve is logged once
+    per solver.
     """
     if failure_flags is not None:
         failure_flags.append((info != 0) | ~torch.isfinite(w).all(dim=1))
@@ -168,7 +173,9 @@ def _check(G: torch.Tensor, backend: str, workspace_limit: int) -> None:
 
 
 def _solver(G: torch.Tensor, backend: str) -> str:
-    """The kernel for this call: "cusolver", "cpp" or "torch" (raises if a requested one is missing)."""
+    """The kernel for this call: "cusolver", "cpp" or "torch".
+
+    Raises BackendUnavailableError when an explicitly requested one is missing."""
     if backend == "torch":
         return "torch"
     if G.is_cuda:
@@ -177,7 +184,7 @@ def _solver(G: torch.Tensor, backend: str) -> str:
         st = cusolver.cusolver_status()
         if backend == "cusolver":
             if not st["loaded"]:
-                raise RuntimeError(f"cuSOLVER batched solver requested but unavailable: {st['reason']}")
+                raise BackendUnavailableError(f"cuSOLVER batched solver requested but unavailable: {st['reason']}")
             return "cusolver"
         if not st["loaded"]:
             _backend.log_fallback_once("cusolver-missing",
@@ -187,7 +194,7 @@ def _solver(G: torch.Tensor, backend: str) -> str:
     if backend in ("auto", "cpp") and _backend.has_op("eigvalsh_batched"):
         return "cpp"
     if backend == "cpp":
-        raise RuntimeError("C++ eigensolver requested but the tbfast._C extension is not loaded")
+        raise BackendUnavailableError("C++ eigensolver requested but the tbfast._C extension is not loaded")
     _backend.log_fallback_once("eig-cpu-torch", "C++ extension not loaded: CPU eigenvalues use torch.linalg.eigvalsh")
     return "torch"
 

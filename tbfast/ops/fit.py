@@ -24,6 +24,7 @@ Where each part lives:
 - CPU kernel: C++ when ``tbfast._C`` loads, else the torch reference (`tbfast.kernels.ref`).
 - CUDA kernel: Triton (`tbfast.kernels.triton_fit`) when triton is usable, else the torch
   reference; chosen on the first CUDA call.
+- Other devices: the torch reference (CompositeExplicitAutograd; CPU and CUDA keep the above).
 - Fake kernel: output shapes and dtypes only, for FakeTensor / torch.compile.
 - Autograd: not differentiable. The Autograd key falls through, so outputs never require grad
   (no gradient is ever silently wrong or zero).
@@ -41,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from .. import _backend
+from ..errors import BackendUnavailableError
 from ..kernels import ref
 from ..options import FIT_BACKENDS
 
@@ -58,14 +60,13 @@ FitOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------- registration
 
 # Load the extension first: its CPU kernels then meet the schemas defined below. (An extension
-# built before the schemas moved here defines them itself; those are the same, so keep them.)
+# from another checkout, which could define schemas itself, is refused by _backend's ABI check.)
 _CPP_LOADED = _backend.extension_loaded()
 _lib = torch.library.Library("tbfast", "FRAGMENT")
 
 
 for _name in OP_NAMES:
-    if not _backend.schema_defined(f"tbfast::{_name}"):
-        _lib.define(_SCHEMAS[_name])
+    _lib.define(_SCHEMAS[_name])
 
 
 def _has_cpp_kernel(name: str) -> bool:
@@ -122,6 +123,7 @@ for _name, _fake_kernel in (("hill_fit", _hill_fit_fake), ("ks_scan", _ks_scan_f
     if not _CPP:
         torch.library.register_kernel(_qualname, "cpu", _cpu_reference(_name), lib=_lib)
     torch.library.register_kernel(_qualname, "cuda", _cuda_kernel(_name), lib=_lib)
+    _lib.impl(_name, _REFS[_name], "CompositeExplicitAutograd")  # other devices: the torch reference
     torch.library.register_fake(_qualname, _fake_kernel, lib=_lib)
     _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
@@ -134,7 +136,7 @@ def _auto() -> tuple[Callable[..., FitOut], Callable[..., FitOut]]:
 
 def _cpp() -> tuple[Callable[..., FitOut], Callable[..., FitOut]]:
     if not _CPP:
-        raise RuntimeError("C++ fit kernels requested but the tbfast._C extension is not loaded")
+        raise BackendUnavailableError("C++ fit kernels requested but the tbfast._C extension is not loaded")
     return torch.ops.tbfast.hill_fit, torch.ops.tbfast.ks_scan
 
 
@@ -170,8 +172,8 @@ def fit_kernels(values: torch.Tensor, backend: str = "auto"
                 ) -> tuple[Callable[..., FitOut], Callable[..., FitOut]]:
     """``(hill_fit, ks_scan)`` callables of ``backend`` for ``values`` (see the module doc).
 
-    Raises ValueError for an unknown name or ``"cpp"`` on non-CPU tensors, RuntimeError for
-    ``"cpp"`` without the extension."""
+    Raises ValueError for an unknown name or ``"cpp"`` on non-CPU tensors, BackendUnavailableError
+    (a RuntimeError) for ``"cpp"`` without the extension."""
     kind = pick_backend(values, backend)
     if kind == "cpp" and values.device.type != "cpu":
         raise ValueError(f"the C++ fit kernels run on CPU tensors; values are on {values.device}")
