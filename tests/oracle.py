@@ -87,3 +87,58 @@ def heavy_tailed(rows: int, cols: int, seed: int, df: float = 3.0, dtype=torch.f
     z = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     chi = torch.randn(rows, cols, int(df), generator=g, dtype=torch.float64).square().sum(-1)
     return (z / torch.sqrt(chi / df) / math.sqrt(cols)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC sections 3-5 as plain float64 loops over Python lists, one candidate at a time (math.fsum
+# for the log sums): the oracles of the fit kernels
+
+INF = math.inf
+
+
+def _ln(v: float) -> float:
+    return math.log(v) if v > 0 else -INF
+
+
+def oracle_alpha(x: list[float], i: int) -> float:
+    n = len(x) - i
+    denom = math.fsum(_ln(v) for v in x[i:]) - n * _ln(x[i])
+    if math.isnan(denom):
+        return math.nan
+    if denom == 0:
+        return INF
+    return 1.0 + n / denom
+
+
+def oracle_D(x: list[float], i: int, alpha: float) -> float:
+    n = len(x) - i
+    if math.isnan(alpha) or x[i] == 0:
+        return math.nan
+    return max(abs(1.0 - (x[i + j] / x[i]) ** (1.0 - alpha) - j / n) for j in range(n))
+
+
+def oracle_hill(x: list[float], xmin_pos: float) -> tuple[float, float, int]:
+    N = len(x)
+    i = int(N / xmin_pos)
+    if N < 2 or i >= N:
+        return math.nan, math.nan, -1
+    a = oracle_alpha(x, i)
+    return a, oracle_D(x, i, a), i
+
+
+def oracle_ks(x: list[float], lo: float = -INF, hi: float = INF) -> tuple[float, float, int, list[float]]:
+    N = len(x)
+    if N < 2:
+        return math.nan, math.nan, -1, []
+    alphas, Ds = [0.0] * (N - 1), [1.0] * (N - 1)
+    for i in range(N - 1):
+        if x[i] < lo:
+            continue
+        if x[i] > hi:
+            break
+        a = oracle_alpha(x, i)
+        alphas[i] = a
+        if a > 1:
+            Ds[i] = oracle_D(x, i, a)
+    k = min(range(N - 1), key=lambda t: (Ds[t], t))
+    return alphas[k], Ds[k], k, Ds

@@ -14,63 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from oracle import oracle_hill, oracle_ks
 from tbfast import _backend
 
 pytestmark = pytest.mark.skipif(not _backend.has_op("ks_scan"), reason="tbfast._C extension not built")
 
 INF = math.inf
-
-
-# ---------------------------------------------------------------------------------------------
-# Oracles (SPEC sections 3-5, float64, one candidate at a time)
-
-
-def _ln(v: float) -> float:
-    return math.log(v) if v > 0 else -INF
-
-
-def oracle_alpha(x: list[float], i: int) -> float:
-    n = len(x) - i
-    denom = math.fsum(_ln(v) for v in x[i:]) - n * _ln(x[i])
-    if math.isnan(denom):
-        return math.nan
-    if denom == 0:
-        return INF
-    return 1.0 + n / denom
-
-
-def oracle_D(x: list[float], i: int, alpha: float) -> float:
-    n = len(x) - i
-    if math.isnan(alpha) or x[i] == 0:
-        return math.nan
-    return max(abs(1.0 - (x[i + j] / x[i]) ** (1.0 - alpha) - j / n) for j in range(n))
-
-
-def oracle_hill(x: list[float], xmin_pos: float) -> tuple[float, float, int]:
-    N = len(x)
-    i = int(N / xmin_pos)
-    if N < 2 or i >= N:
-        return math.nan, math.nan, -1
-    a = oracle_alpha(x, i)
-    return a, oracle_D(x, i, a), i
-
-
-def oracle_ks(x: list[float], lo: float = -INF, hi: float = INF) -> tuple[float, float, int, list[float]]:
-    N = len(x)
-    if N < 2:
-        return math.nan, math.nan, -1, []
-    alphas, Ds = [0.0] * (N - 1), [1.0] * (N - 1)
-    for i in range(N - 1):
-        if x[i] < lo:
-            continue
-        if x[i] > hi:
-            break
-        a = oracle_alpha(x, i)
-        alphas[i] = a
-        if a > 1:
-            Ds[i] = oracle_D(x, i, a)
-    k = min(range(N - 1), key=lambda t: (Ds[t], t))
-    return alphas[k], Ds[k], k, Ds
 
 
 # ---------------------------------------------------------------------------------------------

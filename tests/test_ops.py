@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from oracle import oracle_hill, oracle_ks
 from tbfast import _backend
 from tbfast.kernels import triton_fit_available
 from tbfast.ops import fit
@@ -34,34 +35,9 @@ OPS = ("hill_fit", "ks_scan")
 # ----------------------------------------------------------------------------- oracle (SPEC 3-5)
 
 
-def hill_oracle(x: list[float], xmin_pos: float) -> tuple[float, float, int]:
-    N = len(x)
-    i = int(N / xmin_pos)
-    if N < 2 or i >= N:
-        return math.nan, math.nan, -1
-    a = _alpha(x, i)
-    return a, _d(x, i, a), i
-
-
-def _alpha(x: list[float], i: int) -> float:
-    n = len(x) - i
-    return 1.0 + n / math.fsum(math.log(v / x[i]) for v in x[i:])
-
-
-def _d(x: list[float], i: int, a: float) -> float:
-    n = len(x) - i
-    return max(abs(1.0 - (x[i + j] / x[i]) ** (1.0 - a) - j / n) for j in range(n))
-
-
 def ks_oracle(x: list[float], lo: float, hi: float) -> tuple[float, float, int]:
     """Candidates i = 0..N-2 with lo <= x[i] <= hi; others alpha 0, D 1; first argmin of D."""
-    alphas, ds = [0.0] * (len(x) - 1), [1.0] * (len(x) - 1)
-    for i in range(len(x) - 1):
-        if lo <= x[i] <= hi:
-            alphas[i] = _alpha(x, i)
-            ds[i] = _d(x, i, alphas[i]) if alphas[i] > 1 else 1.0
-    k = min(range(len(ds)), key=lambda t: (ds[t], t))
-    return alphas[k], ds[k], k
+    return oracle_ks(x, lo, hi)[:3]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -101,7 +77,7 @@ def _want(op: str, args: tuple) -> list[tuple[float, float, int]]:
     values, starts, ends = args[:3]
     xs = [values[s:e].double().tolist() for s, e in zip(starts.tolist(), ends.tolist())]
     if op == "hill_fit":
-        return [hill_oracle(x, args[3]) for x in xs]
+        return [oracle_hill(x, args[3]) for x in xs]
     return [ks_oracle(x, float(lo), float(hi)) for x, lo, hi in zip(xs, args[3], args[4])]
 
 
@@ -219,7 +195,7 @@ def test_nan_layer_policy(name, backend):
     nan_layers = {1, 3, 4, 5}
     if name == "hill_fit":
         out = fit.hill_fit(values, starts, ends, 2.0, backend=backend)
-        want = [hill_oracle(x, 2.0) for x in layers]
+        want = [oracle_hill(x, 2.0) for x in layers]
     else:
         lo = torch.full((len(layers),), -INF, dtype=torch.float64)
         out = fit.ks_scan(values, starts, ends, lo, -lo, backend=backend)
@@ -294,7 +270,7 @@ def test_without_extension_cpu_kernel_is_the_torch_reference():
     assert got["cpp_error"] == ["BackendUnavailableError",
                                 "C++ fit kernels requested but the tbfast._C extension is not loaded"]
     x = [0.5, 1.0, 2.0, 4.0, 8.0]
-    a, d, i = hill_oracle(x, 2.0)  # i = 2: alpha = 1 + 3 / (ln 1 + ln 2 + ln 4), D on x[2:]
+    a, d, i = oracle_hill(x, 2.0)  # i = 2: alpha = 1 + 3 / (ln 1 + ln 2 + ln 4), D on x[2:]
     assert got["index"] == [i, -1]
     assert got["alpha"][0] == pytest.approx(a, rel=1e-12) and math.isnan(got["alpha"][1])
     assert got["D"][0] == pytest.approx(d, rel=1e-12) and math.isnan(got["D"][1])
