@@ -136,12 +136,13 @@ def resolve_flagged(G: torch.Tensor, w: torch.Tensor, info: torch.Tensor, solver
     non-finite weights is the caller's job (it checks them per layer). A re-solve is logged once
     per solver.
     """
+    flagged = (info != 0) | ~torch.isfinite(w).all(dim=1)
     if failure_flags is not None:
-        failure_flags.append((info != 0) | ~torch.isfinite(w).all(dim=1))
+        failure_flags.append(flagged)
         return w
-    if not bool(info.any() | ~torch.isfinite(w).all()):  # the one host synchronisation of a call
+    if not bool(flagged.any()):  # the one host synchronisation of a call
         return w
-    bad = torch.nonzero((info != 0) | ~torch.isfinite(w).all(dim=1)).flatten()
+    bad = torch.nonzero(flagged).flatten()
     sub = G[bad]
     finite = torch.isfinite(sub).flatten(1).all(dim=1)
     fixed = torch.full_like(w[bad], math.nan)
