@@ -177,7 +177,7 @@ def fit_kernels(values: torch.Tensor, backend: str = "auto"
     kind = pick_backend(values, backend)
     if kind == "cpp" and values.device.type != "cpu":
         raise ValueError(f"the C++ fit kernels run on CPU tensors; values are on {values.device}")
-    return _BACKENDS[backend if backend == "auto" else kind]()
+    return _BACKENDS[backend]()
 
 
 def hill_fit(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, xmin_pos: float, *,
