@@ -9,7 +9,6 @@ eigenvalues on the compute device (see ARCHITECTURE.md).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import logging
 from collections import defaultdict
@@ -83,15 +82,12 @@ class Spectra:
         return cached
 
 
-def esd_layers(source: Any, options: LayerOptions | None = None, **layer_options: Any) -> list[Layer]:
+def esd_layers(source: Any, **layer_options: Any) -> list[Layer]:
     """Layers from a model, a list of `Layer`, a checkpoint path, or raw matrices (a tensor, a
     sequence or a mapping of tensors): `tbfast.sources.build_layers` with ``mapping="matrices"``.
-    ``layer_options`` are `LayerOptions` fields (on top of ``options``; another keyword is a
-    TypeError naming `tbfast.esd`)."""
-    if layer_options:
-        base = {} if options is None else {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-        options = split_options({**base, **layer_options}, allowed=(LayerOptions,), where="tbfast.esd")[LayerOptions]
-    return build_layers(source, options or LayerOptions(), mapping="matrices")
+    ``layer_options`` are `LayerOptions` fields (another keyword is a TypeError naming `tbfast.esd`)."""
+    options = split_options(layer_options, allowed=(LayerOptions,), where="tbfast.esd")[LayerOptions]
+    return build_layers(source, options, mapping="matrices")
 
 
 def _layer_bytes(L: Layer, elem: int) -> int:
