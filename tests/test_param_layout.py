@@ -1,4 +1,4 @@
-"""tbfast.param_layout: which parameters follow which schedule key, and optimizer groups -> keys.
+"""tbfast.tempbalance.layout: which parameters follow which schedule key, and optimizer groups -> keys.
 
 The expected layouts are written out by hand from the coupling rules of SPEC section 6
 (BatchNorm by name / by order, LayerNorm after its Linear) and the block rule of section 7.
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from tbfast.param_layout import group_keys, optimizer_groups, param_keys, param_layout
-from tbfast.tempbalance_options import TempBalanceOptions
+from tbfast.tempbalance.layout import group_keys, optimizer_groups, param_keys, param_layout
+from tbfast.tempbalance.options import TempBalanceOptions
 
 
 class CNN(nn.Module):

@@ -1,4 +1,4 @@
-"""tbfast.plan: ESD table columns -> schedule factors, against the SPEC 6-7 formulas written here.
+"""tbfast.tempbalance.plan: ESD table columns -> schedule factors, against the SPEC 6-7 formulas written here.
 
 No model, no optimizer: the inputs are plain lists, the expected factors are computed in this
 file with loops and the formulas (linear map, TB_Sigmoid, block means, within-block map,
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tbfast.plan import check_rows, plan_schedule, select_rows, table_column
-from tbfast.tempbalance_options import TempBalanceOptions
+from tbfast.tempbalance.plan import check_rows, plan_schedule, select_rows, table_column
+from tbfast.tempbalance.options import TempBalanceOptions
 
 
 def lin(x, xs, lo=0.5, hi=1.5):

@@ -1,11 +1,11 @@
-"""Assignment functions (tbfast.schedule) against hand-computed values and SPEC 6-7 formulas."""
+"""Assignment functions (tbfast.tempbalance.assign) against hand-computed values and SPEC 6-7 formulas."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tbfast import schedule as S
+from tbfast.tempbalance import assign as S
 
 
 def test_linear_map_hand_values():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tbfast
-from tbfast.tempbalance import TempBalance, Tempbalance
+from tbfast import TempBalance, Tempbalance
 
 
 # ----------------------------------------------------------------------------- models

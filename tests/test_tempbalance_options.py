@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tbfast.tempbalance import TempBalance
-from tbfast.tempbalance_options import TempBalanceOptions
+from tbfast.tempbalance.options import TempBalanceOptions
 
 
 def net():

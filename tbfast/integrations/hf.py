@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..param_layout import param_layout
+from ..tempbalance.layout import param_layout
 from ..tempbalance import TempBalance
 
 try:  # transformers is optional

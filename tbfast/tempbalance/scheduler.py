@@ -14,9 +14,9 @@ a ValueError naming it instead of giving a NaN lr; param groups hold lists of pa
 layer with a flat fitted ESD tail (`tbfast.metrics.flat_tail`) gets a logged warning at every
 ESD and is scheduled on its alpha unless ``flat_policy='untuned'``.
 
-Structure: the options are `tbfast.tempbalance_options.TempBalanceOptions`, the planning (ESD
-table columns -> factors) is `tbfast.plan`, the parameter layout `tbfast.param_layout`, the
-asynchronous ESD `tbfast.background.AsyncESD`; this class holds the state and the optimizer
+Structure: the options are `tbfast.tempbalance.options.TempBalanceOptions`, the planning (ESD
+table columns -> factors) is `tbfast.tempbalance.plan`, the parameter layout `tbfast.tempbalance.layout`, the
+asynchronous ESD `tbfast.tempbalance.background.AsyncESD`; this class holds the state and the optimizer
 protocol.
 """
 from __future__ import annotations
@@ -28,15 +28,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import _untuned_lr as _lr
+from . import lr_frames as _lr
 from .background import AsyncESD
-from .errors import STATUS_OK
-from .layers import BLOCK_PATTERN, block_index
+from ..errors import STATUS_OK
+from ..layers import BLOCK_PATTERN, block_index
 # module functions named like the methods that call them
-from .param_layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
+from .layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
 from .plan import check_rows, plan_schedule, select_rows, table_column
-from .tempbalance_options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, TempBalanceOptions,
-                                  add_option_attributes, pick_fit_backend)
+from .options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, Option, TempBalanceOptions,
+                      pick_fit_backend)
 
 __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 
@@ -48,7 +48,7 @@ _ASYNC_ON_GROUP = ("TempBalance: asynchronous=True is not supported on a process
                    "(the layers are split over the ranks)")
 
 # keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict());
-# the lr bookkeeping keys are documented in tbfast._untuned_lr
+# the lr bookkeeping keys are documented in tbfast.tempbalance.lr_frames
 _WD0 = "tb_initial_weight_decay"
 
 
@@ -59,7 +59,7 @@ class TempBalance:
     ``tau``, ``s``, ``granularity``, ``lr_slope``, ``normalize``, ``balance``, ``start_step``,
     ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
     ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
-    ``asynchronous``, ``process_group``. `tbfast.tempbalance_options.TempBalanceOptions`
+    ``asynchronous``, ``process_group``. `tbfast.tempbalance.options.TempBalanceOptions`
     describes each one.
 
     Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
@@ -68,6 +68,15 @@ class TempBalance:
     After each ESD, ``metrics`` holds the per-layer table of all analysed layers and
     ``layer_lrs`` / ``ratios`` the learning rates that were assigned.
     """
+
+    # every option is an attribute read from self.options (a TempBalanceOptions) and validated when set
+    EVALS_THRESH, bins, conv_norm, pl_fitting, xmin_pos, filter_zeros = Option(), Option(), Option(), Option(), Option(), Option()
+    remove_first_layer, remove_last_layer, eigs_thresh, esd_metric_for_tb, assign_func = Option(), Option(), Option(), Option(), Option()
+    lr_min_ratio, lr_max_ratio, batchnorm, batchnorm_type, layernorm = Option(), Option(), Option(), Option(), Option()
+    tau, s, granularity, lr_slope, normalize, balance, start_step = Option(), Option(), Option(), Option(), Option(), Option(), Option()
+    linear_map_equal, block_pattern, flat_policy = Option(), Option(), Option()
+    xmin_bound, dtype, method, fit_backend, asynchronous, process_group, metrics_fn = Option(), Option(), Option(), Option(), Option(), Option(), Option()
+    backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
 
     def __init__(
         self,
@@ -154,8 +163,8 @@ class TempBalance:
         """
         if self.metrics_fn is not None:
             return self.metrics_fn(self.net)
-        from .distributed import active_group, model_layers, run as run_on_group
-        from .pipeline import run
+        from ..distributed import active_group, model_layers, run as run_on_group
+        from ..pipeline import run
 
         esd, fit = self.options.esd_options(), self.options.fit_options()
         group = active_group(self.process_group)
@@ -170,7 +179,7 @@ class TempBalance:
 
     def analysed_layers(self) -> list:
         """The `Layer` records TempBalance analyses: nn.Linear and nn.Conv2d, module order."""
-        from .layers import find_layers
+        from ..layers import find_layers
 
         return find_layers(self.net, types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
 
@@ -188,7 +197,7 @@ class TempBalance:
             self.update()
             self.schedule_step = self.step_count
             return
-        from .distributed import active_group
+        from ..distributed import active_group
 
         if active_group(self.process_group) is not None:
             raise ValueError(_ASYNC_ON_GROUP)
@@ -205,7 +214,7 @@ class TempBalance:
 
     @property
     def _background(self) -> Any:
-        """The `tbfast.background.BackgroundESD` worker (None until the first asynchronous request)."""
+        """The `tbfast.tempbalance.background.BackgroundESD` worker (None until the first asynchronous request)."""
         return self._async.worker
 
     def _promote(self) -> bool:
@@ -220,7 +229,7 @@ class TempBalance:
         return True
 
     def update(self, table: Any = None) -> "OrderedDict[str, float]":
-        """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key (`tbfast.plan`).
+        """Recompute the ESD (or use ``table``) and the lr ratio of every schedule key (`tbfast.tempbalance.plan`).
 
         Keys are layer names ('layer'), ``"block.<b>"`` ('block'), or both ('layer_in_block').
         Returns ``ratios``; the lr of a key is ``untuned_lr * ratio``.
@@ -250,7 +259,7 @@ class TempBalance:
 
     def _flat(self, table: Any, rows: list[int]) -> list[bool]:
         """Per row: whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
-        from .metrics import FLAT_TAIL_SPREAD, flat_tail
+        from ..metrics import FLAT_TAIL_SPREAD, flat_tail
 
         if self.esd_metric_for_tb not in ALPHA_SCORES:
             return [False] * len(rows)
@@ -272,7 +281,7 @@ class TempBalance:
     # ------------------------------------------------------------------ parameters -> keys
     def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
         """Tuned groups ``(label, key, params)`` in the original's order, and the untuned params
-        (`tbfast.param_layout.param_layout` of the current schedule keys)."""
+        (`tbfast.tempbalance.layout.param_layout` of the current schedule keys)."""
         if not self.ratios:
             raise RuntimeError("TempBalance: no schedule yet; call update() first")
         return param_layout(self.net, self.ratios, self.options)
@@ -310,7 +319,7 @@ class TempBalance:
             for g in out:
                 g["lr"] = untuned_lr
         out.append({"params": untuned, "lr": untuned_lr})
-        # lr bookkeeping (tbfast._untuned_lr): an lr scheduler built on this optimizer captures the
+        # lr bookkeeping (tbfast.tempbalance.lr_frames): an lr scheduler built on this optimizer captures the
         # untuned lr as its initial_lr, so an lr it writes before the first step is an untuned lr
         # (frame 1); a later tb.apply(optimizer) knows the untuned lr
         for g, f in zip(out, factors):
@@ -347,7 +356,7 @@ class TempBalance:
         behaviour). With ``untuned_lr=None`` (call it after any lr scheduler's step) every group's
         lr is ``(the lr the scheduler gives an untuned group) x factor``: tbfast remembers the
         untuned lr and the factor it wrote per group and divides that factor out of whatever the
-        scheduler wrote (see tbfast._untuned_lr), so factors never compound with the schedule.
+        scheduler wrote (see tbfast.tempbalance.lr_frames), so factors never compound with the schedule.
         """
         if self.asynchronous:
             self._promote()
@@ -433,8 +442,6 @@ class TempBalance:
         return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
                 f"metric={self.esd_metric_for_tb!r}, pl_fitting={self.pl_fitting!r}, layers={len(self.tuned_layers)})")
 
-
-add_option_attributes(TempBalance)
 
 #: The original's class name.
 Tempbalance = TempBalance

@@ -14,7 +14,7 @@ from typing import Any, Collection, Iterable, Mapping, Optional
 
 from torch import nn
 
-from .layers import block_index
+from ..layers import block_index
 
 __all__ = ["param_layout", "param_keys", "optimizer_groups", "group_keys", "Layout"]
 

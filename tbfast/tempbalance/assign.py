@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .layers import BLOCK_PATTERN
-from .layers import block_index as block_of  # the schedule's name for the layer core's rule
+from ..layers import BLOCK_PATTERN
+from ..layers import block_index as block_of  # the schedule's name for the layer core's rule
 
 try:  # torch is a dependency of the package, but keep these pure functions importable alone
     import torch

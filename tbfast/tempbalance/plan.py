@@ -2,7 +2,7 @@
 
 Nothing here touches a model or an optimizer. The inputs are the columns of an ESD table
 (layer names, ``num_evals``, the score column, fit statuses, flat-tail flags) and the options
-(a `tbfast.tempbalance_options.TempBalanceOptions`, or anything with the same attributes); the
+(a `tbfast.tempbalance.options.TempBalanceOptions`, or anything with the same attributes); the
 output is a `Plan`: the factor (lr / untuned lr) per schedule key and per analysed layer.
 
 Steps (SPEC sections 6-7):
@@ -10,7 +10,7 @@ Steps (SPEC sections 6-7):
 1. `select_rows`: drop the first / last analysed layer (``remove_first_layer`` /
    ``remove_last_layer``), then every layer with fewer than ``eigs_thresh`` eigenvalues.
 2. `check_rows`: every selected layer needs an "ok" fit status and a finite score.
-3. `plan_schedule`: the assignment function (`tbfast.schedule.assign_lrs`) on the scores at
+3. `plan_schedule`: the assignment function (`tbfast.tempbalance.assign.assign_lrs`) on the scores at
    untuned lr 1, so its output is the factor:
 
    - ``granularity='layer'``: one factor per layer (key = layer name);
@@ -18,7 +18,7 @@ Steps (SPEC sections 6-7):
      every layer of the block gets the block factor;
    - ``'layer_in_block'``: block factors as for 'block', then each layer mapped inside its
      block onto ``[lr_min_ratio, lr_min_ratio + lr_slope]`` times the block factor
-     (`tbfast.schedule.within_block_lrs`); keys = blocks and layers.
+     (`tbfast.tempbalance.assign.within_block_lrs`); keys = blocks and layers.
 
    ``normalize`` rescales the layer (or block) factors to mean 1. With
    ``flat_policy='untuned'``, flat layers are left out of the scores and get factor 1.0 (a
@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import STATUS_OK
-from .layers import block_index
-from .schedule import assign_lrs, block_means, normalize_mean, scores_array, within_block_lrs
+from ..errors import STATUS_OK
+from ..layers import block_index
+from .assign import assign_lrs, block_means, normalize_mean, scores_array, within_block_lrs
 
 __all__ = ["Plan", "table_column", "select_rows", "check_rows", "plan_schedule"]
 

@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .layers import BLOCK_PATTERN
-from .options import ESDOptions, FitOptions, either
-from .schedule import ASSIGN_FUNCS, assign_lrs
+from ..layers import BLOCK_PATTERN
+from ..options import ESDOptions, FitOptions, either
+from .assign import ASSIGN_FUNCS, assign_lrs
 
 __all__ = ["TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS", "GRANULARITIES", "BALANCE", "FLAT_POLICIES",
            "ALPHA_SCORES", "pick_fit_backend",
-           "OPTION_NAMES", "add_option_attributes"]
+           "OPTION_NAMES", "Option"]
 
 PL_FITTINGS = ("median", "goodness-of-fit", "ks", "fix-finger")
 #: ESDMetrics columns a schedule can balance on.
@@ -183,20 +183,25 @@ class TempBalanceOptions:
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TempBalanceOptions))
 
 
-def _option_property(name: str) -> property:
-    def get(self: Any) -> Any:
-        return getattr(self.options, name)
+class Option:
+    """A `TempBalance` attribute backed by ``self.options`` (a `TempBalanceOptions`): reading it reads
+    the option, setting it builds a new options object, validated again. ``Option("fit_backend")``
+    under another name is an alias."""
 
-    def set_(self: Any, value: Any) -> None:
-        self.options = self.options.replace(**{name: value})
+    def __init__(self, field: Optional[str] = None) -> None:
+        self.field = field
 
-    return property(get, set_, doc=f"The ``{name}`` option (`TempBalanceOptions`; setting it validates it).")
+    def __set_name__(self, owner: type, name: str) -> None:
+        if self.field is None:
+            self.field = name
+        if self.field not in OPTION_NAMES:
+            raise TypeError(f"{owner.__name__}.{name}: {self.field!r} is not a TempBalanceOptions field")
+        self.__doc__ = f"The ``{self.field}`` option (`TempBalanceOptions`; setting it validates it)."
 
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.options, self.field)
 
-def add_option_attributes(cls: type) -> type:
-    """Give ``cls`` (holding a `TempBalanceOptions` as ``self.options``) one attribute per option,
-    read from the options and validated when set, plus ``backend``, the alias of ``fit_backend``."""
-    for name in OPTION_NAMES:
-        setattr(cls, name, _option_property(name))
-    cls.backend = _option_property("fit_backend")  # type: ignore[attr-defined]
-    return cls
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.options = obj.options.replace(**{self.field: value})

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .layers import Layer
+from ..layers import Layer
 
 __all__ = ["Snapshot", "BackgroundESD", "AsyncESD", "snapshot_layers"]
 
@@ -229,6 +229,6 @@ class AsyncESD:
         if pending is None:
             self.restored = None
             return
-        from .metrics import ESDMetrics
+        from ..metrics import ESDMetrics
 
         self.restored = (int(pending["step"]), ESDMetrics.from_state(pending["table"]))

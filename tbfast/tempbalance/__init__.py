@@ -1,0 +1,18 @@
+"""The TempBalance scheduler: layer-wise learning rates (and weight decays) from each layer's ESD.
+
+Modules, in import order:
+
+- `assign`: the assignment functions (scores -> lr factors; ``tb_linear_map``, ``tb_sigmoid``, ...), pure;
+- `options`: `TempBalanceOptions`, every option validated once;
+- `plan`: an ESD table's columns -> the factor of every schedule key, pure;
+- `layout`: which parameters follow which schedule key; optimizer groups -> keys;
+- `lr_frames`: the factors on top of any lr scheduler (per-group bookkeeping);
+- `background`: the asynchronous ESD of a weight snapshot;
+- `scheduler`: the `TempBalance` class (state and the optimizer protocol).
+"""
+from __future__ import annotations
+
+from .options import PL_FITTINGS, SCORE_METRICS, TempBalanceOptions
+from .scheduler import TempBalance, Tempbalance
+
+__all__ = ["TempBalance", "Tempbalance", "TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS"]
