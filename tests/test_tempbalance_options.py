@@ -115,7 +115,11 @@ def test_state_dict_format_and_an_old_checkpoint():
     tb.build_optimizer_param_group(0.1)
     state = tb.state_dict()
     assert set(state) == {"schedule_step", "pending_esd", "step_count", "ratios", "scores", "tuned_layers",
-                          "layer_ratio", "granularity"}
+                          "layer_ratio", "granularity", "fingerprint"}
+    # the fingerprint: every analysed layer with its weight shape, and the schedule options
+    assert state["fingerprint"]["layers"] == [[n, list(m.weight.shape)] for n, m in model.named_modules()
+                                              if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert state["fingerprint"]["options"]["lr_max_ratio"] == 1.5
     assert state["pending_esd"] is None and state["granularity"] == "layer"
     # a state written by an earlier tbfast (no schedule_step / pending_esd / layer_ratio keys)
     old = {"step_count": 7, "ratios": {"1": 0.5, "2": 1.5, "3": 1.0}, "scores": {"1": 3.0, "2": 5.0, "3": 4.0},

@@ -1,58 +1,71 @@
 """Untuned-lr bookkeeping inside optimizer param groups, so TempBalance factors sit on top of lr schedulers.
 
-A param group that TempBalance writes carries four keys (they travel with
-``optimizer.state_dict()``, so a resumed run continues exactly):
+A param group that TempBalance writes carries one key, ``"tempbalance"`` (`KEY`), a small dict
+of plain numbers that travels with ``optimizer.state_dict()`` (so a resumed run continues
+exactly) and is removed when TempBalance lets go of the optimizer (`tbfast.tempbalance.binding`):
 
-- ``tb_untuned_lr`` ``U``: the lr this group would have without TempBalance (the scheduler's lr);
-- ``tb_written_lr`` ``W``: the value tbfast last left in ``group['lr']``;
-- ``tb_lr_frame`` ``g``: the factor inside ``W`` (``W == U * g``; 1 when ``W`` is the untuned lr);
-- ``tb_lr_factor`` ``f``: the group's TempBalance factor (the lr the optimizer steps with is ``U * f``);
+- ``untuned`` ``U``: the lr this group would have without TempBalance (the scheduler's lr);
+- ``written`` ``W``: the value tbfast last left in ``group['lr']``;
+- ``frame`` ``g``: the factor inside ``W`` (``W == U * g``; 1 when ``W`` is the untuned lr);
+- ``factor`` ``f``: the group's TempBalance factor (the lr the optimizer steps with is ``U * f``);
+- ``follow``: True after ``tb.apply(optimizer)`` (follow lr schedulers), ``"build"`` in groups
+  fresh from ``build_optimizer_param_group``, False after ``tb.apply(optimizer, untuned_lr)``;
+- ``shared``: True in groups built by ``build_optimizer_param_group`` (they share one untuned lr);
+- ``weight_decay``: the untuned weight decay (``balance='weight_decay'`` / ``'both'`` only).
 
-and ``tb_follow``: True after ``tb.apply(optimizer)`` (follow lr schedulers), "build" in groups
-fresh from ``build_optimizer_param_group``, False after ``tb.apply(optimizer, untuned_lr)``. When ``group['lr']`` differs from ``W``, something else
-(an lr scheduler) wrote it, and the new untuned lr is ``group['lr'] / g``: exact for schedulers
-that multiply the current lr (ExponentialLR, StepLR, ReduceLROnPlateau, ...) and for schedulers
-that compute from the untuned ``initial_lr`` / ``base_lrs`` while ``g == 1``.
+The dict is replaced, never changed in place: ``optimizer.state_dict()`` shares it.
 
-To make ``g == 1`` whenever a torch ``LRScheduler`` steps, two process-wide optimizer hooks run
-around every ``optimizer.step()`` of a group that carries these keys:
-
-- before the step, the group's lr is set to ``U * f`` (so the step always uses the balanced lr,
-  also when nothing re-applied the factors after a scheduler step);
-- after the step, in a following group (and in a "build" group once a torch ``LRScheduler`` is
-  attached to the optimizer), the lr is set back to ``U``, so the scheduler, stepped next,
-  computes from the untuned lr and ``scheduler.get_last_lr()`` is the untuned lr.
-  ``TempBalance.apply`` writes ``U * f`` again.
-
-A scheduler built on groups fresh from ``build_optimizer_param_group`` (``initial_lr`` = the
-untuned lr, ``lr`` balanced) may write either frame before the first step; `frame_build_groups`
-picks it. Groups without these keys (optimizers TempBalance never wrote) are not touched.
+When ``group['lr']`` differs from ``W`` something else (an lr scheduler) wrote it. The new
+untuned lr is ``group['lr'] / g`` (`untuned_lr`): exact for schedulers that multiply the lr
+they find and for schedulers that compute from an untuned base while ``g == 1``. Groups that
+share one untuned lr (`resolve_shared`) are read more generally: one scheduler maps the lr
+``x_i`` it found in group ``i`` to ``a + b * x_i`` with the same ``a, b`` for every group (true
+of every torch and Hugging Face schedule: ``b = 0`` for closed forms such as LambdaLR and
+OneCycleLR, ``a = 0`` for multiplicative ones, both for CosineAnnealingLR with ``eta_min``), so
+two groups with different factors give ``a`` and ``b``, and the untuned lr is ``a + b * U``.
+Groups without the key (optimizers TempBalance never wrote) are not touched.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["UNTUNED", "WRITTEN", "FRAME", "FACTOR", "FOLLOW", "BUILD", "unchanged", "untuned_lr", "frame_build_groups",
-           "write", "install_hooks"]
+__all__ = ["KEY", "BUILD", "record", "unchanged", "untuned_lr", "write", "resolve_shared", "check_lr",
+           "balanced_lrs", "write_factors", "pre_step", "post_step", "strip"]
 
-UNTUNED = "tb_untuned_lr"
-WRITTEN = "tb_written_lr"
-FRAME = "tb_lr_frame"
-FACTOR = "tb_lr_factor"
-FOLLOW = "tb_follow"
-BUILD = "build"  # FOLLOW value of groups fresh from build_optimizer_param_group
+KEY = "tempbalance"
+BUILD = "build"  # ``follow`` of groups fresh from build_optimizer_param_group
 
-_handles: list = []
+
+def record(group: dict) -> Optional[dict]:
+    """The TempBalance bookkeeping of ``group`` (None if TempBalance never wrote it)."""
+    rec = group.get(KEY)
+    return rec if isinstance(rec, dict) else None
+
+
+def _update(group: dict, **changes: Any) -> None:
+    group[KEY] = {**(record(group) or {}), **changes}  # a new dict: optimizer.state_dict() shares the old one
+
+
+def check_lr(value: Any, what: str) -> float:
+    """``value`` as a float; ValueError naming ``what`` unless it is a finite number >= 0."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value}")
+    return value
 
 
 def unchanged(group: dict) -> bool:
     """Whether ``group['lr']`` is still the value tbfast wrote (a tensor lr: up to its dtype's rounding)."""
-    if WRITTEN not in group:
+    rec = record(group)
+    if rec is None or "written" not in rec:
         return False
-    lr, written = group["lr"], group[WRITTEN]
+    lr, written = group["lr"], rec["written"]
     if isinstance(lr, torch.Tensor):
         return math.isclose(float(lr), written, rel_tol=2 * torch.finfo(lr.dtype).eps)
     return float(lr) == written
@@ -61,98 +74,126 @@ def unchanged(group: dict) -> bool:
 def untuned_lr(group: dict) -> float:
     """The untuned lr of ``group`` now: ``U`` if ``group['lr']`` is still ``W``, else ``group['lr'] / g``."""
     lr = float(group["lr"])
-    if UNTUNED not in group or WRITTEN not in group:
+    rec = record(group)
+    if rec is None or "untuned" not in rec:
         return lr
     if unchanged(group):
-        return float(group[UNTUNED])
-    frame = float(group.get(FRAME, 1.0))
+        return float(rec["untuned"])
+    frame = float(rec.get("frame", 1.0))
     if frame == 0.0:  # a factor of 0 left no information to divide out; take the new lr as untuned
         return lr
     return lr / frame
 
 
 def write(group: dict, untuned: float, factor: float, frame: float, follow: Any) -> float:
-    """Set ``group['lr'] = untuned * frame`` and record the bookkeeping keys; returns the lr written."""
+    """Set ``group['lr'] = untuned * frame`` and record the bookkeeping; returns the lr written."""
     lr = untuned * frame
     if isinstance(group["lr"], torch.Tensor):
         group["lr"].fill_(lr)
+        lr_now = float(group["lr"])
     else:
-        group["lr"] = lr
-    group[UNTUNED] = float(untuned)
-    group[WRITTEN] = float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr
-    group[FRAME] = float(frame)
-    group[FACTOR] = float(factor)
-    group[FOLLOW] = follow
+        group["lr"] = lr_now = lr
+    _update(group, untuned=float(untuned), written=lr_now, frame=float(frame), factor=float(factor), follow=follow)
     return lr
 
 
-def _uniform(values: list[float]) -> bool:
-    return max(values) - min(values) <= 1e-12 * max(abs(v) for v in values)
+def _close(a: float, b: float, scale: float) -> bool:
+    return abs(a - b) <= 1e-9 * scale
 
 
-def frame_build_groups(groups: list) -> None:
-    """Frame of an lr a scheduler wrote into groups fresh from ``build_optimizer_param_group``.
+def resolve_shared(groups: Sequence[dict]) -> None:
+    """Read the untuned lr of groups that share one (built by ``build_optimizer_param_group``) after a
+    scheduler wrote them, by the affine rule of the module docstring; records it as observed.
 
-    All such groups share one untuned lr. A scheduler built on them either computes from their
-    untuned ``initial_lr`` (LambdaLR, OneCycleLR, SequentialLR: frame 1) or multiplies the balanced
-    lr it finds (LinearLR, ConstantLR: frame = factor). Only one of the two leaves the groups
-    sharing one untuned lr when their factors differ; that one is taken (frame 1 if neither).
+    Nothing happens unless some group changed; all equal new lrs are the untuned lr itself; groups
+    whose previous lrs were all equal (or lrs that fit no common ``a + b * x``) keep `untuned_lr`.
     """
-    changed = [g for g in groups if g.get(FOLLOW) == BUILD and FACTOR in g and not unchanged(g)
-               and g.get(FRAME) == 1.0]
-    if len(changed) < 2 or any(float(g[FACTOR]) <= 0 for g in changed):
+    shared = [g for g in groups if (record(g) or {}).get("shared") and "written" in record(g)
+              and record(g).get("follow") is not False]  # an explicit untuned_lr is not read back
+    if len(shared) < 2 or all(unchanged(g) for g in shared):
         return
-    as_untuned = [float(g["lr"]) for g in changed]
-    as_balanced = [float(g["lr"]) / float(g[FACTOR]) for g in changed]
-    if _uniform(as_balanced) and not _uniform(as_untuned):
-        for g in changed:
-            g[FRAME] = float(g[FACTOR])
+    x = [float(record(g)["written"]) for g in shared]
+    y = [float(g["lr"]) for g in shared]
+    u = [float(record(g)["untuned"]) for g in shared]
+    scale = max(max(abs(v) for v in y), max(abs(v) for v in x), 1e-300)
+    if all(v == y[0] for v in y):
+        new = [y[0]] * len(shared)  # a closed form of the untuned base (LambdaLR, OneCycleLR, ...)
+    else:
+        lo, hi = x.index(min(x)), x.index(max(x))
+        if _close(x[lo], x[hi], scale):
+            return
+        b = (y[hi] - y[lo]) / (x[hi] - x[lo])
+        a = y[lo] - b * x[lo]
+        if not all(_close(a + b * xi, yi, scale) for xi, yi in zip(x, y)):
+            return
+        new = [a + b * ui for ui in u]
+    for g, lr, un in zip(shared, y, new):
+        frame = lr / un if un != 0 else float(record(g).get("frame", 1.0))
+        _update(g, untuned=float(un), written=lr, frame=float(frame))
 
 
-def _scheduler_attached(optimizer: Any) -> bool:
-    # every torch LRScheduler (not ReduceLROnPlateau) wraps optimizer.step and marks the wrapper
-    return bool(getattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched", False))
+def balanced_lrs(groups: Sequence[dict], factors: Sequence[float], untuned: Optional[float]) -> list[float]:
+    """The untuned lr of every group (``untuned`` when given, else read from the group), validated.
+
+    Raises a ValueError naming the group before anything is written when one is not finite or negative.
+    """
+    if untuned is None:
+        resolve_shared(groups)
+    bases = [untuned if untuned is not None else untuned_lr(g) for g in groups]
+    for gi, (base, f) in enumerate(zip(bases, factors)):
+        if not (math.isfinite(base) and base >= 0):
+            raise ValueError(f"optimizer param group {gi} has lr {float(groups[gi]['lr'])!r} (untuned lr {base!r}): "
+                             "an lr must be a finite number >= 0; TempBalance wrote nothing")
+        if not (math.isfinite(f) and f >= 0):
+            raise ValueError(f"TempBalance factor of optimizer param group {gi} is {f!r}; wrote nothing")
+    return bases
 
 
-def _pre_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    frame_build_groups(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        if FACTOR not in group:
+def write_factors(groups: Sequence[dict], lr_factors: Sequence[float], wd_factors: Optional[Sequence[float]],
+                  untuned: Optional[float]) -> list[float]:
+    """Write ``untuned lr x lr factor`` (and ``untuned weight decay x wd factor``) into every group."""
+    if wd_factors is not None:
+        for gi, g in enumerate(groups):
+            if "weight_decay" not in g:
+                raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
+    bases = balanced_lrs(groups, lr_factors, untuned)
+    written = []
+    for gi, (g, base, f) in enumerate(zip(groups, bases, lr_factors)):
+        if wd_factors is not None:
+            wd0 = (record(g) or {}).get("weight_decay", g["weight_decay"])
+            g["weight_decay"] = wd0 * wd_factors[gi]
+            _update(g, weight_decay=wd0)
+        written.append(write(g, base, f, f, follow=untuned is None))
+    return written
+
+
+def pre_step(groups: Sequence[dict]) -> None:
+    """Before ``optimizer.step()``: every group TempBalance wrote steps with ``untuned lr x factor``."""
+    resolve_shared(groups)
+    for group in groups:
+        rec = record(group)
+        if rec is None or "factor" not in rec:
             continue
-        f = float(group[FACTOR])
-        if float(group.get(FRAME, 1.0)) == f:  # already balanced: keep the lr as it is, only re-read U
+        f = float(rec["factor"])
+        if float(rec.get("frame", 1.0)) == f:  # already balanced: keep the lr as it is, only re-read U
             if not unchanged(group):
-                group[UNTUNED] = untuned_lr(group)
-                group[WRITTEN] = float(group["lr"])
+                _update(group, untuned=untuned_lr(group), written=float(group["lr"]))
             continue
-        write(group, untuned_lr(group), f, f, group.get(FOLLOW, False))
+        write(group, untuned_lr(group), f, f, rec.get("follow", False))
 
 
-def _post_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    attached = None
-    for group in optimizer.param_groups:
-        follow = group.get(FOLLOW)
-        if not follow or FACTOR not in group or not unchanged(group):
+def post_step(groups: Sequence[dict]) -> None:
+    """After ``optimizer.step()``: groups that follow an lr scheduler go back to the untuned lr, so
+    the scheduler, stepped next, computes from it (``scheduler.get_last_lr()`` is the untuned lr)."""
+    for group in groups:
+        rec = record(group)
+        if rec is None or rec.get("follow") is not True or "factor" not in rec or not unchanged(group):
             continue
-        if follow == BUILD:  # not yet re-applied: restore only once an LRScheduler is attached
-            attached = _scheduler_attached(optimizer) if attached is None else attached
-            if not attached:
-                continue
-        write(group, float(group[UNTUNED]), float(group[FACTOR]), 1.0, follow)
+        write(group, float(rec["untuned"]), float(rec["factor"]), 1.0, True)
 
 
-def install_hooks() -> None:
-    """Register the two global optimizer-step hooks (once per process)."""
-    if _handles:
-        return
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    _handles.append(register_optimizer_step_pre_hook(_pre_step))
-    _handles.append(register_optimizer_step_post_hook(_post_step))
-
-
-def check_lr(value: float, what: str) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value}")
-    return value
+def strip(groups: Sequence[dict]) -> None:
+    """Leave every group at the lr its next step would have had and remove the bookkeeping key."""
+    pre_step(groups)
+    for group in groups:
+        group.pop(KEY, None)

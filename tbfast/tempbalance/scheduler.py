@@ -29,9 +29,12 @@ import torch
 from torch import nn
 
 from . import lr_frames as _lr
+from . import state as _state
 from .background import AsyncESD
+from .binding import Hold
+from .report import schedule_table
 from ..errors import STATUS_OK
-from ..layers import BLOCK_PATTERN, block_index
+from ..layers import BLOCK_PATTERN
 # module functions named like the methods that call them
 from .layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
 from .plan import check_rows, plan_schedule, select_rows, table_column
@@ -46,10 +49,6 @@ _UNTUNED = None  # key of parameters at the untuned learning rate
 _ASYNC_ON_GROUP = ("TempBalance: asynchronous=True is not supported on a process group yet; pass "
                    "process_group=False (every rank computes the whole ESD) or use the synchronous mode "
                    "(the layers are split over the ranks)")
-
-# keys tbfast keeps inside optimizer param groups (so they travel with optimizer.state_dict());
-# the lr bookkeeping keys are documented in tbfast.tempbalance.lr_frames
-_WD0 = "tb_initial_weight_decay"
 
 
 class TempBalance:
@@ -135,6 +134,8 @@ class TempBalance:
         self.flat_layers: list[str] = []  #: scheduled layers whose fitted tail was flat at the last ESD
         self.step_count = 0
         self._layer_ratio: "OrderedDict[str, float]" = OrderedDict()
+        # the optimizers it writes (tbfast.tempbalance.binding); closing or collecting self lets go of them
+        self._hold = Hold.for_owner(self)
 
     # ------------------------------------------------------------------ metrics -> ratios
     @property
@@ -209,8 +210,10 @@ class TempBalance:
         self._promote()
 
     def close(self) -> None:
-        """Stop the background worker (a running ESD finishes; its result is dropped)."""
+        """Stop the background worker (a running ESD finishes; its result is dropped) and let go of
+        every optimizer (`bind`): hooks removed, each group left at the lr its next step would have had."""
         self._async.close()
+        self._hold.release()
 
     @property
     def _background(self) -> Any:
@@ -305,7 +308,7 @@ class TempBalance:
         ``layer_count`` = the number of tuned groups. With ``initialize=False`` returns the
         list of the tuned groups' learning rates instead.
         """
-        untuned_lr = float(untuned_lr)
+        untuned_lr = _lr.check_lr(untuned_lr, "build_optimizer_param_group: untuned_lr")
         self.update()
         self.schedule_step = self.step_count
         groups, untuned = self.layout()
@@ -320,12 +323,11 @@ class TempBalance:
                 g["lr"] = untuned_lr
         out.append({"params": untuned, "lr": untuned_lr})
         # lr bookkeeping (tbfast.tempbalance.lr_frames): an lr scheduler built on this optimizer captures the
-        # untuned lr as its initial_lr, so an lr it writes before the first step is an untuned lr
-        # (frame 1); a later tb.apply(optimizer) knows the untuned lr
+        # untuned lr as its initial_lr; the groups share it, which lets tbfast read any scheduler's lr back
         for g, f in zip(out, factors):
-            g.update({_lr.UNTUNED: untuned_lr, _lr.WRITTEN: g["lr"], _lr.FRAME: 1.0, _lr.FACTOR: f,
-                      _lr.FOLLOW: _lr.BUILD, "initial_lr": untuned_lr})
-        _lr.install_hooks()
+            g.update({_lr.KEY: {"untuned": untuned_lr, "written": g["lr"], "frame": 1.0, "factor": f,
+                                "follow": _lr.BUILD, "shared": True}, "initial_lr": untuned_lr})
+        self._hold.built(out)  # until TempBalance sees their optimizer (tbfast.tempbalance.binding)
         self._record_layer_lrs(untuned_lr)
         return out, len(groups)
 
@@ -336,6 +338,8 @@ class TempBalance:
         ``untuned_lr`` as in `apply`: omit it when an lr scheduler sets the lr (call ``step``
         after the scheduler's step; each group's lr becomes the scheduler's lr x its factor).
         """
+        if untuned_lr is not None:
+            untuned_lr = _lr.check_lr(untuned_lr, "step: untuned_lr")
         self.step_count += 1
         if self.active:
             self.refresh()
@@ -358,29 +362,38 @@ class TempBalance:
         untuned lr and the factor it wrote per group and divides that factor out of whatever the
         scheduler wrote (see tbfast.tempbalance.lr_frames), so factors never compound with the schedule.
         """
+        if untuned_lr is not None:
+            untuned_lr = _lr.check_lr(untuned_lr, "apply: untuned_lr")
         if self.asynchronous:
             self._promote()
-        if untuned_lr is not None:
-            untuned_lr = _lr.check_lr(untuned_lr, "untuned_lr")
-        keys = self.group_keys(optimizer) if self.active else None
-        written = []
-        balance = self.balance
-        if untuned_lr is None:
-            _lr.frame_build_groups(optimizer_groups(optimizer))
-        for gi, group in enumerate(optimizer_groups(optimizer)):
-            base = untuned_lr if untuned_lr is not None else _lr.untuned_lr(group)
-            factor = self.ratio(keys[gi]) if keys is not None else 1.0
-            lr_factor = factor if balance in ("lr", "both") else 1.0
-            if balance in ("weight_decay", "both"):
-                if "weight_decay" not in group:
-                    raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
-                wd0 = group.setdefault(_WD0, group["weight_decay"])
-                group["weight_decay"] = wd0 * factor
-            written.append(_lr.write(group, base, lr_factor, lr_factor, follow=untuned_lr is None))
-        _lr.install_hooks()
+        groups = optimizer_groups(optimizer)
+        keys = self.group_keys(optimizer) if self.active else [None] * len(groups)
+        factors = [self.ratio(k) if self.active else 1.0 for k in keys]
+        lr_factors = factors if self.balance in ("lr", "both") else [1.0] * len(factors)
+        self.bind(optimizer)
+        written = _lr.write_factors(groups, lr_factors, factors if self.balance != "lr" else None, untuned_lr)
         if untuned_lr is not None:
             self._record_layer_lrs(untuned_lr)
         return written
+
+    def bind(self, optimizer: Any) -> "TempBalance":
+        """Attach to ``optimizer`` (as an lr scheduler is bound to one): its own step hooks keep every
+        group at ``scheduler lr x factor`` when it steps. ``step`` / ``apply`` bind on first use;
+        call it right after building the optimizer so that its first step is balanced too.
+        `close` (or garbage collection of this object) detaches (`tbfast.tempbalance.binding`)."""
+        self._hold.bind(optimizer)
+        return self
+
+    def get_last_lr(self, optimizer: Any = None) -> list[float]:
+        """The lr each param group of ``optimizer`` (default: the one bound) steps with now."""
+        if optimizer is None:
+            bound = self._hold.optimizers()
+            if len(bound) != 1:
+                raise ValueError(f"TempBalance is bound to {len(bound)} optimizers; pass the one to read")
+            optimizer = bound[0]
+        groups = optimizer_groups(optimizer)
+        _lr.balanced_lrs(groups, [1.0] * len(groups), None)
+        return [_lr.untuned_lr(g) * float((_lr.record(g) or {}).get("factor", 1.0)) for g in groups]
 
     def _record_layer_lrs(self, untuned_lr: float) -> None:
         factor = self._layer_ratio if self.active and self.balance != "weight_decay" else {}
@@ -388,55 +401,38 @@ class TempBalance:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Everything needed to resume: step count and the latest schedule (factors, scores).
+        """Everything needed to resume: step count, the latest schedule (factors, scores) and a
+        ``fingerprint`` of what was analysed (layer names and shapes, schedule options; see
+        `tbfast.tempbalance.state`).
 
         Asynchronous mode: an ESD in flight is waited for (not made current) and saved as the
         finished result the next ``step`` / ``apply`` will use, so a resumed run continues
         exactly as the uninterrupted one. Only tensors, numbers, strings, lists and dicts: the
         state loads with ``torch.load(weights_only=True)``.
         """
-        return {
-            "schedule_step": self.schedule_step,
-            "pending_esd": self._async.to_state(),
-            "step_count": self.step_count,
-            "ratios": dict(self.ratios),
-            "scores": dict(self.scores),
-            "tuned_layers": list(self.tuned_layers),
-            "layer_ratio": dict(getattr(self, "_layer_ratio", {})),
-            "granularity": self.granularity,
-        }
+        return _state.to_state(self)
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict`; the ESD table itself is recomputed on the next update."""
-        if state.get("granularity", self.granularity) != self.granularity:
-            raise ValueError(
-                f"state was saved with granularity={state['granularity']!r}, this scheduler uses {self.granularity!r}"
-            )
-        self.step_count = int(state["step_count"])
-        self.ratios = OrderedDict(state["ratios"])
-        self.scores = OrderedDict(state["scores"])
-        self.tuned_layers = list(state["tuned_layers"])
-        self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
-        self.schedule_step = state.get("schedule_step", self.step_count)
-        self._async.load_state(state.get("pending_esd"))
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore a `state_dict` (the ESD table itself is recomputed on the next update).
+
+        Checked first (TypeError / ValueError naming what is wrong, nothing changed): a state
+        whose fingerprint differs from this model names the first differing layer;
+        ``strict=False`` loads the schedule keys whose layers match and leaves the others at
+        the untuned lr until the next ESD (`tbfast.tempbalance.state`).
+        """
+        _state.load(self, state, strict=strict)
 
     # ------------------------------------------------------------------ reporting
     def table(self):
         """Per-layer DataFrame of the last schedule: name, block, score, tuned, lr factor."""
-        import pandas as pd
+        return schedule_table(self)
 
-        if self.metrics is None:
-            raise RuntimeError("TempBalance: no ESD computed yet")
-        names = list(self.metrics.names)
-        score = table_column(self.metrics, self.esd_metric_for_tb)
-        lr_ratio = getattr(self, "_layer_ratio", {})
-        return pd.DataFrame({
-            "name": names,
-            "block": [block_index(n, self.block_pattern) for n in names],
-            self.esd_metric_for_tb: score,
-            "tuned": [n in lr_ratio for n in names],
-            "lr_factor": [lr_ratio.get(n, 1.0) for n in names],
-        })
+    def __getstate__(self) -> dict:  # the hold on optimizers stays in this process
+        return {k: v for k, v in self.__dict__.items() if k != "_hold"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._hold = Hold.for_owner(self)
 
     def __repr__(self) -> str:
         return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
