@@ -192,7 +192,11 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"TempBalance state in the checkpoint's trainer_state.json ({STATE_KEY!r}) is "
                              f"malformed: {exc}") from exc
-        self.tb.load_state_dict(tb_state)
+        try:
+            self.tb.load_state_dict(tb_state)
+        except (TypeError, ValueError) as exc:  # another model's state, NaN factors, a truncated state
+            raise type(exc)(f"checkpoint trainer_state.json, key stateful_callbacks[{STATE_KEY!r}]['tempbalance']: "
+                            f"{exc}") from None
         self.esd_steps = esd_steps
         return True
 

@@ -136,6 +136,12 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         return {"tempbalance": self.tb.state_dict(), "esd_steps": list(self.esd_steps)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.tb.load_state_dict(state_dict["tempbalance"])
+        where = "Lightning checkpoint, callback state of TempBalanceCallback"
+        if not isinstance(state_dict, dict) or "tempbalance" not in state_dict:
+            raise ValueError(f"{where}: no 'tempbalance' entry")
+        try:  # checked (another model's state, NaN factors, ...) before the fit starts
+            self.tb.load_state_dict(state_dict["tempbalance"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
         self._restored = state_dict["tempbalance"]
         self.esd_steps = list(state_dict.get("esd_steps", []))

@@ -97,10 +97,10 @@ def _first_difference(saved: list, now: list) -> str:
         m = now[i] if i < len(now) else None
         if s != m:
             if s is None:
-                return f"layer {i} {m[0]!r} {tuple(m[1])} of this model is not in the saved state"
+                return f"{m[0]!r} {tuple(m[1])} of this model is not in the saved state"
             if m is None:
-                return f"saved layer {i} {s[0]!r} {tuple(s[1])} is not in this model"
-            return f"layer {i}: saved {s[0]!r} {tuple(s[1])}, this model {m[0]!r} {tuple(m[1])}"
+                return f"saved {s[0]!r} {tuple(s[1])} is not in this model"
+            return f"saved {s[0]!r} {tuple(s[1])}, this model {m[0]!r} {tuple(m[1])} (analysed layer {i})"
     return ""
 
 
@@ -147,7 +147,7 @@ def load(tb: Any, state: Any, strict: bool = True) -> None:
         opt_diff = [f"{k}: saved {saved_opts[k]!r}, now {v!r}" for k, v in now["options"].items()
                     if k in saved_opts and saved_opts[k] != v]
         if strict and diff:
-            raise ValueError(f"TempBalance state does not match this model: {diff}; "
+            raise ValueError(f"TempBalance state does not match this model (first differing layer: {diff}); "
                              "load_state_dict(state, strict=False) loads the layers that match")
         if strict and opt_diff:
             raise ValueError(f"TempBalance state was saved with other schedule options ({opt_diff[0]}); "
