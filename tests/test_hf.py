@@ -222,3 +222,42 @@ def test_resume_restores_schedule_between_esds(tmp_path):
     assert len({round(a / full_lrs[7][-1], 9) for a in full_lrs[7] if full_lrs[7][-1] > 0}) > 1
     for n, w in full_w.items():
         assert torch.equal(res_w[n], w), n
+
+
+def test_resume_refuses_a_foreign_or_broken_tempbalance_state(tmp_path):
+    """trainer_state.json holding another model's TempBalance state, or NaN factors: a ValueError
+    naming the file and key before training resumes (the optimizer's lrs are not written)."""
+    import json
+
+    def trainer_for(out, steps):
+        model = tiny("bert")
+        tb = tbfast.TempBalance(model, eigs_thresh=10, remove_first_layer=False)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-3,
+            lr_scheduler_type="linear", report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+            disable_tqdm=True, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=ToyData(16))
+        hf.attach(trainer, tb, esd_interval=2, log_table=False)
+        return trainer
+
+    trainer_for(tmp_path / "run", 2).train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    path = ckpt / "trainer_state.json"
+    saved = json.loads(path.read_text())
+    entry = saved["stateful_callbacks"][hf.STATE_KEY]
+
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    foreign = tbfast.TempBalance(other, eigs_thresh=10, remove_first_layer=False)
+    foreign.build_optimizer_param_group(1e-3)
+    foreign.step_count = 2
+    nan_state = json.loads(entry["tempbalance"])
+    first = next(iter(nan_state["ratios"]))
+    nan_state["ratios"][first] = float("nan")
+    for bad, match in ((foreign.state_dict(), r"trainer_state.json, key stateful_callbacks\['tbfast.TempBalance'\]"
+                        r"\['tempbalance'\]: TempBalance state does not match this model \(first differing layer"),
+                       (nan_state, r"trainer_state.json.*ratios\['" + re.escape(first) + r"'\] is nan")):
+        entry["tempbalance"] = json.dumps(bad)
+        path.write_text(json.dumps(saved))
+        trainer = trainer_for(tmp_path / "resumed", 4)
+        with pytest.raises(ValueError, match=match):
+            trainer.train(resume_from_checkpoint=str(ckpt))

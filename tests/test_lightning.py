@@ -176,3 +176,29 @@ def test_asynchronous_tempbalance_in_a_lightning_fit(tmp_path):
     _, factors = oracle_factors(model)
     assert [tb.ratios[k] for k in tb.ratios] == pytest.approx(factors[:-1], rel=1e-3)
     tb.close()
+
+
+def test_resume_refuses_another_models_tempbalance_state(tmp_path):
+    """A Lightning checkpoint whose TempBalanceCallback state belongs to another model: a
+    ValueError naming the checkpoint entry and the first differing layer, before the fit resumes."""
+    model = net()
+    tb = TempBalance(model, eigs_thresh=20)
+    cbs = [TempBalanceCallback(tb, interval="step", frequency=3),
+           ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)]
+    trainer(tmp_path, cbs, epochs=1, checkpoint=True).fit(Module(model, tb, "step"), data())
+    path = tmp_path / "epoch=0.ckpt"
+    ck = torch.load(path, weights_only=False)
+    key = next(k for k in ck["callbacks"] if "TempBalanceCallback" in k)
+    other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    foreign = TempBalance(other, eigs_thresh=4, remove_first_layer=False, remove_last_layer=False)
+    foreign.build_optimizer_param_group(LR)
+    ck["callbacks"][key]["tempbalance"] = foreign.state_dict()
+    torch.save(ck, path)
+
+    model2 = net()
+    tb2 = TempBalance(model2, eigs_thresh=20)
+    with pytest.raises(ValueError, match=r"Lightning checkpoint, callback state of TempBalanceCallback: "
+                                         r"TempBalance state does not match this model \(first differing layer: "
+                                         r"saved '2' \(4, 32\), this model '2' \(32, 32\)"):
+        trainer(tmp_path, [TempBalanceCallback(tb2, interval="step", frequency=3)], epochs=2).fit(
+            Module(model2, tb2, "step"), data(), ckpt_path=str(path))

@@ -83,6 +83,8 @@ def test_a_nan_lr_from_a_scheduler_is_refused_naming_the_group():
     model, tb, opt = make()
     sched = lrs.LambdaLR(opt, lambda e: float("nan") if e == 1 else 1.0)
     tb.apply(opt)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
     sched.step()  # the user's lambda gives NaN
     before = snapshot(opt)
     with pytest.raises(ValueError, match="optimizer param group 0 has lr nan"):
