@@ -6,7 +6,10 @@ Modules, in import order:
 - `options`: `TempBalanceOptions`, every option validated once;
 - `plan`: an ESD table's columns -> the factor of every schedule key, pure;
 - `layout`: which parameters follow which schedule key; optimizer groups -> keys;
-- `lr_frames`: the factors on top of any lr scheduler (per-group bookkeeping);
+- `lr_frames`: the factors on top of any lr scheduler (per-group bookkeeping, validated lrs);
+- `binding`: the step hooks on the optimizers a TempBalance was given (released by ``close()`` / GC);
+- `state`: ``state_dict`` with its fingerprint, and the checks of ``load_state_dict``;
+- `report`: the per-layer table of a schedule;
 - `background`: the asynchronous ESD of a weight snapshot;
 - `scheduler`: the `TempBalance` class (state and the optimizer protocol).
 """
