@@ -92,8 +92,9 @@ class Bridge:
         self.handles = [] if first is None else [first.register_post_accumulate_grad_hook(partial(_bridge_hook, self.groups))]
 
     def holds(self, groups: list) -> bool:
-        mine = {id(g) for g in self.groups}
-        return any(id(g) in mine for g in groups)
+        """Whether ``groups`` (an optimizer's) hold the bridged parameters (also after ``load_state_dict``)."""
+        mine = {id(p) for g in self.groups for p in g["params"]}
+        return any(id(p) in mine for g in groups for p in g["params"])
 
     def detach(self, strip: bool) -> None:
         for h in self.handles:
@@ -136,7 +137,10 @@ class Hold:
         if other is not None and other.attached:
             raise ValueError("this optimizer is already bound to another TempBalance; close() that one first "
                              "(one TempBalance per optimizer)")
-        self.bindings.append(Binding(opt))
+        try:
+            self.bindings.append(Binding(opt))
+        except AttributeError:  # an Optimizer subclass that skipped Optimizer.__init__: lrs written, not hooked
+            return None
         if self.bridge is not None and self.bridge.holds(opt.param_groups):
             self.bridge.detach(strip=False)
             self.bridge = None

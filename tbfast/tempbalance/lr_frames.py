@@ -115,12 +115,14 @@ def resolve_shared(groups: Sequence[dict]) -> None:
     x = [float(record(g)["written"]) for g in shared]
     y = [float(g["lr"]) for g in shared]
     u = [float(record(g)["untuned"]) for g in shared]
+    if not all(math.isfinite(v) for v in x + y + u):
+        return  # a non-finite lr is refused by balanced_lrs, not read
     scale = max(max(abs(v) for v in y), max(abs(v) for v in x), 1e-300)
     if all(v == y[0] for v in y):
         new = [y[0]] * len(shared)  # a closed form of the untuned base (LambdaLR, OneCycleLR, ...)
     else:
         lo, hi = x.index(min(x)), x.index(max(x))
-        if _close(x[lo], x[hi], scale):
+        if x[hi] == x[lo] or _close(x[lo], x[hi], scale):
             return
         b = (y[hi] - y[lo]) / (x[hi] - x[lo])
         a = y[lo] - b * x[lo]
