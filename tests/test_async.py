@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import tbfast
+from tbfast.tempbalance import background
 
 
 def _stack(n_layers=6, width=96, seed=0):
@@ -37,9 +38,9 @@ def _train_step(model, opt, seed):
     opt.step()
 
 
-def _async_tb(model, momentum=0.0):
+def _async_tb(model, momentum=0.0, **kw):
     """An asynchronous TempBalance on ``model`` and an SGD optimizer on its param groups."""
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
+    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True, **kw)
     groups, _ = tb.build_optimizer_param_group(0.1)
     return tb, torch.optim.SGD(groups, lr=0.1, momentum=momentum)
 
@@ -53,19 +54,19 @@ def _sync_ratios(model_state, template):
     return dict(tb.ratios), tb
 
 
-def _gated(tb):
-    """Make tb's background ESD wait for a gate (deterministic in-flight states)."""
+def _gated(monkeypatch):
+    """Make every background ESD wait for a gate (deterministic in-flight states); the worker's
+    compute function is `background.snapshot_metrics`, bound when a snapshot is submitted."""
     gate = threading.Event()
     started = []
-    inner = tb.compute_metrics
+    inner = background.snapshot_metrics
 
-    def compute(layers=None):
-        if layers is not None:
-            started.append(True)
-            assert gate.wait(60)
-        return inner(layers)
+    def compute(esd, fit, layers):
+        started.append(True)
+        assert gate.wait(60)
+        return inner(esd, fit, layers)
 
-    tb.compute_metrics = compute
+    monkeypatch.setattr(background, "snapshot_metrics", compute)
     return gate, started
 
 
@@ -101,11 +102,12 @@ def test_snapshot_esd_equals_synchronous_result_exactly(kind):
         assert torch.equal(tb.metrics.alpha, oracle.metrics.alpha)
 
 
-def test_lag_and_newest_snapshot_replaces_queued_one():
+def test_latest_mode_newest_snapshot_replaces_queued_one(monkeypatch):
+    """async_lag=None: the newest finished ESD, never waiting (the pre-lag behaviour)."""
     model = _stack()
-    tb, opt = _async_tb(model)
+    tb, opt = _async_tb(model, async_lag=None)
     assert tb.lag == 0 and tb.schedule_step == 0
-    gate, started = _gated(tb)
+    gate, started = _gated(monkeypatch)
     weights = {}
     for t in (1, 2, 3):
         _train_step(model, opt, t)
@@ -118,7 +120,7 @@ def test_lag_and_newest_snapshot_replaces_queued_one():
                 time.sleep(0.01)
         # nothing finished yet: the schedule is still the one of step 0
         assert tb.schedule_step == 0 and tb.lag == t
-    assert tb._background.in_flight_step == 3
+    assert tb._async.worker.in_flight_step == 3
     gate.set()
     tb.synchronize()
     # snapshot 2 was replaced by 3 while 1 was running: the newest finished ESD is step 3's
@@ -128,17 +130,17 @@ def test_lag_and_newest_snapshot_replaces_queued_one():
     # the next step uses the latest finished ESD (lag 1 once the previous one is done)
     _train_step(model, opt, 4)
     tb.step(opt, 0.1)
-    tb._background.wait()
+    tb._async.worker.wait()
     _train_step(model, opt, 5)
     tb.step(opt, 0.1)
     assert tb.schedule_step == 4 and tb.lag == 1
     tb.close()
 
 
-def test_state_dict_mid_flight_resumes_exactly():
+def test_state_dict_mid_flight_resumes_exactly(monkeypatch):
     model = _stack()
     tb, opt = _async_tb(model)
-    gate, _ = _gated(tb)
+    gate, _ = _gated(monkeypatch)
     _train_step(model, opt, 1)
     snap = copy.deepcopy(model.state_dict())
     tb.step(opt, 0.1)  # ESD of step 1 in flight
@@ -202,16 +204,19 @@ def test_async_step_returns_in_a_fraction_of_a_synchronous_step():
     assert tb_async.ratios == tb_sync.ratios  # same weights (no training in between)
 
 
-def test_errors_surface_in_the_caller_and_options_are_checked():
+def test_errors_surface_in_the_caller_and_options_are_checked(monkeypatch):
     model = _stack()
     with pytest.raises(ValueError, match="metrics_fn"):
         tbfast.TempBalance(model, asynchronous=True, metrics_fn=lambda net: None)
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises((ValueError, TypeError), match="async_lag"):
+            tbfast.TempBalance(model, asynchronous=True, async_lag=bad)
     tb, opt = _async_tb(model)
 
-    def broken(layers=None):
+    def broken(esd, fit, layers):
         raise ValueError("layer '0': boom")
 
-    tb.compute_metrics = broken
+    monkeypatch.setattr(background, "snapshot_metrics", broken)
     tb.step(opt, 0.1)
     with pytest.raises(RuntimeError, match="background ESD failed: layer '0': boom"):
         tb.synchronize()
