@@ -267,3 +267,87 @@ def test_mid_flight_state_is_json_ready():
     assert tb2.ratios == _sync_ratios(snap, model)[0]
     tb.close()
     tb2.close()
+
+
+# ---------------------------------------------------------------- deterministic lag (issue 19, item 7)
+def _slow_worker(monkeypatch, seconds):
+    """Every background ESD sleeps ``seconds`` first: the worker is late for the step that needs it."""
+    inner = background.snapshot_metrics
+
+    def slow(esd, fit, layers):
+        time.sleep(seconds)
+        return inner(esd, fit, layers)
+
+    monkeypatch.setattr(background, "snapshot_metrics", slow)
+
+
+def _lagged_run(steps, lag, stop_at=None, resume=None):
+    """A seeded SGD run (momentum) with asynchronous TempBalance; every lr, schedule step, and the weights.
+
+    ``stop_at``: return a checkpoint taken right after ``tb.step`` at that step (an ESD in flight);
+    ``resume``: continue from such a checkpoint (fresh model, optimizer and TempBalance)."""
+    model = _stack(seed=0 if resume is None else 7)
+    tb, opt = _async_tb(model, momentum=0.9, async_lag=lag)
+    first = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        tb.load_state_dict(resume["tb"])
+        first = tb.step_count + 1
+    lrs, sched, weights = {}, {}, {}
+    for t in range(first, steps + 1):
+        _train_step(model, opt, t)
+        weights[t] = copy.deepcopy(model.state_dict())
+        lrs[t] = tb.step(opt, 0.1)
+        sched[t] = tb.schedule_step
+        if t == stop_at:
+            in_flight = tb._async.worker.busy
+            buf = io.BytesIO()
+            torch.save({"tb": tb.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            tb.close()
+            buf.seek(0)
+            return in_flight, torch.load(buf, weights_only=True)
+    tb.close()
+    return lrs, sched, weights, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_esd_of_step_k_is_applied_at_exactly_step_k_plus_lag(lag, monkeypatch):
+    _slow_worker(monkeypatch, 0.05)
+    lrs, sched, weights, _ = _lagged_run(7, lag)
+    for t in range(1, 8):
+        assert sched[t] == (t - lag if t > lag else 0)
+    # the factors in use at step t are the synchronous ones of the weights snapshotted at t - lag
+    model = _stack()
+    for t in (lag + 1, 7):
+        want = _sync_ratios(weights[t - lag], model)[0]
+        assert lrs[t][:-1] == [0.1 * r for r in want.values()]
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_two_asynchronous_runs_are_bitwise_identical_whatever_the_worker_speed(lag, monkeypatch):
+    a = _lagged_run(8, lag)
+    b = _lagged_run(8, lag)
+    _slow_worker(monkeypatch, 0.3)  # the training thread now waits for every due ESD
+    c = _lagged_run(8, lag)
+    for other in (b, c):
+        assert other[0] == a[0]  # every lr of every group at every step, exactly
+        assert other[1] == a[1]
+        for p, q in zip(a[3], other[3]):
+            assert torch.equal(p, q)
+    # and the lags made a difference: the lrs are not constant over the run
+    assert len({tuple(v) for v in a[0].values()}) > 2
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_resume_with_esds_in_flight_is_bitwise_exact(lag, monkeypatch):
+    _slow_worker(monkeypatch, 0.3)
+    full_lrs, full_sched, _, full_w = _lagged_run(8, lag)
+    in_flight, ckpt = _lagged_run(8, lag, stop_at=4)
+    assert in_flight  # the checkpoint was taken with an ESD still running
+    assert len(ckpt["tb"]["pending_esd"]) == lag  # the finished, not yet applied ESDs travel with it
+    lrs, sched, _, w = _lagged_run(8, lag, resume=ckpt)
+    assert lrs == {t: full_lrs[t] for t in range(5, 9)}
+    assert sched == {t: full_sched[t] for t in range(5, 9)}
+    for p, q in zip(w, full_w):
+        assert torch.equal(p, q)
