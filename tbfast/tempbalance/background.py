@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -159,12 +160,15 @@ def _work(jobs: _Jobs) -> None:
         del snap, compute, table, error
 
 
-def _stop(jobs: _Jobs, thread: threading.Thread) -> None:
+def _stop(jobs: _Jobs, thread: threading.Thread, pid: int) -> None:
     """Close ``jobs`` (queued snapshots dropped) and wait for the running one to finish.
 
     Called by `BackgroundESD.close`, when the `BackgroundESD` is collected, or at interpreter exit
-    (the worker's `weakref.finalize`); never from the worker itself (a collection there does not wait).
+    (the worker's `weakref.finalize`); never from the worker itself (a collection there does not
+    wait). A forked child has no worker (and its copy of the lock may be held): nothing to do.
     """
+    if os.getpid() != pid:
+        return
     with jobs.cond:
         jobs.closed = True
         jobs.queue.clear()
@@ -187,7 +191,7 @@ class BackgroundESD:
         self._thread = threading.Thread(target=_work, args=(self._jobs,), name=name, daemon=True)
         self._thread.start()
         # closes and joins the worker when this object is collected, or at exit if still alive
-        self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread)
+        self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread, os.getpid())
 
     @property
     def thread(self) -> threading.Thread:
