@@ -281,13 +281,17 @@ def _slow_worker(monkeypatch, seconds):
     monkeypatch.setattr(background, "snapshot_metrics", slow)
 
 
-def _lagged_run(steps, lag, stop_at=None, resume=None):
+def _lagged_run(steps, lag, stop_at=None, resume=None, busy_before_resume=0):
     """A seeded SGD run (momentum) with asynchronous TempBalance; every lr, schedule step, and the weights.
 
     ``stop_at``: return a checkpoint taken right after ``tb.step`` at that step (an ESD in flight);
-    ``resume``: continue from such a checkpoint (fresh model, optimizer and TempBalance)."""
+    ``resume``: continue from such a checkpoint (fresh model, optimizer and TempBalance, which first
+    runs ``busy_before_resume`` steps of its own, leaving ESDs in flight that the load must drop)."""
     model = _stack(seed=0 if resume is None else 7)
     tb, opt = _async_tb(model, momentum=0.9, async_lag=lag)
+    for t in range(busy_before_resume):
+        _train_step(model, opt, 50 + t)
+        tb.step(opt, 0.1)
     first = 1
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -346,8 +350,10 @@ def test_resume_with_esds_in_flight_is_bitwise_exact(lag, monkeypatch):
     in_flight, ckpt = _lagged_run(8, lag, stop_at=4)
     assert in_flight  # the checkpoint was taken with an ESD still running
     assert len(ckpt["tb"]["pending_esd"]) == lag  # the finished, not yet applied ESDs travel with it
-    lrs, sched, _, w = _lagged_run(8, lag, resume=ckpt)
-    assert lrs == {t: full_lrs[t] for t in range(5, 9)}
-    assert sched == {t: full_sched[t] for t in range(5, 9)}
-    for p, q in zip(w, full_w):
-        assert torch.equal(p, q)
+    for busy in (0, 3):  # a fresh TempBalance, and one with ESDs of its own in flight
+        # (a copy: SGD adopts the loaded momentum buffers and updates them in place)
+        lrs, sched, _, w = _lagged_run(8, lag, resume=copy.deepcopy(ckpt), busy_before_resume=busy)
+        assert lrs == {t: full_lrs[t] for t in range(5, 9)}
+        assert sched == {t: full_sched[t] for t in range(5, 9)}
+        for p, q in zip(w, full_w):
+            assert torch.equal(p, q)

@@ -332,8 +332,11 @@ class AsyncESD:
         return [{"step": s, "table": self.restored[s].to_state()} for s in sorted(self.restored)]
 
     def load_state(self, pending: Any) -> None:
-        """Restore the pending results saved by `to_state` (also the single dict of older versions)."""
+        """Restore the pending results saved by `to_state` (also the single dict of older versions);
+        ESDs in flight from before are dropped (their worker is stopped)."""
         from ..metrics import ESDMetrics
+
+        self.close()
 
         pending = [] if pending is None else [pending] if isinstance(pending, dict) else list(pending)
         self.restored = {int(p["step"]): ESDMetrics.from_state(p["table"]) for p in pending}
