@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import tbfast
+from tbfast.tempbalance import background
 
 
 def _stack(n_layers=6, width=96, seed=0):
@@ -37,9 +38,9 @@ def _train_step(model, opt, seed):
     opt.step()
 
 
-def _async_tb(model, momentum=0.0):
+def _async_tb(model, momentum=0.0, **kw):
     """An asynchronous TempBalance on ``model`` and an SGD optimizer on its param groups."""
-    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True)
+    tb = tbfast.TempBalance(model, eigs_thresh=10, asynchronous=True, **kw)
     groups, _ = tb.build_optimizer_param_group(0.1)
     return tb, torch.optim.SGD(groups, lr=0.1, momentum=momentum)
 
@@ -53,19 +54,19 @@ def _sync_ratios(model_state, template):
     return dict(tb.ratios), tb
 
 
-def _gated(tb):
-    """Make tb's background ESD wait for a gate (deterministic in-flight states)."""
+def _gated(monkeypatch):
+    """Make every background ESD wait for a gate (deterministic in-flight states); the worker's
+    compute function is `background.snapshot_metrics`, bound when a snapshot is submitted."""
     gate = threading.Event()
     started = []
-    inner = tb.compute_metrics
+    inner = background.snapshot_metrics
 
-    def compute(layers=None):
-        if layers is not None:
-            started.append(True)
-            assert gate.wait(60)
-        return inner(layers)
+    def compute(esd, fit, layers):
+        started.append(True)
+        assert gate.wait(60)
+        return inner(esd, fit, layers)
 
-    tb.compute_metrics = compute
+    monkeypatch.setattr(background, "snapshot_metrics", compute)
     return gate, started
 
 
@@ -101,11 +102,12 @@ def test_snapshot_esd_equals_synchronous_result_exactly(kind):
         assert torch.equal(tb.metrics.alpha, oracle.metrics.alpha)
 
 
-def test_lag_and_newest_snapshot_replaces_queued_one():
+def test_latest_mode_newest_snapshot_replaces_queued_one(monkeypatch):
+    """async_lag=None: the newest finished ESD, never waiting (the pre-lag behaviour)."""
     model = _stack()
-    tb, opt = _async_tb(model)
+    tb, opt = _async_tb(model, async_lag=None)
     assert tb.lag == 0 and tb.schedule_step == 0
-    gate, started = _gated(tb)
+    gate, started = _gated(monkeypatch)
     weights = {}
     for t in (1, 2, 3):
         _train_step(model, opt, t)
@@ -118,7 +120,7 @@ def test_lag_and_newest_snapshot_replaces_queued_one():
                 time.sleep(0.01)
         # nothing finished yet: the schedule is still the one of step 0
         assert tb.schedule_step == 0 and tb.lag == t
-    assert tb._background.in_flight_step == 3
+    assert tb._async.worker.in_flight_step == 3
     gate.set()
     tb.synchronize()
     # snapshot 2 was replaced by 3 while 1 was running: the newest finished ESD is step 3's
@@ -128,17 +130,17 @@ def test_lag_and_newest_snapshot_replaces_queued_one():
     # the next step uses the latest finished ESD (lag 1 once the previous one is done)
     _train_step(model, opt, 4)
     tb.step(opt, 0.1)
-    tb._background.wait()
+    tb._async.worker.wait()
     _train_step(model, opt, 5)
     tb.step(opt, 0.1)
     assert tb.schedule_step == 4 and tb.lag == 1
     tb.close()
 
 
-def test_state_dict_mid_flight_resumes_exactly():
+def test_state_dict_mid_flight_resumes_exactly(monkeypatch):
     model = _stack()
     tb, opt = _async_tb(model)
-    gate, _ = _gated(tb)
+    gate, _ = _gated(monkeypatch)
     _train_step(model, opt, 1)
     snap = copy.deepcopy(model.state_dict())
     tb.step(opt, 0.1)  # ESD of step 1 in flight
@@ -202,16 +204,19 @@ def test_async_step_returns_in_a_fraction_of_a_synchronous_step():
     assert tb_async.ratios == tb_sync.ratios  # same weights (no training in between)
 
 
-def test_errors_surface_in_the_caller_and_options_are_checked():
+def test_errors_surface_in_the_caller_and_options_are_checked(monkeypatch):
     model = _stack()
     with pytest.raises(ValueError, match="metrics_fn"):
         tbfast.TempBalance(model, asynchronous=True, metrics_fn=lambda net: None)
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises((ValueError, TypeError), match="async_lag"):
+            tbfast.TempBalance(model, asynchronous=True, async_lag=bad)
     tb, opt = _async_tb(model)
 
-    def broken(layers=None):
+    def broken(esd, fit, layers):
         raise ValueError("layer '0': boom")
 
-    tb.compute_metrics = broken
+    monkeypatch.setattr(background, "snapshot_metrics", broken)
     tb.step(opt, 0.1)
     with pytest.raises(RuntimeError, match="background ESD failed: layer '0': boom"):
         tb.synchronize()
@@ -262,3 +267,93 @@ def test_mid_flight_state_is_json_ready():
     assert tb2.ratios == _sync_ratios(snap, model)[0]
     tb.close()
     tb2.close()
+
+
+# ---------------------------------------------------------------- deterministic lag (issue 19, item 7)
+def _slow_worker(monkeypatch, seconds):
+    """Every background ESD sleeps ``seconds`` first: the worker is late for the step that needs it."""
+    inner = background.snapshot_metrics
+
+    def slow(esd, fit, layers):
+        time.sleep(seconds)
+        return inner(esd, fit, layers)
+
+    monkeypatch.setattr(background, "snapshot_metrics", slow)
+
+
+def _lagged_run(steps, lag, stop_at=None, resume=None, busy_before_resume=0):
+    """A seeded SGD run (momentum) with asynchronous TempBalance; every lr, schedule step, and the weights.
+
+    ``stop_at``: return a checkpoint taken right after ``tb.step`` at that step (an ESD in flight);
+    ``resume``: continue from such a checkpoint (fresh model, optimizer and TempBalance, which first
+    runs ``busy_before_resume`` steps of its own, leaving ESDs in flight that the load must drop)."""
+    model = _stack(seed=0 if resume is None else 7)
+    tb, opt = _async_tb(model, momentum=0.9, async_lag=lag)
+    for t in range(busy_before_resume):
+        _train_step(model, opt, 50 + t)
+        tb.step(opt, 0.1)
+    first = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        tb.load_state_dict(resume["tb"])
+        first = tb.step_count + 1
+    lrs, sched, weights = {}, {}, {}
+    for t in range(first, steps + 1):
+        _train_step(model, opt, t)
+        weights[t] = copy.deepcopy(model.state_dict())
+        lrs[t] = tb.step(opt, 0.1)
+        sched[t] = tb.schedule_step
+        if t == stop_at:
+            in_flight = tb._async.worker.busy
+            buf = io.BytesIO()
+            torch.save({"tb": tb.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            tb.close()
+            buf.seek(0)
+            return in_flight, torch.load(buf, weights_only=True)
+    tb.close()
+    return lrs, sched, weights, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_esd_of_step_k_is_applied_at_exactly_step_k_plus_lag(lag, monkeypatch):
+    _slow_worker(monkeypatch, 0.05)
+    lrs, sched, weights, _ = _lagged_run(7, lag)
+    for t in range(1, 8):
+        assert sched[t] == (t - lag if t > lag else 0)
+    # the factors in use at step t are the synchronous ones of the weights snapshotted at t - lag
+    model = _stack()
+    for t in (lag + 1, 7):
+        want = _sync_ratios(weights[t - lag], model)[0]
+        assert lrs[t][:-1] == [0.1 * r for r in want.values()]
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_two_asynchronous_runs_are_bitwise_identical_whatever_the_worker_speed(lag, monkeypatch):
+    a = _lagged_run(8, lag)
+    b = _lagged_run(8, lag)
+    _slow_worker(monkeypatch, 0.3)  # the training thread now waits for every due ESD
+    c = _lagged_run(8, lag)
+    for other in (b, c):
+        assert other[0] == a[0]  # every lr of every group at every step, exactly
+        assert other[1] == a[1]
+        for p, q in zip(a[3], other[3]):
+            assert torch.equal(p, q)
+    # and the lags made a difference: the lrs are not constant over the run
+    assert len({tuple(v) for v in a[0].values()}) > 2
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_resume_with_esds_in_flight_is_bitwise_exact(lag, monkeypatch):
+    _slow_worker(monkeypatch, 0.3)
+    full_lrs, full_sched, _, full_w = _lagged_run(8, lag)
+    in_flight, ckpt = _lagged_run(8, lag, stop_at=4)
+    assert in_flight  # the checkpoint was taken with an ESD still running
+    assert len(ckpt["tb"]["pending_esd"]) == lag  # the finished, not yet applied ESDs travel with it
+    for busy in (0, 3):  # a fresh TempBalance, and one with ESDs of its own in flight
+        # (a copy: SGD adopts the loaded momentum buffers and updates them in place)
+        lrs, sched, _, w = _lagged_run(8, lag, resume=copy.deepcopy(ckpt), busy_before_resume=busy)
+        assert lrs == {t: full_lrs[t] for t in range(5, 9)}
+        assert sched == {t: full_sched[t] for t in range(5, 9)}
+        for p, q in zip(w, full_w):
+            assert torch.equal(p, q)

@@ -244,6 +244,11 @@ def test_overhead_async_run_and_paper_calibration(monkeypatch):
     assert seen["steps"] == 10 and seen["train_examples"] == 13 and seen["batch_size"] == 16
     runs = ov["runs"]
     assert 0 < runs["tbfast-async"]["tempbalance_share"] < 1
+    # the blocking share: time step() waited for the due ESD, part of TempBalance's time
+    a = runs["tbfast-async"]
+    assert a["async_lag"] == 1
+    assert 0 <= a["async_wait_seconds"] <= a["tempbalance_seconds"]
+    assert a["async_wait_share"] == pytest.approx(a["async_wait_seconds"] / a["total_seconds"])
     assert "async_lr_max_rel_diff" in ov
     text = overhead.format_overhead(ov)
-    assert "asynchronous" in text and "paper setting" in text
+    assert "asynchronous" in text and "paper setting" in text and "waiting for the due ESD" in text

@@ -137,7 +137,10 @@ def _one_run(run: str, model_name: str, device: torch.device, steps: int, lr: fl
             evals_done.append(_evaluate(model, evals, eval_batch_size, device))
             eval_seconds += time.perf_counter() - t0
             model.train()
+    wait_seconds = None
     if tb is not None and getattr(tb, "asynchronous", False):
+        # time step() spent waiting for a due ESD (async_lag: the ESD of step k is applied at k + lag)
+        wait_seconds = tb._async.wait_seconds
         t0 = time.perf_counter()
         tb.close()  # the background ESD still running belongs to this run's time
         tb_seconds += time.perf_counter() - t0
@@ -148,7 +151,9 @@ def _one_run(run: str, model_name: str, device: torch.device, steps: int, lr: fl
             "final_train_loss": losses[-1], "mean_train_loss_last_epoch":
                 float(np.mean(losses[-steps_per_epoch:])),
             "eval_loss": evals_done[-1][0], "eval_accuracy": evals_done[-1][1],
-            "epochs": len(evals_done), "lr_history": lr_history}
+            "epochs": len(evals_done), "lr_history": lr_history,
+            **({} if wait_seconds is None else {"async_lag": tb.async_lag, "async_wait_seconds": wait_seconds,
+                                                 "async_wait_share": wait_seconds / total})}
 
 
 @torch.no_grad()
@@ -194,7 +199,7 @@ def run_overhead(model: str = "bert-small", device: torch.device | str = "cpu",
     if "tbfast" in results and "tbfast-async" in results:
         A = np.array(results["tbfast"]["lr_history"])
         B = np.array(results["tbfast-async"]["lr_history"])
-        if A.shape == B.shape:  # the asynchronous schedule lags: this measures the lag's effect
+        if A.shape == B.shape:  # the asynchronous schedule lags (async_lag steps): this measures its effect
             out["async_lr_max_rel_diff"] = float(np.max(np.abs(A - B) / np.where(A == 0, 1.0, np.abs(A))))
     if "reference" in results and "tbfast" in results:
         a, b = results["reference"]["lr_history"], results["tbfast"]["lr_history"]
@@ -240,11 +245,15 @@ def format_overhead(ov: dict[str, Any], markdown: bool = False) -> str:
                    f"{100 * runs['reference']['tempbalance_share']:.1f}% -> tbfast "
                    f"{100 * runs['tbfast']['tempbalance_share']:.1f}% "
                    f"(TempBalance itself {ov['tempbalance_speedup']:.1f}x faster)")
-        if "tbfast-async" in runs:
-            out.append(f"asynchronous: TempBalance blocks training for "
-                       f"{100 * runs['tbfast-async']['tempbalance_share']:.1f}% of wall time"
-                       + (f"; its lagged lrs differ from the synchronous ones by up to "
-                          f"{100 * ov['async_lr_max_rel_diff']:.1f}%" if "async_lr_max_rel_diff" in ov else ""))
+    if "tbfast-async" in runs:
+        a = runs["tbfast-async"]
+        out.append(f"asynchronous: TempBalance blocks training for "
+                   f"{100 * a['tempbalance_share']:.1f}% of wall time"
+                   + (f" (waiting for the due ESD, async_lag={a['async_lag']}: {a['async_wait_seconds']:.2f} s, "
+                      f"{100 * a['async_wait_share']:.1f}% of wall time)" if "async_wait_seconds" in a else "")
+                   + (f"; its lagged lrs differ from the synchronous ones by up to "
+                      f"{100 * ov['async_lr_max_rel_diff']:.1f}%" if "async_lr_max_rel_diff" in ov else ""))
+    if "reference" in runs and "tbfast" in runs:
         if ov.get("lr_max_rel_diff") is not None:
             out.append(f"learning rates, reference vs tbfast, max relative difference over all steps "
                        f"and param groups: {ov['lr_max_rel_diff']:.2e}")

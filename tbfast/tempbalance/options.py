@@ -74,9 +74,13 @@ class TempBalanceOptions:
       (anything with ``names``, optional ``status``, and columns by ``table[name]``).
     - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
       weights, starts their ESD on a worker thread (a side stream on CUDA) and returns without
-      waiting; the newest finished ESD becomes the schedule at the next ``step`` / ``apply``
-      (``lag`` steps old), `synchronize` waits for it. The first schedule (from
+      waiting; `synchronize` waits for it. The first schedule (from
       ``build_optimizer_param_group`` or the first active ``step``) is computed synchronously.
+    - ``async_lag`` (asynchronous mode): the ESD of the weights snapshotted at step k becomes the
+      schedule at exactly step k + ``async_lag`` (default 1), waiting for it then if it is not
+      finished, so runs are reproducible; up to ``async_lag`` snapshots are in flight. ``None``:
+      each ``step`` / ``apply`` uses the newest *finished* ESD and never waits (which one depends
+      on thread timing: not reproducible).
     - ``flat_policy``: what to do with a scheduled layer whose fitted tail is flat
       (`tbfast.metrics.flat_tail`, checked when the score is alpha, alphahat or log_alpha_norm):
       'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
@@ -121,6 +125,7 @@ class TempBalanceOptions:
     method: str = "auto"
     fit_backend: str = "auto"
     asynchronous: bool = False
+    async_lag: Optional[int] = 1
     process_group: Any = None
     metrics_fn: Optional[Callable[[Any], Any]] = None
 
@@ -143,6 +148,9 @@ class TempBalanceOptions:
         if self.asynchronous and self.metrics_fn is not None:
             raise ValueError("asynchronous=True computes the ESD of a weight snapshot with tbfast's own pipeline; "
                              "it cannot be combined with metrics_fn")
+        if self.async_lag is not None and (isinstance(self.async_lag, bool) or int(self.async_lag) != self.async_lag
+                                           or self.async_lag < 1):
+            raise ValueError(f"async_lag must be an integer >= 1 or None, got {self.async_lag!r}")
         if self.flat_policy not in FLAT_POLICIES:
             raise ValueError(f"flat_policy must be one of {FLAT_POLICIES}, got {self.flat_policy!r}")
         slope = float(self.lr_max_ratio) - float(self.lr_min_ratio) if self.lr_slope is None else self.lr_slope

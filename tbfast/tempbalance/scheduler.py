@@ -30,7 +30,7 @@ from torch import nn
 
 from . import lr_frames as _lr
 from . import state as _state
-from .background import AsyncESD
+from .background import ASYNC_ON_GROUP as _ASYNC_ON_GROUP, AsyncESD
 from .binding import Hold
 from .report import schedule_table
 from ..errors import STATUS_OK
@@ -46,9 +46,6 @@ __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 logger = logging.getLogger(__name__)
 
 _UNTUNED = None  # key of parameters at the untuned learning rate
-_ASYNC_ON_GROUP = ("TempBalance: asynchronous=True is not supported on a process group yet; pass "
-                   "process_group=False (every rank computes the whole ESD) or use the synchronous mode "
-                   "(the layers are split over the ranks)")
 
 
 class TempBalance:
@@ -58,7 +55,7 @@ class TempBalance:
     ``tau``, ``s``, ``granularity``, ``lr_slope``, ``normalize``, ``balance``, ``start_step``,
     ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
     ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
-    ``asynchronous``, ``process_group``. `tbfast.tempbalance.options.TempBalanceOptions`
+    ``asynchronous``, ``async_lag``, ``process_group``. `tbfast.tempbalance.options.TempBalanceOptions`
     describes each one.
 
     Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
@@ -75,6 +72,7 @@ class TempBalance:
     tau, s, granularity, lr_slope, normalize, balance, start_step = Option(), Option(), Option(), Option(), Option(), Option(), Option()
     linear_map_equal, block_pattern, flat_policy = Option(), Option(), Option()
     xmin_bound, dtype, method, fit_backend, asynchronous, process_group, metrics_fn = Option(), Option(), Option(), Option(), Option(), Option(), Option()
+    async_lag = Option()
     backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
 
     def __init__(
@@ -113,6 +111,7 @@ class TempBalance:
         fit_backend: Optional[str] = None,
         metrics_fn: Optional[Callable[[nn.Module], Any]] = None,
         asynchronous: bool = False,
+        async_lag: Optional[int] = 1,
         flat_policy: str = "keep",
         process_group: Any = None,
     ) -> None:
@@ -191,38 +190,37 @@ class TempBalance:
         return None if self.schedule_step is None else self.step_count - self.schedule_step
 
     def refresh(self) -> None:
-        """Request a new ESD: computed now (synchronous) or started in the background (asynchronous)."""
+        """Request a new ESD: computed now (synchronous) or snapshotted for the background worker
+        (asynchronous: its result is applied ``async_lag`` steps later, see `tbfast.tempbalance.background`)."""
         if self.asynchronous:
             self._promote()
         if not self.asynchronous or not self.ratios:  # the first schedule is always synchronous
             self.update()
             self.schedule_step = self.step_count
             return
-        from ..distributed import active_group
-
-        if active_group(self.process_group) is not None:
-            raise ValueError(_ASYNC_ON_GROUP)
-        self._async.submit(lambda layers: self.compute_metrics(layers), self.analysed_layers(), self.step_count)
+        self._async.submit(self.options, self.analysed_layers(), self.step_count)  # holds no reference to self
 
     def synchronize(self) -> None:
-        """Wait for the background ESD (if any) and make the newest finished one the schedule."""
-        self._async.wait()
-        self._promote()
+        """Wait for every background ESD in flight and make the newest the schedule (lag 0)."""
+        self._promote(self._async.newest())
 
     def close(self) -> None:
-        """Stop the background worker (a running ESD finishes; its result is dropped) and let go of
-        every optimizer (`bind`): hooks removed, each group left at the lr its next step would have had."""
+        """Stop the background worker and wait for its thread to end (a running ESD finishes, its
+        result is dropped; queued ones are dropped) and let go of every optimizer (`bind`): hooks
+        removed, each group left at the lr its next step would have had. Also done by ``with``, ``del``
+        and at exit."""
         self._async.close()
         self._hold.release()
 
-    @property
-    def _background(self) -> Any:
-        """The `tbfast.tempbalance.background.BackgroundESD` worker (None until the first asynchronous request)."""
-        return self._async.worker
+    def __enter__(self) -> "TempBalance":
+        return self
 
-    def _promote(self) -> bool:
-        """Make the newest finished background ESD the schedule; True if there was one."""
-        done = self._async.newest()
+    def __exit__(self, *exc: Any) -> None:  # ``with TempBalance(...) as tb:`` closes it at the end
+        self.close()
+
+    def _promote(self, done: Any = None) -> bool:
+        """Make the background ESD due at this step (`AsyncESD.due`) the schedule; True if there was one."""
+        done = self._async.due(self.step_count, self.async_lag) if done is None else done
         if done is None:
             return False
         step, table = done
