@@ -228,3 +228,72 @@ def test_pickled_scheduler_binds_on_its_own():
     tb2.close()
     assert own_hooks(opt) == 0 and no_tempbalance_keys(opt)
     assert math.isclose(opt.param_groups[-1]["lr"], LR)
+
+
+@pytest.mark.parametrize("name", ["LambdaLR", "ExponentialLR", "CosineAnnealingLR", "StepLR", "ReduceLROnPlateau",
+                                  "SequentialLR", "ChainedConstantExponential", "hf_cosine"])
+def test_bound_up_front_every_step_uses_scheduler_lr_times_factor(name):
+    """tb.bind(opt) right after building optimizer and scheduler: every step (plain SGD, so the
+    update is lr x grad) uses the untuned twin's lr x the current factor; ESD every 4 steps. (OneCycleLR
+    cycles SGD's momentum, so it is checked on the lrs only, in test_lr_schedulers.)"""
+    from test_lr_schedulers import SCHEDULERS, CyclingTable, step_scheduler, untuned_twin
+
+    factory, how = SCHEDULERS[name]
+    model = mlp().double()
+    table = CyclingTable(model)
+    tb = TempBalance(model, metrics_fn=table)
+    groups, _ = tb.build_optimizer_param_group(LR)
+    opt = torch.optim.SGD(groups, lr=LR)
+    sched = factory(opt)
+    tb.bind(opt)
+    twin = untuned_twin(groups)
+    twin_sched = factory(twin)
+    for t in range(12):
+        want = [tg["lr"] * f for tg, f in zip(twin.param_groups, table.factors())]
+        model(torch.randn(4, 8, dtype=torch.float64)).pow(2).mean().backward()
+        before = [g["params"][0].detach().clone() for g in opt.param_groups]
+        grads = [g["params"][0].grad.clone() for g in opt.param_groups]
+        opt.step()
+        opt.zero_grad()
+        for gi, g in enumerate(opt.param_groups):
+            i = grads[gi].abs().argmax()
+            eff = float((before[gi].flatten()[i] - g["params"][0].detach().flatten()[i]) / grads[gi].flatten()[i])
+            assert math.isclose(eff, want[gi], rel_tol=1e-9), (name, t, gi, eff, want[gi])
+        twin.step()
+        step_scheduler(sched, how)
+        step_scheduler(twin_sched, how)
+        if t % 4 == 3:
+            tb.step(opt)
+    tb.close()
+    assert own_hooks(opt) == 0 and global_hooks() == 0
+
+
+def _scheduler_names():
+    from test_lr_schedulers import SCHEDULERS
+
+    return list(SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", _scheduler_names())
+def test_bound_up_front_lr_is_scheduler_lr_times_factor(name):
+    """The 15 schedules of test_lr_schedulers with tb.bind(opt) before the first step."""
+    from test_lr_schedulers import SCHEDULERS, CyclingTable, step_scheduler, train_step, untuned_twin
+
+    factory, how = SCHEDULERS[name]
+    model = mlp()
+    table = CyclingTable(model)
+    tb = TempBalance(model, metrics_fn=table)
+    groups, _ = tb.build_optimizer_param_group(LR)
+    opt = torch.optim.SGD(groups, lr=LR)
+    sched = factory(opt)
+    tb.bind(opt)
+    twin = untuned_twin(groups)
+    twin_sched = factory(twin)
+    for t in range(14):
+        train_step(model, opt)
+        twin.step()
+        step_scheduler(sched, how)
+        step_scheduler(twin_sched, how)
+        tb.step(opt) if t % 3 == 2 else tb.apply(opt)
+        want = [tg["lr"] * f for tg, f in zip(twin.param_groups, table.factors())]
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(want, rel=1e-9, abs=1e-15), (name, t)

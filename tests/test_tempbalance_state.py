@@ -139,6 +139,7 @@ def test_strict_false_loads_the_layers_that_match(caplog):
     ([1, 2], TypeError, "got list"),
     ({}, ValueError, "missing \\['step_count', 'ratios', 'scores', 'tuned_layers'\\]"),
     ("truncated", ValueError, "missing \\['tuned_layers'\\]"),
+    ("truncated_factors", ValueError, "inconsistent \\(truncated\\?\\).*\\['4'\\]"),
     ("nan_factor", ValueError, "ratios\\['4'\\] is nan"),
     ("negative_factor", ValueError, "ratios\\['2'\\] is -1.0"),
     ("bad_step", ValueError, "'step_count' is 'x'"),
@@ -152,6 +153,8 @@ def test_garbage_is_a_one_line_error(garbage, err, match):
         state = copy.deepcopy(good)
         if garbage == "truncated":
             del state["tuned_layers"]
+        elif garbage == "truncated_factors":
+            del state["ratios"]["4"]
         elif garbage == "nan_factor":
             state["ratios"]["4"] = float("nan")
         elif garbage == "negative_factor":
@@ -194,3 +197,42 @@ def test_state_round_trips_through_json_and_weights_only_torch_load():
     _, tb3, _ = make()
     tb3.load_state_dict(torch.load(buf, weights_only=True))
     assert dict(tb2.ratios) == dict(tb3.ratios) == state["ratios"]
+
+
+class Blocks(nn.Module):
+    def __init__(self, mid=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, w), nn.Linear(w, 16)) for w in (16, mid, 16)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_block_states_strict_and_partial():
+    def make_blocks(mid):
+        model = Blocks(mid)
+        table = Fixed(model)
+        table.alpha = [2.0, 3.0, 4.0, 2.5, 6.0, 5.0, 2.2, 3.3]
+        tb = TempBalance(model, metrics_fn=table, granularity="block", remove_first_layer=False,
+                         remove_last_layer=False)
+        tb.update()
+        return tb
+
+    tb = make_blocks(16)
+    saved = json.loads(json.dumps(tb.state_dict()))
+    assert set(saved["ratios"]) == {"block.0", "block.1", "block.2"}
+    same = make_blocks(16)
+    same.load_state_dict(saved)
+    assert dict(same.ratios) == saved["ratios"]
+    other = make_blocks(32)  # block 1 has other shapes
+    with pytest.raises(ValueError, match=r"first differing layer: saved 'blocks.1.0' \(16, 16\), this model "
+                                         r"'blocks.1.0' \(32, 16\)"):
+        other.load_state_dict(saved)
+    other.load_state_dict(saved, strict=False)
+    assert dict(other.ratios) == {k: v for k, v in saved["ratios"].items() if k != "block.1"}

@@ -135,6 +135,11 @@ def load(tb: Any, state: Any, strict: bool = True) -> None:
     tuned = state["tuned_layers"]
     if not isinstance(tuned, list) or not all(isinstance(n, str) for n in tuned):
         raise ValueError("TempBalance state: 'tuned_layers' must be a list of layer names")
+    # 'layer': one factor per tuned layer; otherwise layer_ratio covers the tuned layers inside blocks
+    if (tb.granularity == "layer" and set(ratios) != set(tuned)) or not set(layer_ratio) <= set(tuned):
+        gap = sorted(set(tuned) ^ set(ratios) if tb.granularity == "layer" else set(layer_ratio) - set(tuned))
+        raise ValueError(f"TempBalance state is inconsistent (truncated?): the factors and 'tuned_layers' differ in "
+                         f"{gap[:3]}")
     if state.get("granularity", tb.granularity) != tb.granularity:
         raise ValueError(f"state was saved with granularity={state['granularity']!r}, this scheduler uses "
                          f"{tb.granularity!r}")
