@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ._interrupt import interruptible
 from .errors import STATUS_OK
 from .layers import Layer
 from .metrics import ESDMetrics
@@ -106,7 +105,6 @@ def _frame(layers: list[Layer], m: ESDMetrics):
     return pd.DataFrame(data, columns=list(COLUMNS))
 
 
-@interruptible  # Ctrl-C reaches the caller at once, even inside one long eigensolve
 def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -> Analysis:
     """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments: the layer,
     ESD and fit ``options`` become a `LayerOptions`, an `ESDOptions` and a `FitOptions`

@@ -188,12 +188,14 @@ def _analyze(args: argparse.Namespace) -> int:
 def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
     import torch
 
+    from ._interrupt import interruptible
     from .analyze import analyze_spectra, summary
 
     codes = _exit_codes()
     t0 = time.perf_counter()
     try:
-        result = analyze_spectra(
+        # on a worker thread, so Ctrl-C ends the command at once even inside one long eigensolve
+        result = interruptible(analyze_spectra)(
             path, base=args.base, fit=args.fit, xmin_pos=args.xmin_pos, filter_zeros=args.filter_zeros,
             min_evals=args.min_evals, max_evals=args.max_evals or None, include_embedding=not args.no_embedding,
             include=args.include, exclude=args.exclude,
@@ -267,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
     if args.command == "info":
-        return _info()
+        try:
+            return _info()
+        except KeyboardInterrupt:
+            return _interrupted("tbfast info: interrupted")
     parser.print_help()
     return EXIT_USAGE
 
