@@ -354,7 +354,9 @@ def esd(
     `tbfast.errors.NonFiniteWeightsError` (a ValueError) naming it (one host sync).
     ``failure_flags``: a list that receives the GPU eigensolver's per-matrix failure flags
     instead of checking them here (so the caller can check them with its own single host sync);
-    ``eig_checks=`` is its former name, still accepted.
+    ``eig_checks=`` is its former name, still accepted. The result does not depend on the
+    caller's autocast or TF32 settings (`exact_math`, `gram`); ``allow_tf32=True`` lets a CUDA
+    float32 Gram follow the process's own matmul precision instead.
     """
     failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
     options = ESDOptions(method=method, dtype=dtype, device=device, memory_budget=memory_budget,
