@@ -6,20 +6,22 @@ learning-rate schedule. See docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-from . import _interrupt
+import logging
 
-_interrupt.install_cli_excepthook()  # `tbfast` command: Ctrl-C while torch loads prints one line
+try:
+    from ._info import backend_info
+    from .analyze import analyze, summary
+    from .layers import Layer, block_index, find_layers, layers_from_matrices
+    from .metrics import ESDMetrics, compute_metrics
+    from .pipeline import layer_metrics
+    from .powerlaw import PowerLawFit, fit_power_law
+    from .spectra import Spectra, esd
+    from .watcher import WeightWatcher
+except KeyboardInterrupt:  # Ctrl-C while torch loads: one line and exit 130 in the `tbfast` command only
+    from ._interrupt import exit_if_cli
 
-import logging  # noqa: E402
-
-from ._info import backend_info
-from .analyze import analyze, summary
-from .layers import Layer, block_index, find_layers, layers_from_matrices
-from .metrics import ESDMetrics, compute_metrics
-from .pipeline import layer_metrics
-from .powerlaw import PowerLawFit, fit_power_law
-from .spectra import Spectra, esd
-from .watcher import WeightWatcher
+    exit_if_cli("tbfast: interrupted")
+    raise
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -1,17 +1,18 @@
-"""Ctrl-C that works during long native calls, and a quiet Ctrl-C for the ``tbfast`` command.
+"""Ctrl-C for the ``tbfast`` command: prompt during long native calls, one line, exit code 130.
 
 Python runs signal handlers only in the main thread, between bytecodes: while that thread is
 inside one long C++ call (a LAPACK ``?syevd`` of a 10000 x 10000 Gram matrix, a big matmul), a
 KeyboardInterrupt waits until the call returns. `interruptible` runs a function in a worker
 thread instead (torch ops and tbfast's C++ ops release the GIL) while the calling main thread
 waits, so Ctrl-C raises KeyboardInterrupt in the caller at once. The native call in flight cannot
-be cancelled: it finishes in the background (a daemon thread) and its result is dropped; at
-interpreter exit Python waits for it (a second Ctrl-C quits at once), and the ``tbfast`` command
-ends the process right away with exit code 130.
+be cancelled: it finishes in the background (a daemon thread) and its result is dropped; the
+``tbfast`` command then ends the process right away with exit code 130.
 
-This module is imported first by ``tbfast/__init__.py`` and must stay free of heavy imports:
-`install_cli_excepthook` makes a Ctrl-C while ``import torch`` runs print one line instead of a
-traceback when the process was started as ``tbfast`` / ``python -m tbfast``.
+Only the command line (`tbfast.cli`) uses this: library calls (`tbfast.analyze`, ...) compute on
+the caller's own thread, with the caller's autocast, precision and default-device state, and a
+Ctrl-C raises KeyboardInterrupt there when the native call in flight returns (docs/ANALYZE.md).
+Nothing here installs a handler or hook. This module stays free of heavy imports: `exit_if_cli`
+runs when a Ctrl-C interrupts ``import tbfast`` (and torch) in the ``tbfast`` command.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import threading
 import warnings
 from typing import Any, Callable, TypeVar
 
-__all__ = ["interruptible", "busy", "exit_interrupted", "started_as_cli", "install_cli_excepthook",
-           "EXIT_INTERRUPTED"]
+__all__ = ["interruptible", "busy", "exit_interrupted", "exit_if_cli", "started_as_cli", "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,17 +168,10 @@ def started_as_cli() -> bool:
     return bool(sys.argv) and os.path.basename(sys.argv[0]) == "tbfast"
 
 
-def install_cli_excepthook() -> None:
-    """In the ``tbfast`` command only: an uncaught KeyboardInterrupt (Ctrl-C while torch is being
-    imported, before `tbfast.cli.main` runs) prints one line and exits 130, not a traceback."""
-    if not started_as_cli() or getattr(sys.excepthook, "_tbfast", False):
-        return
-    previous = sys.excepthook
-
-    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if issubclass(kind, KeyboardInterrupt):
-            exit_interrupted("tbfast: interrupted")
-        previous(kind, value, tb)
-
-    hook._tbfast = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
+def exit_if_cli(message: str) -> None:
+    """In the ``tbfast`` command only (`started_as_cli`): `exit_interrupted` with ``message``.
+    Elsewhere (a library import) it returns and the caller re-raises the KeyboardInterrupt.
+    Used where no ``try`` of `tbfast.cli.main` can catch it yet: Ctrl-C while ``import tbfast``
+    loads torch. No handler or hook is installed for this."""
+    if started_as_cli():
+        exit_interrupted(message)

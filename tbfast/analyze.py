@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ._interrupt import interruptible
 from .errors import STATUS_OK
 from .layers import Layer
 from .metrics import ESDMetrics
@@ -106,7 +105,6 @@ def _frame(layers: list[Layer], m: ESDMetrics):
     return pd.DataFrame(data, columns=list(COLUMNS))
 
 
-@interruptible  # Ctrl-C reaches the caller at once, even inside one long eigensolve
 def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -> Analysis:
     """`analyze`, also returning the eigenvalues and fits (for plots). Same arguments: the layer,
     ESD and fit ``options`` become a `LayerOptions`, an `ESDOptions` and a `FitOptions`
@@ -119,7 +117,7 @@ def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -
     logger.info("analysing %d layers (fit=%s, dtype=%s)", len(layers), fit_options.fit, esd_options.dtype)
     from .distributed import active_group, run as run_distributed
 
-    group = active_group(process_group)
+    group = active_group(process_group, source)  # None: this rank alone unless the weights are sharded
     if group is None:
         result = run(layers, esd_options, fit_options)
     else:  # each rank reads and analyses its share; every rank gets the whole table
@@ -153,9 +151,11 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
       ``eig_backend`` (the eigensolver, ``auto``/``cpp``/``cusolver``/``torch``); every field of
       `tbfast.options.ESDOptions` and `tbfast.options.FitOptions` is accepted;
     - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib);
-    - ``process_group``: inside torch.distributed (e.g. under ``torchrun``) the layers are split
-      over the ranks of this group (default: the world group; ``False``: no split), each rank
-      reads only its tensors, and every rank gets the full table; plots are written by rank 0.
+    - ``process_group``: a torch.distributed group (e.g. ``torch.distributed.group.WORLD`` under
+      ``torchrun``): the layers are split over its ranks, each rank reads only its tensors, and
+      every rank gets the full table (every rank of the group must call); plots are written by
+      rank 0. Default None: this rank alone, never waiting for other ranks, except for sharded
+      (FSDP / DTensor) weights, where every rank must take part anyway (docs/DISTRIBUTED.md).
 
     Columns: layer_id, name, type, N, M (N >= M), rf (matrices pooled, the kernel size of a
     convolution), num_evals, alpha, alpha_weighted, D, xmin, xmax, spectral_norm (lambda_max),
@@ -165,7 +165,7 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     result = analyze_spectra(source, **options)
     from .distributed import is_main_process
 
-    if plot_dir is not None and is_main_process(options.get("process_group")):
+    if plot_dir is not None and is_main_process(options.get("process_group"), source):
         from .plot import plot_analysis
 
         plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)))

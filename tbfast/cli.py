@@ -172,12 +172,16 @@ def _analyze(args: argparse.Namespace) -> int:
 
     owns_group = init_from_env(args.device)  # under torchrun: the ranks split the layers
     try:
-        if is_main_process():
-            return _analyze_run(args, path, progress)
+        import torch.distributed as dist
+
+        # the command under torchrun is the one place where the world group is implied
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        if is_main_process(group):
+            return _analyze_run(args, path, progress, group)
         # other ranks compute their share silently; rank 0 prints and writes --csv / --plot once
         args = argparse.Namespace(**{**vars(args), "csv": None, "plot": None})
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            return _analyze_run(args, path, False)
+            return _analyze_run(args, path, False, group)
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -185,20 +189,22 @@ def _analyze(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
+def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: object = None) -> int:
     import torch
 
+    from ._interrupt import interruptible
     from .analyze import analyze_spectra, summary
 
     codes = _exit_codes()
     t0 = time.perf_counter()
     try:
-        result = analyze_spectra(
+        # on a worker thread, so Ctrl-C ends the command at once even inside one long eigensolve
+        result = interruptible(analyze_spectra)(
             path, base=args.base, fit=args.fit, xmin_pos=args.xmin_pos, filter_zeros=args.filter_zeros,
             min_evals=args.min_evals, max_evals=args.max_evals or None, include_embedding=not args.no_embedding,
             include=args.include, exclude=args.exclude,
             dtype=torch.float64 if args.dtype == "float64" else torch.float32, device=args.device,
-            memory_budget=args.memory_budget, progress=progress)
+            memory_budget=args.memory_budget, progress=progress, process_group=group)
     except tuple(cls for cls, _ in codes) as e:
         return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
     elapsed = time.perf_counter() - t0
@@ -267,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
     if args.command == "info":
-        return _info()
+        try:
+            return _info()
+        except KeyboardInterrupt:
+            return _interrupted("tbfast info: interrupted")
     parser.print_help()
     return EXIT_USAGE
 

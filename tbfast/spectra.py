@@ -26,7 +26,8 @@ from .ops.eig import eigvalsh_batched
 from .options import ESD_METHODS, ESDOptions, LayerOptions, either, split_options
 from .sources import build_layers
 
-__all__ = ["Spectra", "esd", "layer_spectra", "esd_layers", "DEFAULT_MEMORY_BUDGET", "ESD_METHODS"]
+__all__ = ["Spectra", "esd", "layer_spectra", "esd_layers", "exact_math", "gram", "DEFAULT_MEMORY_BUDGET",
+           "ESD_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,49 @@ def gram_lower(M: torch.Tensor) -> torch.Tensor:
     return G
 
 
+def _autocast_types(devices: set[str]) -> list[str]:
+    """The device types among ``devices`` (plus cpu and cuda) whose autocast is on in this thread."""
+    out = []
+    for t in sorted(devices | {"cpu", "cuda"}):
+        try:
+            on = torch.is_autocast_enabled(t)
+        except (TypeError, RuntimeError):  # torch < 2.4 (no device argument) or an unknown type
+            on = {"cpu": torch.is_autocast_cpu_enabled, "cuda": torch.is_autocast_enabled}.get(t, bool)()
+        if on:
+            out.append(t)
+    return out
+
+
 @contextlib.contextmanager
-def _matmul_precision(allow_tf32: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    try:
+def exact_math(*devices: torch.device | str | None) -> Iterator[None]:
+    """The ESD engine's numerics, independent of the caller's thread state: autocast off (for
+    cpu, cuda and the given devices' types), so every matmul runs in the dtype tbfast chose.
+    Thread-local and restored on exit; no process-wide flag is read or written."""
+    types = {torch.device(d).type for d in devices if d is not None}
+    with contextlib.ExitStack() as stack:
+        for t in _autocast_types(types):
+            stack.enter_context(torch.autocast(t, enabled=False))
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def gram(M: torch.Tensor, allow_tf32: bool = False) -> torch.Tensor:
+    """``M^T M`` for a batch ``(B, r, n)`` whose precision does not depend on process flags.
+
+    On the CPU (TF32 does not apply) `gram_lower`. On CUDA a float32 Gram is accumulated in
+    float64 and rounded once to float32: exact to float32 rounding whatever the caller set with
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision`` (tbfast neither reads nor
+    writes those flags). ``allow_tf32=True`` opts out: a plain float32 matmul, which follows
+    the process's own matmul precision setting (TF32 if the caller enabled it)."""
+    if M.device.type == "cpu" or M.dtype != torch.float32 or allow_tf32:
+        return gram_lower(M)
+    B, r, n = M.shape
+    # float64 copies in pieces: at most about the float32 batch's own size extra at a time
+    step = max(1, (B * r * n) // (2 * (r * n + n * n)))
+    out = torch.empty((B, n, n), dtype=M.dtype, device=M.device)
+    for s in range(0, B, step):
+        m = M[s:s + step].double()
+        out[s:s + step] = m.mT @ m
+    return out
 
 
 def _pow2_normalisers(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +204,8 @@ def _pow2_normalisers(amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype: torch.dtype,
-                       device: torch.device | None, eig_backend: str, failure_flags: list | None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       device: torch.device | None, eig_backend: str, failure_flags: list | None,
+                       allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues ``(sum k, n)`` of every matrix of the chunk's layers, in chunk order, in units
     of each layer's eigenvalue factor (second result, float64 ``(len(chunk),)``)."""
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -189,26 +225,27 @@ def _chunk_eigenvalues(layers: list[Layer], chunk: list[int], method: str, dtype
     else:
         G = torch.empty((total, n, n), dtype=dtype, device=dev)
     eig_scale = torch.ones(len(chunk), dtype=torch.float64, device=dev)
-    for (rows, cols), poss in by_shape.items():
-        M = torch.cat([mats_per_pos[p].to(device=dev, dtype=dtype) for p in poss], dim=0)
-        sl = np.concatenate([np.arange(first[p], first[p + 1]) for p in poss])
-        idx = to_device(sl, dev)
-        M = _normalise(M, poss, ks, eig_scale, dtype)
-        if method == "svd":
-            sv = torch.linalg.svdvals(M)
-            out.index_copy_(0, idx, sv.square().flip(-1))
-        else:
-            Gs = gram_lower(M) if rows >= cols else gram_lower(M.mT)
-            if len(poss) == len(chunk) and sl[0] == 0 and np.all(np.diff(sl) == 1):
-                G = Gs
+    with exact_math(dev):  # also a device type other than cpu / cuda (the weights' own)
+        for (rows, cols), poss in by_shape.items():
+            M = torch.cat([mats_per_pos[p].to(device=dev, dtype=dtype) for p in poss], dim=0)
+            sl = np.concatenate([np.arange(first[p], first[p + 1]) for p in poss])
+            idx = to_device(sl, dev)
+            M = _normalise(M, poss, ks, eig_scale, dtype)
+            if method == "svd":
+                sv = torch.linalg.svdvals(M)
+                out.index_copy_(0, idx, sv.square().flip(-1))
             else:
-                G.index_copy_(0, idx, Gs)
-    if method != "svd":
-        out = eigvalsh_batched(G, backend=eig_backend, failure_flags=failure_flags)
-    scales = [layers[i].scale for i in chunk]
-    if any(s != 1.0 for s in scales):
-        sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)
-        out = out * sq.unsqueeze(1)
+                Gs = gram(M, allow_tf32) if rows >= cols else gram(M.mT, allow_tf32)
+                if len(poss) == len(chunk) and sl[0] == 0 and np.all(np.diff(sl) == 1):
+                    G = Gs
+                else:
+                    G.index_copy_(0, idx, Gs)
+        if method != "svd":
+            out = eigvalsh_batched(G, backend=eig_backend, failure_flags=failure_flags)
+        scales = [layers[i].scale for i in chunk]
+        if any(s != 1.0 for s in scales):
+            sq = to_device(np.repeat(np.square(scales), ks), dev, dtype)
+            out = out * sq.unsqueeze(1)
     return out.clamp_(min=0), eig_scale
 
 
@@ -234,7 +271,7 @@ def _normalise(M: torch.Tensor, poss: list[int], ks: list[int], eig_scale: torch
 
 def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: torch.device | None,
                   memory_budget: int, progress: bool, eig_backend: str,
-                  failure_flags: list | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  failure_flags: list | None, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     counts = np.array([l.num_evals for l in layers], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     elem = torch.finfo(dtype).bits // 8
@@ -247,7 +284,7 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
     out: torch.Tensor | None = None
     eig_scale: torch.Tensor | None = None
     for chunk in chunks:
-        w, sc = _chunk_eigenvalues(layers, chunk, method, dtype, device, eig_backend, failure_flags)
+        w, sc = _chunk_eigenvalues(layers, chunk, method, dtype, device, eig_backend, failure_flags, allow_tf32)
         if out is None:
             out = torch.empty(int(offsets[-1]), dtype=dtype, device=w.device)
             eig_scale = torch.ones(len(layers), dtype=torch.float64, device=w.device)
@@ -281,10 +318,11 @@ def layer_spectra(layers: list[Layer], options: ESDOptions = ESDOptions(), *,
         if l.rows == 0 or l.cols == 0 or l.k == 0:
             raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")
     budget = DEFAULT_MEMORY_BUDGET if options.memory_budget is None else options.memory_budget
-    with _matmul_precision(options.allow_tf32):
+    # autocast off and no process-wide precision flag touched: the same numbers in any caller state
+    with exact_math(options.device):
         values, offsets, eig_scale = _layer_values(
             layers, "svd" if options.method == "svd" else "gram", options.dtype, options.device, budget,
-            options.progress, options.eig_backend, failure_flags)
+            options.progress, options.eig_backend, failure_flags, options.allow_tf32)
     return Spectra(values=values, offsets=offsets, layers=layers, eig_scale=eig_scale)
 
 
@@ -316,7 +354,9 @@ def esd(
     `tbfast.errors.NonFiniteWeightsError` (a ValueError) naming it (one host sync).
     ``failure_flags``: a list that receives the GPU eigensolver's per-matrix failure flags
     instead of checking them here (so the caller can check them with its own single host sync);
-    ``eig_checks=`` is its former name, still accepted.
+    ``eig_checks=`` is its former name, still accepted. The result does not depend on the
+    caller's autocast or TF32 settings (`exact_math`, `gram`); ``allow_tf32=True`` lets a CUDA
+    float32 Gram follow the process's own matmul precision instead.
     """
     failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
     options = ESDOptions(method=method, dtype=dtype, device=device, memory_budget=memory_budget,

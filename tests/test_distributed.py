@@ -83,6 +83,60 @@ def test_lrs_identical_on_ranks_and_equal_to_single_process(ranks, single, mode)
     assert _rel(r0[f"{mode}_lrs"][-1][:3], list(ref.values())) < 1e-5
 
 
+def test_ddp_without_process_group_each_rank_alone(ranks, single):
+    """process_group=None with replicated (DDP) weights: no split, no collective; each rank
+    computes what a single process computes."""
+    _, hist, _ = single
+    for res in ranks["r"]:
+        assert not res["ddp_default_split"]
+        got = [[float.fromhex(v) for v in h] for h in res["ddp_default_lrs_hex"]]
+        for g, want in zip(got, hist):
+            assert _rel(g, want) < 1e-5
+
+
+def test_ranks_that_disagree_raise_on_every_rank(ranks):
+    """Replicated weights that differ (rank 1 changed one entry of layer '4') or hold NaN on the
+    rank that does not analyse the layer: every rank raises, naming the layer and the ranks."""
+    r0, r1 = ranks["r"]
+    for key in ("mismatch_analyze", "mismatch_tempbalance"):
+        assert r0[key] == r1[key], key  # the same verdict on both ranks
+        msg = r0[key]
+        assert msg and msg.startswith("ReplicaMismatchError") and "layer '4'" in msg, msg
+        assert "rank 0" in msg and "[1]" in msg or "rank 1" in msg and "[0]" in msg, msg
+    msg = r0["nan_elsewhere"]
+    assert r1["nan_elsewhere"] == msg and msg.startswith("ReplicaMismatchError"), msg
+    assert f"layer {r0['nan_layer']!r}" in msg and "NaN or Inf on rank(s) [1] but not on rank(s) [0]" in msg, msg
+    assert r0["agree"] is None and r1["agree"] is None  # identical replicas pass
+
+
+def test_one_rank_alone_never_waits_for_the_others(tmp_path):
+    """Once torch.distributed is initialised, rank 0 alone calls layer_metrics / esd / analyze and
+    TempBalance(process_group=None).step on ordinary weights while rank 1 calls nothing: every
+    call returns (before, process_group=None meant the world group and rank 0 hung forever)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.path.join(ROOT, "tests") + os.pathsep
+           + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    worker = os.path.join(ROOT, "tests", "dist_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, "solo", str(r), "2", str(port), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]  # the timeout guard: a hang fails here
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    res = json.load(open(tmp_path / "solo0.json"))
+    assert not res["analyze_split"] and not res["tb_split"]
+    import tbfast
+
+    model = dist_worker.tiny_model()
+    want = tbfast.layer_metrics(model, min_evals=0).alpha.tolist()  # a single process, same weights
+    assert res["esd_layers"] == len(want) and _rel(res["alpha_esd"], want) < 1e-6
+    assert _rel(res["analyze_alpha"], tbfast.analyze(model, min_evals=0)["alpha"]) < 1e-6
+    hist, _ = dist_worker.train_with_tempbalance(dist_worker.tiny_model())
+    assert _rel(res["tb_lrs"], hist) < 1e-5
+
+
 def test_ranks_split_the_layers(ranks):
     r0, r1 = ranks["r"]
     owner = r0["ddp_owner"]
@@ -134,6 +188,8 @@ def test_analyze_checkpoint_on_two_ranks(ranks):
         assert res["analyze_subgroup"] == got  # process_group=<a group>: the same split and table
         assert not res["analyze_alone_split"]  # process_group=False: each rank alone, as before
         assert _rel(res["analyze_alone"]["alpha"], want["alpha"]) < 1e-6
+        assert not res["analyze_default_split"]  # process_group=None: this rank alone, no collective
+        assert _rel(res["analyze_default"]["alpha"], want["alpha"]) < 1e-6
     owner = r0["analyze_owner"]
     for r, res in enumerate((r0, r1)):  # each rank read only its tensors from the file
         assert sorted(res["analyze_loaded"]) == sorted(n for n, o in zip(got["name"], owner) if o == r)
@@ -214,6 +270,7 @@ def test_without_process_group_nothing_changes():
 
     assert not dist.is_initialized()
     assert active_group() is None and active_group(False) is None and is_main_process()
+    assert active_group(None, dist_worker.tiny_model()) is None
     with pytest.raises(RuntimeError, match="not initialised"):
         active_group(object())
 

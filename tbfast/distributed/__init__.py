@@ -24,23 +24,29 @@ ranks), `fsdp` (FSDP1 / FSDP2 weights materialised on the owner), `pipeline` (`r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from .fsdp import fsdp1_units
 from .pipeline import layer_metrics, model_layers, run
 from .planning import EIG_FLOP_WEIGHT, layer_cost, plan, plan_loads
 
-__all__ = ["active_group", "layer_cost", "plan", "plan_loads", "run", "layer_metrics", "model_layers", "is_main_process",
+__all__ = ["active_group", "is_sharded", "layer_cost", "plan", "plan_loads", "run", "layer_metrics", "model_layers", "is_main_process",
            "init_from_env", "EIG_FLOP_WEIGHT"]
 
 
-def active_group(process_group: Any = None) -> Optional[Any]:
-    """The process group to split work over, or None for a single-process run.
+def active_group(process_group: Any = None, source: Any = None) -> Optional[Any]:
+    """The process group to split work over, or None for a run on this rank alone.
 
-    ``process_group=None``: the default group when torch.distributed is initialised with more
-    than one rank; a group: that group (None if it has one rank); ``False``: never distributed.
+    The rule (docs/DISTRIBUTED.md): a call waits for other ranks only when they must take part.
+    ``process_group=<a group>``: that group (None if it has one rank). ``process_group=None``
+    (the default): None, so a call made on one rank never waits for the others, unless the
+    weights of ``source`` (a model, state dict or list of `Layer`) are sharded (FSDP1, FSDP2 /
+    DTensor), where every rank holds a part and must take part anyway: then the default group.
+    ``False``: never distributed (a sharded model then raises where its weights are read).
     """
     if process_group is False:
         return None
@@ -48,13 +54,39 @@ def active_group(process_group: Any = None) -> Optional[Any]:
         if process_group is not None:
             raise RuntimeError("process_group was given but torch.distributed is not initialised")
         return None
-    group = process_group if process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+    if process_group is None:
+        if source is None or not is_sharded(source):
+            return None
+        process_group = dist.group.WORLD
+    return process_group if dist.get_world_size(process_group) > 1 else None
 
 
-def is_main_process(process_group: Any = None) -> bool:
-    """True on rank 0 of the group (and in a single-process run): the rank that prints and writes."""
-    group = active_group(process_group)
+def is_sharded(source: Any) -> bool:
+    """Whether ``source`` holds sharded weights: an FSDP1-wrapped model, or DTensor (FSDP2
+    ``fully_shard``) parameters in a model, a state dict or a list of `Layer`."""
+    if fsdp1_units(source):
+        return True
+    import sys
+
+    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+    DT = getattr(mod, "DTensor", None) if mod is not None else None
+    if DT is None:
+        return False
+    if isinstance(source, torch.nn.Module):
+        tensors: Any = source.parameters()
+    elif isinstance(source, Mapping):
+        tensors = source.values()
+    elif isinstance(source, (list, tuple)):
+        tensors = (getattr(getattr(x, "module", None), "weight", x) for x in source)
+    else:
+        return False
+    return any(isinstance(t, DT) for t in tensors)
+
+
+def is_main_process(process_group: Any = None, source: Any = None) -> bool:
+    """True on rank 0 of the group `active_group` picks (and in a run on one rank alone): the
+    rank that prints and writes."""
+    group = active_group(process_group, source)
     return group is None or dist.get_rank(group) == 0
 
 

@@ -22,6 +22,7 @@ from ..spectra import esd_layers
 from .fsdp import fsdp1_layers, fsdp1_units, materialise
 from .gather import ROW, encode_rows, gather_rows, gather_spectra, metrics_from_rows
 from .planning import layer_cost, plan
+from .replicas import CHECK_WIDTH, raise_on_disagreement, replica_checks
 
 __all__ = ["run", "layer_metrics", "model_layers"]
 
@@ -33,7 +34,9 @@ def run(layers: list[Layer], esd_options: ESDOptions = ESDOptions(), fit_options
         on_invalid: str = "raise") -> PipelineResult:
     """`tbfast.pipeline.run` over ``group``: each rank computes its share of ``layers``.
 
-    Returns the full table on every rank. With ``with_spectra`` the eigenvalues (float64,
+    Returns the full table on every rank. Layers whose weights every rank holds whole are
+    checksummed on every rank; ranks that disagree (or NaN/Inf on a rank that does not own the
+    layer) raise `tbfast.distributed.replicas.ReplicaMismatchError` on every rank. With ``with_spectra`` the eigenvalues (float64,
     absolute units) and the fit windows are gathered too, so every rank also gets the full
     `Spectra` and `PowerLawFit`; otherwise those two are None. ``extra["distributed"]`` of the
     table records this rank's share, what it materialised and every rank's compute seconds.
@@ -49,6 +52,7 @@ def run(layers: list[Layer], esd_options: ESDOptions = ESDOptions(), fit_options
     mine = [i for i in range(len(layers)) if owner[i] == me]
     shares = [[i for i in range(len(layers)) if owner[i] == r] for r in range(ws)]
 
+    checks = replica_checks(layers)
     t0 = time.perf_counter()
     error: Optional[BaseException] = None
     rows = np.zeros((0, ROW))
@@ -64,7 +68,15 @@ def run(layers: list[Layer], esd_options: ESDOptions = ESDOptions(), fit_options
             error = exc
     seconds = time.perf_counter() - t0
 
-    allrows = gather_rows(error, seconds, rows, max(len(s) for s in shares), group)
+    # this rank's checksums of every replicated layer travel with its rows (docs/DISTRIBUTED.md)
+    width = max(len(s) for s in shares)
+    nck = -(-len(layers) * CHECK_WIDTH // ROW)
+    send = np.zeros((width + nck, ROW))
+    send[:len(rows)] = rows
+    send[width:].reshape(-1)[:len(layers) * CHECK_WIDTH] = checks.reshape(-1)
+    allrows = gather_rows(error, seconds, send, width + nck, group)
+    allchecks = allrows[:, 1 + width:].reshape(ws, -1)[:, :len(layers) * CHECK_WIDTH].reshape(ws, len(layers), -1)
+    raise_on_disagreement(allchecks, owner, [l.name for l in layers])  # the same verdict on every rank
     stats["rank_seconds"] = allrows[:, 0, 1].tolist()
     table = np.zeros((len(layers), ROW))
     for r, share in enumerate(shares):

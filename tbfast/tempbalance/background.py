@@ -279,7 +279,7 @@ class AsyncESD:
         worker (``options.async_lag=None``: newest-wins mode, else every snapshot is kept)."""
         from ..distributed import active_group
 
-        if active_group(options.process_group) is not None:
+        if active_group(options.process_group, list(layers)) is not None:  # a group, or sharded weights
             raise ValueError(ASYNC_ON_GROUP)
         keep_all = options.async_lag is not None
         if self.worker is None:

@@ -86,9 +86,11 @@ class TempBalanceOptions:
       'keep' (default: schedule it on its alpha, as the original does; a warning is logged) or
       'untuned' (factor 1.0 for the layer, or for a block whose layers are all flat; the layer is
       left out of the scores that the assignment function and ``normalize`` see).
-    - ``process_group``: with torch.distributed initialised (DDP, FSDP2 ``fully_shard``), the
-      layers are split over the ranks of this group (default: the world group; ``False``: every
-      rank computes everything alone); every rank gets the same table and lrs (docs/DISTRIBUTED.md).
+    - ``process_group``: a torch.distributed group (DDP: e.g. ``torch.distributed.group.WORLD``):
+      the layers are split over its ranks and every rank gets the same table and lrs (every rank
+      must call ``step``). Default None: each rank computes everything alone and never waits for
+      the others, except for sharded weights (FSDP1, FSDP2 ``fully_shard``), which use the
+      default group; ``False``: never distributed (docs/DISTRIBUTED.md).
     """
 
     # the original's options (SPEC section 6)

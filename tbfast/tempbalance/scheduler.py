@@ -167,7 +167,7 @@ class TempBalance:
         from ..pipeline import run
 
         esd, fit = self.options.esd_options(), self.options.fit_options()
-        group = active_group(self.process_group)
+        group = active_group(self.process_group, self.net)
         with torch.no_grad():
             if group is None:
                 return run(self.analysed_layers() if layers is None else layers, esd, fit).metrics
