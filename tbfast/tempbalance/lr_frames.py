@@ -118,12 +118,13 @@ def resolve_shared(groups: Sequence[dict]) -> None:
     if not all(math.isfinite(v) for v in x + y + u):
         return  # a non-finite lr is refused by balanced_lrs, not read
     scale = max(max(abs(v) for v in y), max(abs(v) for v in x), 1e-300)
+    lo, hi = x.index(min(x)), x.index(max(x))
+    one_x = x[hi] == x[lo] or _close(x[lo], x[hi], scale)
+    if one_x and not (x[hi] == 0.0 and all(v == y[0] for v in y)):
+        return  # one lr seen by the scheduler (not 0): a closed form and a product read alike only in frame 1
     if all(v == y[0] for v in y):
         new = [y[0]] * len(shared)  # a closed form of the untuned base (LambdaLR, OneCycleLR, ...)
     else:
-        lo, hi = x.index(min(x)), x.index(max(x))
-        if x[hi] == x[lo] or _close(x[lo], x[hi], scale):
-            return
         b = (y[hi] - y[lo]) / (x[hi] - x[lo])
         a = y[lo] - b * x[lo]
         if not all(_close(a + b * xi, yi, scale) for xi, yi in zip(x, y)):
