@@ -6,6 +6,9 @@ Modules, in import order:
 - `options`: `TempBalanceOptions`, every option validated once;
 - `plan`: an ESD table's columns -> the factor of every schedule key, pure;
 - `layout`: which parameters follow which schedule key; optimizer groups -> keys;
+- `ramp`: the linear ramp from the factors in force to a refresh's new ones (``ramp_steps``);
+- `esd_source`: the tensors an ESD is taken of (weights, gradients, an optimizer state; ``esd_of``);
+- `history`: the bounded record of each refresh's alphas and factors (``TempBalance.history``);
 - `lr_frames`: the factors on top of any lr scheduler (per-group bookkeeping);
 - `background`: the asynchronous ESD of a weight snapshot;
 - `scheduler`: the `TempBalance` class (state and the optimizer protocol).

@@ -31,12 +31,14 @@ from torch import nn
 from . import lr_frames as _lr
 from .background import AsyncESD
 from ..errors import STATUS_OK
-from ..layers import BLOCK_PATTERN, block_index
+from ..layers import BLOCK_PATTERN
 # module functions named like the methods that call them
 from .layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
-from .plan import check_rows, plan_schedule, select_rows, table_column
-from .options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, Option, TempBalanceOptions,
-                      pick_fit_backend)
+from .esd_source import OptimizerRef, source_layers
+from .history import History, refresh_record
+from .plan import check_rows, flat_rows, plan_factors, schedule_table, select_rows, table_column
+from .options import OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, Option, TempBalanceOptions, pick_fit_backend
+from .ramp import Ramp
 
 __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 
@@ -59,8 +61,9 @@ class TempBalance:
     ``tau``, ``s``, ``granularity``, ``lr_slope``, ``normalize``, ``balance``, ``start_step``,
     ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
     ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
-    ``asynchronous``, ``process_group``. `tbfast.tempbalance.options.TempBalanceOptions`
-    describes each one.
+    ``asynchronous``, ``process_group``; LLR / AlphaDecay-style ``refresh_every``, ``ramp_steps``,
+    ``wd_min_ratio``, ``wd_max_ratio``, ``esd_of``, ``history_size``.
+    `tbfast.tempbalance.options.TempBalanceOptions` describes each one.
 
     Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
     `TempBalanceOptions` validated when built; setting an attribute validates the new value.
@@ -76,6 +79,7 @@ class TempBalance:
     tau, s, granularity, lr_slope, normalize, balance, start_step = Option(), Option(), Option(), Option(), Option(), Option(), Option()
     linear_map_equal, block_pattern, flat_policy = Option(), Option(), Option()
     xmin_bound, dtype, method, fit_backend, asynchronous, process_group, metrics_fn = Option(), Option(), Option(), Option(), Option(), Option(), Option()
+    refresh_every, ramp_steps, wd_min_ratio, wd_max_ratio, esd_of, history_size = Option(), Option(), Option(), Option(), Option(), Option()
     backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
 
     def __init__(
@@ -116,6 +120,8 @@ class TempBalance:
         asynchronous: bool = False,
         flat_policy: str = "keep",
         process_group: Any = None,
+        refresh_every: int = 1, ramp_steps: int = 0, wd_min_ratio: Optional[float] = None,
+        wd_max_ratio: Optional[float] = None, esd_of: str = "weight", history_size: int = 100,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -135,6 +141,9 @@ class TempBalance:
         self.flat_layers: list[str] = []  #: scheduled layers whose fitted tail was flat at the last ESD
         self.step_count = 0
         self._layer_ratio: "OrderedDict[str, float]" = OrderedDict()
+        self.wd_ratios: "OrderedDict[str, float]" = self.ratios  #: weight-decay factor per key (= ratios: one range)
+        self.history = History()  #: the newest ``history_size`` refresh records (tbfast.tempbalance.history)
+        self._ramp, self._optimizer = Ramp(), OptimizerRef()  # ramp_steps; the optimizer esd_of reads
 
     # ------------------------------------------------------------------ metrics -> ratios
     @property
@@ -168,14 +177,15 @@ class TempBalance:
 
         esd, fit = self.options.esd_options(), self.options.fit_options()
         group = active_group(self.process_group)
+        src = (self.esd_of, self._optimizer.get(), self.conv_norm)  # weights, grads or an optimizer state
         with torch.no_grad():
             if group is None:
-                return run(self.analysed_layers() if layers is None else layers, esd, fit).metrics
+                return run(source_layers(self.analysed_layers(), *src) if layers is None else layers, esd, fit).metrics
             if layers is not None:
                 raise ValueError(_ASYNC_ON_GROUP)
             # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
             mine = model_layers(self.net, group, types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
-            return run_on_group(mine, esd, fit, group=group).metrics
+            return run_on_group(source_layers(mine, *src), esd, fit, group=group).metrics
 
     def analysed_layers(self) -> list:
         """The `Layer` records TempBalance analyses: nn.Linear and nn.Conv2d, module order."""
@@ -225,6 +235,8 @@ class TempBalance:
         step, table = done
         self.update(table)
         self.schedule_step = step
+        if self.history:
+            self.history[-1]["schedule_step"] = step
         logger.debug("TempBalance: background ESD of step %d in use at step %d", step, self.step_count)
         return True
 
@@ -244,39 +256,20 @@ class TempBalance:
         status = list(getattr(table, "status", [STATUS_OK] * len(names)))
         all_scores = table_column(table, self.esd_metric_for_tb)
         check_rows(names, all_scores, status, rows, self.esd_metric_for_tb)
-        flat = self._flat(table, rows)
-        plan = plan_schedule([names[i] for i in rows], all_scores[rows], flat, self.options)
-
+        flat = flat_rows(table, rows, self.options)
+        plan, wd = plan_factors([names[i] for i in rows], all_scores[rows], flat, self.options)
+        # ramp_steps: written factors move from those in force to the new ones (tbfast.tempbalance.ramp)
+        self._ramp.begin(self.step_count, self.ramp_steps, {"lr": self.ratios, "layer": self._layer_ratio,
+                         "wd": self.wd_ratios}, {"lr": plan.ratios, "layer": plan.layer_ratio, "wd": wd.ratios},
+                         self.step_count - 1 >= self.start_step)
         self.metrics = table
         self.tuned_layers = [names[i] for i in rows]
         self.flat_layers = [n for n, f in zip(self.tuned_layers, flat) if f]
-        self.scores = plan.scores
-        self.ratios = plan.ratios
-        self._layer_ratio = plan.layer_ratio
+        self.scores, self.ratios, self._layer_ratio, self.wd_ratios = plan.scores, plan.ratios, plan.layer_ratio, wd.ratios
+        self.history.add(refresh_record(self.step_count, table, self.options, plan, wd.ratios), self.history_size)
         logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(plan.ratios),
                      min(plan.ratios.values()), max(plan.ratios.values()))
         return plan.ratios
-
-    def _flat(self, table: Any, rows: list[int]) -> list[bool]:
-        """Per row: whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
-        from ..metrics import FLAT_TAIL_SPREAD, flat_tail
-
-        if self.esd_metric_for_tb not in ALPHA_SCORES:
-            return [False] * len(rows)
-        try:
-            alpha = table_column(table, "alpha")
-        except KeyError:  # a metrics_fn table without alpha
-            return [False] * len(rows)
-        flat = flat_tail(alpha[rows]).tolist()
-        hit = [f"{table.names[i]} (alpha={alpha[i]:.4g})" for i, f in zip(rows, flat) if f]
-        if hit:
-            logger.warning(
-                "TempBalance: flat ESD tail (alpha >= %g: the tail eigenvalues lie within %g%% of xmin on "
-                "average, so alpha is not a power-law exponent) in %s; %s", 1 + 1 / FLAT_TAIL_SPREAD,
-                100 * FLAT_TAIL_SPREAD, ", ".join(hit),
-                "left at the untuned lr (flat_policy='untuned')" if self.flat_policy == "untuned"
-                else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
-        return flat
 
     # ------------------------------------------------------------------ parameters -> keys
     def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
@@ -290,11 +283,13 @@ class TempBalance:
         """``id(param) -> schedule key`` (None for parameters at the untuned lr)."""
         return _param_keys(self.layout())
 
-    def ratio(self, key: Any) -> float:
-        """lr factor of a schedule key (1.0 for untuned parameters or before ``start_step``)."""
+    def ratio(self, key: Any, channel: str = "lr") -> float:
+        """Factor of a schedule key now (channel 'lr' or 'wd'; 1.0 for untuned parameters or before
+        ``start_step``; during a ramp, on its way to the target in ``ratios`` / ``wd_ratios``)."""
         if key is _UNTUNED or not self.active:
             return 1.0
-        return self.ratios[key]
+        target = (self.wd_ratios if channel == "wd" else self.ratios)[key]
+        return self._ramp.factor(channel, key, target, self.step_count, self.ramp_steps)
 
     # ------------------------------------------------------------------ original API
     def build_optimizer_param_group(self, untuned_lr: float = 0.1, initialize: bool = True):
@@ -337,7 +332,9 @@ class TempBalance:
         after the scheduler's step; each group's lr becomes the scheduler's lr x its factor).
         """
         self.step_count += 1
-        if self.active:
+        self._optimizer.bind(optimizer)
+        if self.active and (not self.ratios or self.step_count % self.refresh_every == 0
+                            or self.step_count == self.start_step):
             self.refresh()
         return self.apply(optimizer, untuned_lr)
 
@@ -358,6 +355,7 @@ class TempBalance:
         untuned lr and the factor it wrote per group and divides that factor out of whatever the
         scheduler wrote (see tbfast.tempbalance.lr_frames), so factors never compound with the schedule.
         """
+        self._optimizer.bind(optimizer)
         if self.asynchronous:
             self._promote()
         if untuned_lr is not None:
@@ -375,7 +373,7 @@ class TempBalance:
                 if "weight_decay" not in group:
                     raise ValueError(f"optimizer param group {gi} has no 'weight_decay' to balance")
                 wd0 = group.setdefault(_WD0, group["weight_decay"])
-                group["weight_decay"] = wd0 * factor
+                group["weight_decay"] = wd0 * (self.ratio(keys[gi], "wd") if keys is not None else 1.0)
             written.append(_lr.write(group, base, lr_factor, lr_factor, follow=untuned_lr is None))
         _lr.install_hooks()
         if untuned_lr is not None:
@@ -384,7 +382,9 @@ class TempBalance:
 
     def _record_layer_lrs(self, untuned_lr: float) -> None:
         factor = self._layer_ratio if self.active and self.balance != "weight_decay" else {}
-        self.layer_lrs = OrderedDict((n, untuned_lr * factor.get(n, 1.0)) for n in self.tuned_layers)
+        self.layer_lrs = OrderedDict((n, untuned_lr * self._ramp.factor("layer", n, factor[n], self.step_count,
+                                                                        self.ramp_steps) if n in factor else untuned_lr)
+                                     for n in self.tuned_layers)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -404,6 +404,9 @@ class TempBalance:
             "tuned_layers": list(self.tuned_layers),
             "layer_ratio": dict(getattr(self, "_layer_ratio", {})),
             "granularity": self.granularity,
+            # only with ramp_steps > 1 / a separate weight-decay range (the keys of older states otherwise)
+            **({"ramp": self._ramp.to_state()} if self.ramp_steps > 1 else {}),
+            **({"wd_ratios": dict(self.wd_ratios)} if self.wd_ratios is not self.ratios else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -419,24 +422,15 @@ class TempBalance:
         self._layer_ratio = OrderedDict(state.get("layer_ratio", {}))
         self.schedule_step = state.get("schedule_step", self.step_count)
         self._async.load_state(state.get("pending_esd"))
+        self.wd_ratios = OrderedDict(state["wd_ratios"]) if "wd_ratios" in state else self.ratios
+        self._ramp.load_state(state.get("ramp"))
 
     # ------------------------------------------------------------------ reporting
     def table(self):
-        """Per-layer DataFrame of the last schedule: name, block, score, tuned, lr factor."""
-        import pandas as pd
-
+        """Per-layer DataFrame of the last schedule: name, block, score, tuned, lr factor (targets)."""
         if self.metrics is None:
             raise RuntimeError("TempBalance: no ESD computed yet")
-        names = list(self.metrics.names)
-        score = table_column(self.metrics, self.esd_metric_for_tb)
-        lr_ratio = getattr(self, "_layer_ratio", {})
-        return pd.DataFrame({
-            "name": names,
-            "block": [block_index(n, self.block_pattern) for n in names],
-            self.esd_metric_for_tb: score,
-            "tuned": [n in lr_ratio for n in names],
-            "lr_factor": [lr_ratio.get(n, 1.0) for n in names],
-        })
+        return schedule_table(self.metrics, self._layer_ratio, self.options)
 
     def __repr__(self) -> str:
         return (f"TempBalance(assign_func={self.assign_func!r}, granularity={self.granularity!r}, "
