@@ -5,7 +5,8 @@ Each record is a plain dict::
     {"refresh": n,            # 1 for the first refresh of this scheduler, counting dropped records
      "step": step_count,      # TempBalance.step_count when the schedule became current
      "schedule_step": s,      # the step whose weights (or esd_of tensors) gave it (asynchronous: older)
-     "esd_of": "weight", "metric": "alpha",
+     "esd_of": "weight", "active": True,   # active False: before start_step (factors not applied)
+     "metric": "alpha",
      "alpha": {layer: alpha},           # every analysed layer with a finite alpha
      "score": {key: score},             # the scores the assignment function saw
      "lr_factor": {key: factor},        # TempBalance.ratios (target factors, before any ramp)
@@ -41,14 +42,17 @@ class History(list):
         return [r for r in self if r["refresh"] > refresh]
 
 
-def refresh_record(step: int, table: Any, opts: Any, plan: Plan, wd_factor: Mapping[str, float]) -> dict:
+def refresh_record(step: int, table: Any, opts: Any, plan: Plan, wd_factor: Mapping[str, float],
+                   active: bool = True) -> dict:
     """The record of a refresh at step count ``step`` from ESD ``table`` and its ``plan`` (module
-    docstring); ``schedule_step`` is ``step`` (the asynchronous scheduler corrects it)."""
+    docstring); ``schedule_step`` is ``step`` (the asynchronous scheduler corrects it). Before
+    ``start_step`` (``active`` False) the ESD is of the weights whatever ``esd_of`` says."""
     try:
         alpha = dict(zip(table.names, (float(a) for a in table_column(table, "alpha"))))
     except KeyError:  # a metrics_fn table without alpha
         alpha = {}
-    record = {"step": int(step), "schedule_step": int(step), "esd_of": opts.esd_of, "metric": opts.esd_metric_for_tb,
+    record = {"step": int(step), "schedule_step": int(step), "esd_of": opts.esd_of if active else "weight",
+              "active": bool(active), "metric": opts.esd_metric_for_tb,
               "alpha": {n: a for n, a in alpha.items() if math.isfinite(a)},
               "score": {k: float(v) for k, v in plan.scores.items()},
               "lr_factor": {k: float(v) for k, v in plan.ratios.items()}}

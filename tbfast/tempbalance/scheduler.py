@@ -177,7 +177,8 @@ class TempBalance:
 
         esd, fit = self.options.esd_options(), self.options.fit_options()
         group = active_group(self.process_group)
-        src = (self.esd_of, self._optimizer.get(), self.conv_norm)  # weights, grads or an optimizer state
+        # weights, grads or an optimizer state; before start_step (layout only) always the weights
+        src = (self.esd_of if self.active else "weight", self._optimizer.get(), self.conv_norm)
         with torch.no_grad():
             if group is None:
                 return run(source_layers(self.analysed_layers(), *src) if layers is None else layers, esd, fit).metrics
@@ -266,7 +267,8 @@ class TempBalance:
         self.tuned_layers = [names[i] for i in rows]
         self.flat_layers = [n for n, f in zip(self.tuned_layers, flat) if f]
         self.scores, self.ratios, self._layer_ratio, self.wd_ratios = plan.scores, plan.ratios, plan.layer_ratio, wd.ratios
-        self.history.add(refresh_record(self.step_count, table, self.options, plan, wd.ratios), self.history_size)
+        self.history.add(refresh_record(self.step_count, table, self.options, plan, wd.ratios, self.active),
+                         self.history_size)
         logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(plan.ratios),
                      min(plan.ratios.values()), max(plan.ratios.values()))
         return plan.ratios
