@@ -8,6 +8,7 @@ Each record is a plain dict::
      "esd_of": "weight", "active": True,   # active False: before start_step (factors not applied)
      "metric": "alpha",
      "alpha": {layer: alpha},           # every analysed layer with a finite alpha
+     "tuned": [layer, ...],             # the layers whose scores entered the schedule
      "score": {key: score},             # the scores the assignment function saw
      "lr_factor": {key: factor},        # TempBalance.ratios (target factors, before any ramp)
      "wd_factor": {key: factor}}        # only when balance is 'weight_decay' or 'both'
@@ -42,10 +43,10 @@ class History(list):
         return [r for r in self if r["refresh"] > refresh]
 
 
-def refresh_record(step: int, table: Any, opts: Any, plan: Plan, wd_factor: Mapping[str, float],
+def refresh_record(step: int, table: Any, tuned: list[str], opts: Any, plan: Plan, wd_factor: Mapping[str, float],
                    active: bool = True) -> dict:
     """The record of a refresh at step count ``step`` from ESD ``table`` and its ``plan`` (module
-    docstring); ``schedule_step`` is ``step`` (the asynchronous scheduler corrects it). Before
+    docstring; ``tuned``: the scheduled layers); ``schedule_step`` is ``step`` (the asynchronous scheduler corrects it). Before
     ``start_step`` (``active`` False) the ESD is of the weights whatever ``esd_of`` says."""
     try:
         alpha = dict(zip(table.names, (float(a) for a in table_column(table, "alpha"))))
@@ -53,7 +54,7 @@ def refresh_record(step: int, table: Any, opts: Any, plan: Plan, wd_factor: Mapp
         alpha = {}
     record = {"step": int(step), "schedule_step": int(step), "esd_of": opts.esd_of if active else "weight",
               "active": bool(active), "metric": opts.esd_metric_for_tb,
-              "alpha": {n: a for n, a in alpha.items() if math.isfinite(a)},
+              "alpha": {n: a for n, a in alpha.items() if math.isfinite(a)}, "tuned": list(tuned),
               "score": {k: float(v) for k, v in plan.scores.items()},
               "lr_factor": {k: float(v) for k, v in plan.ratios.items()}}
     if opts.balance != "lr":

@@ -267,8 +267,8 @@ class TempBalance:
         self.tuned_layers = [names[i] for i in rows]
         self.flat_layers = [n for n, f in zip(self.tuned_layers, flat) if f]
         self.scores, self.ratios, self._layer_ratio, self.wd_ratios = plan.scores, plan.ratios, plan.layer_ratio, wd.ratios
-        self.history.add(refresh_record(self.step_count, table, self.options, plan, wd.ratios, self.active),
-                         self.history_size)
+        record = refresh_record(self.step_count, table, self.tuned_layers, self.options, plan, wd.ratios, self.active)
+        self.history.add(record, self.history_size)
         logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(plan.ratios),
                      min(plan.ratios.values()), max(plan.ratios.values()))
         return plan.ratios
