@@ -147,6 +147,30 @@ def test_weight_decay_range_independent_of_lr_range():
     assert _close([opt.param_groups[j]["weight_decay"] for j in range(3)], 0.01 * linear_map(alpha, 1.0, 5.0))
 
 
+def test_weight_decay_factors_ramp_like_the_lr_factors():
+    """refresh every step, ramp 2: at step 1 both factors are half-way from the build's targets."""
+    model = W.tiny_model()
+    tb = tbfast.TempBalance(model, balance="both", lr_min_ratio=1.0, lr_max_ratio=5.0, wd_min_ratio=0.67,
+                            wd_max_ratio=3.0, ramp_steps=2, dtype=torch.float64)
+    a0 = [hill_alpha(model[i].weight) for i in W.TUNED]
+    groups, _ = tb.build_optimizer_param_group(untuned_lr=0.1)
+    assert _close([g["lr"] for g in groups[:3]], 0.1 * linear_map(a0, 1.0, 5.0))  # the first schedule: at once
+    opt = torch.optim.SGD(groups, lr=0.1, weight_decay=0.01)
+    x, y = W.batch(0, 1)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    a1 = [hill_alpha(model[i].weight) for i in W.TUNED]
+    tb.step(opt, 0.1)
+    for lo, hi, key, base in ((1.0, 5.0, "lr", 0.1), (0.67, 3.0, "weight_decay", 0.01)):
+        old, new = linear_map(a0, lo, hi), linear_map(a1, lo, hi)
+        assert _close([g[key] for g in opt.param_groups[:3]], base * (old + (new - old) / 2)), key
+    tb.step(opt, 0.1)  # step 2 refreshes again: half-way from the step-1 factors to the new targets
+    a2 = [hill_alpha(model[i].weight) for i in W.TUNED]
+    prev = linear_map(a0, 1.0, 5.0) + (linear_map(a1, 1.0, 5.0) - linear_map(a0, 1.0, 5.0)) / 2
+    new = linear_map(a2, 1.0, 5.0)
+    assert _close([g["lr"] for g in opt.param_groups[:3]], 0.1 * (prev + (new - prev) / 2))
+
+
 # ------------------------------------------------------------------ esd_of
 def test_esd_of_grad_is_the_gradient_alpha():
     model = W.tiny_model()
@@ -193,6 +217,18 @@ def test_esd_of_exp_avg_reads_the_optimizer_state():
 
 
 # ------------------------------------------------------------------ history and options
+def test_a_scheduler_bound_to_an_optimizer_still_pickles():
+    import pickle
+
+    model = W.tiny_model()
+    tb = tbfast.TempBalance(model, ramp_steps=3)
+    groups, _ = tb.build_optimizer_param_group(0.1)
+    opt = torch.optim.SGD(groups, lr=0.1)
+    tb.step(opt, 0.1)
+    tb2 = pickle.loads(pickle.dumps(tb))
+    assert tb2.ratios == tb.ratios and tb2.history == tb.history and tb2.history.count == tb.history.count
+
+
 def test_history_is_bounded_and_holds_oracle_alphas():
     model = W.tiny_model()
     tb = tbfast.TempBalance(model, history_size=2, dtype=torch.float64)

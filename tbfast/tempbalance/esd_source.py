@@ -32,6 +32,9 @@ class OptimizerRef:
     def get(self) -> Any:
         return None if self._ref is None else self._ref()
 
+    def __getstate__(self) -> dict:  # a pickled scheduler does not carry its optimizer
+        return {"_ref": None}
+
 
 def optimizer_state(optimizer: Any, param: Any) -> Optional[dict]:
     """``optimizer.state[param]`` of the optimizer or the one it wraps (``.optimizer`` /
@@ -43,6 +46,13 @@ def optimizer_state(optimizer: Any, param: Any) -> Optional[dict]:
     return None
 
 
+def _checked(layer: Layer, esd_of: str, t: Any) -> Any:
+    if type(t).__name__ == "DTensor" or tuple(t.shape) != tuple(layer.shape):
+        raise ValueError(f"TempBalance: layer {layer.name!r}: the {esd_of} tensor has shape {tuple(t.shape)}, not the "
+                         f"weight's {tuple(layer.shape)} (sharded parameters, e.g. FSDP, are not supported with esd_of)")
+    return t
+
+
 def _tensor(layer: Layer, esd_of: str, optimizer: Any) -> Any:
     w = getattr(layer.module, "weight", None)
     if layer.kind not in ("Linear", "Conv2d") or w is None:
@@ -52,7 +62,7 @@ def _tensor(layer: Layer, esd_of: str, optimizer: Any) -> Any:
         if w.grad is None:
             raise ValueError(f"TempBalance: layer {layer.name!r} has no gradient for esd_of='grad' (run backward() "
                              "before the ESD and zero the gradients after tb.step, or use start_step >= 1)")
-        return w.grad
+        return _checked(layer, esd_of, w.grad)
     if optimizer is None:
         raise ValueError(f"TempBalance: esd_of={esd_of!r} reads the optimizer's state, but no optimizer was "
                          "given yet (pass it to tb.step(optimizer) / tb.apply(optimizer); use start_step >= 1)")
@@ -61,7 +71,7 @@ def _tensor(layer: Layer, esd_of: str, optimizer: Any) -> Any:
         raise ValueError(f"TempBalance: layer {layer.name!r} has no optimizer state {esd_of!r} yet "
                          f"({type(optimizer).__name__} holds {sorted(state) or 'nothing'} for it; the optimizer must "
                          "have stepped before the ESD: use start_step >= 1)")
-    return state[esd_of]
+    return _checked(layer, esd_of, state[esd_of])
 
 
 def source_layers(layers: list[Layer], esd_of: str, optimizer: Any = None, conv_norm: float = 0.5) -> list[Layer]:

@@ -384,9 +384,8 @@ class TempBalance:
 
     def _record_layer_lrs(self, untuned_lr: float) -> None:
         factor = self._layer_ratio if self.active and self.balance != "weight_decay" else {}
-        self.layer_lrs = OrderedDict((n, untuned_lr * self._ramp.factor("layer", n, factor[n], self.step_count,
-                                                                        self.ramp_steps) if n in factor else untuned_lr)
-                                     for n in self.tuned_layers)
+        ramped = {n: self._ramp.factor("layer", n, f, self.step_count, self.ramp_steps) for n, f in factor.items()}
+        self.layer_lrs = OrderedDict((n, untuned_lr * ramped.get(n, 1.0)) for n in self.tuned_layers)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
