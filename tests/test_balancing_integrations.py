@@ -47,15 +47,20 @@ def test_hf_trainer_logs_every_refresh(tmp_path):
         def __init__(self, model):
             self.model, self.at = model, {}
 
-        def _grab(self, state):
+            self.factor = {}  # step -> {key: group lr / scheduler lr}
+
+        def _grab(self, state, optimizer, lr_scheduler):
             self.at[state.global_step] = {n: m.weight.detach().double().clone()
                                           for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+            sched = lr_scheduler.get_last_lr()
+            self.factor[state.global_step] = {g["tempbalance_key"]: g["lr"] / sched[i] if sched[i] else None
+                                              for i, g in enumerate(optimizer.param_groups)}  # linear decay: 0 at the end
 
-        def on_train_begin(self, args, state, control, **kw):
-            self._grab(state)
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            self._grab(state, optimizer, lr_scheduler)
 
-        def on_step_end(self, args, state, control, **kw):
-            self._grab(state)
+        def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            self._grab(state, optimizer, lr_scheduler)
 
     model = test_hf.tiny("bert")
     tb = tbfast.TempBalance(model, eigs_thresh=10, **OPTS)
@@ -71,6 +76,17 @@ def test_hf_trainer_logs_every_refresh(tmp_path):
     for h in logged:
         assert _check_refresh_log(h, rec.at[h["step"]]) >= 10
     assert [r["step"] for r in tb.history][-5:] == [0, 1, 2, 3, 4]
+    # the lrs written: ramp_steps=3 on the Trainer's global step, a refresh at every step; at step 0
+    # the factors ramp in from the untuned 1.0 (the optimizer was built at the untuned lr)
+    keys = [k.split("/", 2)[2] for k in logged[0] if k.startswith("tempbalance/lr_factor/")]
+    prev = np.ones(len(keys))
+    for c in range(4):
+        new = linear_map([hill_alpha(rec.at[c][k]) for k in keys], 1.0, 5.0)
+        want = prev + (new - prev) * min(1.0, 1 / OPTS["ramp_steps"])
+        got = [rec.factor[c][k] for k in keys]
+        assert np.allclose(got, want, rtol=1e-6, atol=0), (c, got, want)
+        assert rec.factor[c][None] == pytest.approx(1.0, rel=1e-12)  # untuned parameters
+        prev = want
 
 
 def test_lightning_logs_every_refresh(tmp_path):
