@@ -147,6 +147,19 @@ def test_weight_decay_range_independent_of_lr_range():
     assert _close([opt.param_groups[j]["weight_decay"] for j in range(3)], 0.01 * linear_map(alpha, 1.0, 5.0))
 
 
+def test_alphadecay_balances_only_the_weight_decay():
+    model = W.tiny_model()
+    tb = tbfast.TempBalance(model, balance="weight_decay", wd_min_ratio=0.67, wd_max_ratio=3.0, dtype=torch.float64)
+    groups, _ = tb.build_optimizer_param_group(untuned_lr=0.1)
+    opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=0.1)
+    tb.step(opt, 0.1)
+    alpha = [hill_alpha(model[i].weight) for i in W.TUNED]
+    assert [g["lr"] for g in opt.param_groups] == [0.1] * 4
+    assert _close([g["weight_decay"] for g in opt.param_groups[:3]], 0.1 * linear_map(alpha, 0.67, 3.0))
+    rec = tb.history[-1]
+    assert "lr_factor" not in rec and _close(list(rec["wd_factor"].values()), linear_map(alpha, 0.67, 3.0))
+
+
 def test_weight_decay_factors_ramp_like_the_lr_factors():
     """refresh every step, ramp 2: at step 1 both factors are half-way from the build's targets."""
     model = W.tiny_model()

@@ -10,7 +10,8 @@ Each record is a plain dict::
      "alpha": {layer: alpha},           # every analysed layer with a finite alpha
      "tuned": [layer, ...],             # the layers whose scores entered the schedule
      "score": {key: score},             # the scores the assignment function saw
-     "lr_factor": {key: factor},        # TempBalance.ratios (target factors, before any ramp)
+     "lr_factor": {key: factor},        # TempBalance.ratios (target factors, before any ramp);
+                                        # not with balance='weight_decay' (the lr is not balanced)
      "wd_factor": {key: factor}}        # only when balance is 'weight_decay' or 'both'
 
 `History` keeps the newest ``history_size`` records (a list; ``count`` = refreshes so far).
@@ -55,8 +56,9 @@ def refresh_record(step: int, table: Any, tuned: list[str], opts: Any, plan: Pla
     record = {"step": int(step), "schedule_step": int(step), "esd_of": opts.esd_of if active else "weight",
               "active": bool(active), "metric": opts.esd_metric_for_tb,
               "alpha": {n: a for n, a in alpha.items() if math.isfinite(a)}, "tuned": list(tuned),
-              "score": {k: float(v) for k, v in plan.scores.items()},
-              "lr_factor": {k: float(v) for k, v in plan.ratios.items()}}
+              "score": {k: float(v) for k, v in plan.scores.items()}}
+    if opts.balance != "weight_decay":
+        record["lr_factor"] = {k: float(v) for k, v in plan.ratios.items()}
     if opts.balance != "lr":
         record["wd_factor"] = {k: float(v) for k, v in wd_factor.items()}
     return record
