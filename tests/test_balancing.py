@@ -231,6 +231,35 @@ def test_esd_of_exp_avg_reads_the_optimizer_state():
     assert tb.history[-1]["esd_of"] == "exp_avg" and tb.history[-1]["active"]
 
 
+def test_esd_of_reads_the_bound_optimizer_through_a_wrapper_and_close_lets_go():
+    """The optimizer esd_of reads is the one TempBalance holds (tbfast.tempbalance.binding): the torch
+    optimizer inside a wrapper given to step (the wrapper itself may be gone), none after close()."""
+    import gc
+
+    class Wrapper:  # Lightning-style: holds the torch optimizer as ._optimizer, shares its groups
+        def __init__(self, opt):
+            self._optimizer, self.param_groups = opt, opt.param_groups
+
+    model = W.tiny_model()
+    tb = tbfast.TempBalance(model, esd_of="exp_avg", start_step=1, dtype=torch.float64)
+    groups, _ = tb.build_optimizer_param_group(0.01)
+    opt = torch.optim.Adam(groups, lr=0.01)
+    x, y = W.batch(0, 1, n=256)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    tb.step(Wrapper(opt))  # the wrapper is garbage right after this call
+    gc.collect()
+    tb.update()  # reads opt's exp_avg although the wrapper is gone
+    alpha = [hill_alpha(opt.state[model[i].weight]["exp_avg"]) for i in W.TUNED]
+    assert _close([tb.metrics.alpha[tb.metrics.names.index(str(i))] for i in W.TUNED], alpha)
+    tb.close()
+    with pytest.raises(ValueError, match=r"esd_of='exp_avg' reads the optimizer's state, but no optimizer"):
+        tb.update()
+    tb.step(opt)  # given again: bound and read again
+    assert _close(list(tb.ratios.values()), linear_map(alpha, 0.5, 1.5))
+    tb.close()
+
+
 # ------------------------------------------------------------------ history and options
 def test_a_scheduler_bound_to_an_optimizer_still_pickles():
     import pickle
