@@ -236,3 +236,94 @@ def test_block_states_strict_and_partial():
         other.load_state_dict(saved)
     other.load_state_dict(saved, strict=False)
     assert dict(other.ratios) == {k: v for k, v in saved["ratios"].items() if k != "block.1"}
+
+
+# ----------------------------------------------------------------------------- s3's entries in s1's state
+BAL = dict(balance="both", wd_min_ratio=0.5, wd_max_ratio=3.0, ramp_steps=3)
+
+
+def mid_ramp(widths=(16, 16, 16, 16)):
+    """A scheduler (separate weight-decay range, ramp 3) one step into the ramp of a refresh whose
+    alphas differ from the build's, and its optimizer (weight decay 0.01)."""
+    model = mlp(widths)
+    tb = TempBalance(model, metrics_fn=Fixed(model), **BAL)
+    groups, _ = tb.build_optimizer_param_group(LR)
+    opt = torch.optim.SGD(groups, lr=LR, weight_decay=0.01)
+    tb.metrics_fn.alpha = tb.metrics_fn.alpha[::-1]
+    tb.step(opt, LR)
+    return model, tb, opt
+
+
+def test_ramp_and_weight_decay_factors_are_checked_like_the_factors():
+    _, tb, _ = mid_ramp()
+    good = tb.state_dict()
+    assert set(good["wd_ratios"]) == set(good["ratios"]) and good["ramp"]["start"] == 1
+    cases = [
+        (lambda s: s["wd_ratios"].update({"4": float("nan")}), r"wd_ratios\['4'\] is nan"),
+        (lambda s: s["wd_ratios"].pop("4"), r"inconsistent \(truncated\?\): 'wd_ratios' and 'ratios' differ in \['4'\]"),
+        (lambda s: s.update(ramp=[1]), r"'ramp' is malformed"),
+        (lambda s: s["ramp"].update(start="x"), r"'ramp' is malformed"),
+        (lambda s: s["ramp"]["old"]["wd"].update({"2": -1.0}), r"ramp\['old'\]\['wd'\]\['2'\] is -1.0"),
+        (lambda s: s["ramp"]["old"].update(momentum={}), r"'ramp' has an unknown channel 'momentum'"),
+    ]
+    for spoil, match in cases:
+        state = copy.deepcopy(good)
+        spoil(state)
+        _, tb2, _ = mid_ramp()
+        before = (tb_snapshot(tb2), dict(tb2.wd_ratios), tb2._ramp.to_state())
+        with pytest.raises(ValueError, match=match) as info:
+            tb2.load_state_dict(state)
+        assert "\n" not in str(info.value)
+        assert (tb_snapshot(tb2), dict(tb2.wd_ratios), tb2._ramp.to_state()) == before
+
+
+def test_strict_false_keeps_the_ramp_and_weight_decay_of_matching_layers():
+    """Oracle: the ramp formula of docs/TEMPBALANCE.md on the saved old / target factors,
+    f(c) = old + (new - old) * min(1, (c - r + 1) / M), for the layers whose shapes match."""
+    _, tb, _ = mid_ramp()
+    saved = json.loads(json.dumps(tb.state_dict()))  # as the HF callback stores it
+    _, tb2, opt2 = mid_ramp((16, 32, 16, 16))  # layers '2' and '4' changed shape
+    tb2.load_state_dict(saved, strict=False)
+    assert dict(tb2.wd_ratios) == {k: v for k, v in saved["wd_ratios"].items() if k not in ("2", "4")}
+    assert set(tb2._ramp.to_state()["old"]["wd"]) == set(saved["ramp"]["old"]["wd"]) - {"2", "4"}
+    for g in opt2.param_groups:
+        g["weight_decay"] = 0.01  # a fresh untuned weight decay
+        g.pop("tempbalance", None)
+    tb2.set_step(2)  # step count 2, no new ESD: 2/3 of the way; '2' and '4' untuned until the next ESD
+    tb2.apply(opt2, LR)
+    r, c, M = saved["ramp"]["start"], 2, 3
+    for g, k in zip(opt2.param_groups, tb2.group_keys(opt2)):
+        if k is None:
+            assert math.isclose(g["weight_decay"], 0.01, rel_tol=1e-12) and math.isclose(g["lr"], LR, rel_tol=1e-12)
+            continue
+        t = min(1.0, (c - r + 1) / M)
+        wd_old, wd_new = saved["ramp"]["old"]["wd"][k], saved["wd_ratios"][k]
+        lr_old, lr_new = saved["ramp"]["old"]["lr"][k], saved["ratios"][k]
+        assert math.isclose(g["weight_decay"], 0.01 * (wd_old + (wd_new - wd_old) * t), rel_tol=1e-12), k
+        assert math.isclose(g["lr"], LR * (lr_old + (lr_new - lr_old) * t), rel_tol=1e-12), k
+
+
+def test_fingerprint_holds_the_balancing_options_and_the_async_lag():
+    _, tb, _ = mid_ramp()
+    state = tb.state_dict()
+    for change, match in [(dict(ramp_steps=5), "ramp_steps: saved 3, now 5"),
+                          (dict(wd_max_ratio=2.0), "wd_max_ratio: saved 3.0, now 2.0"),
+                          (dict(refresh_every=4), "refresh_every: saved 1, now 4")]:
+        model = mlp()
+        other = TempBalance(model, metrics_fn=Fixed(model), **{**BAL, **change})
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(state)
+    model = mlp()
+    other = TempBalance(model, esd_of="grad", metrics_fn=None, **BAL)
+    with pytest.raises(ValueError, match="esd_of: saved 'weight', now 'grad'"):
+        other.load_state_dict(state)
+    # async_lag decides which step's ESD is in use: compared between asynchronous schedulers only
+    with TempBalance(mlp(), asynchronous=True, async_lag=2) as lag2, \
+            TempBalance(mlp(), asynchronous=True, async_lag=1) as lag1:
+        saved = lag2.state_dict()
+        assert saved["fingerprint"]["options"]["async_lag"] == 2
+        with pytest.raises(ValueError, match="async_lag: saved 2, now 1"):
+            lag1.load_state_dict(saved)
+        sync = TempBalance(mlp())
+        assert "async_lag" not in sync.state_dict()["fingerprint"]["options"]
+        sync.load_state_dict(saved)

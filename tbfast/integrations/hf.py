@@ -27,11 +27,11 @@ import logging
 import math
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from ..tempbalance.layout import param_layout
 from ..tempbalance import TempBalance
+from .refresh_logs import refresh_logs, unlogged
 
 try:  # transformers is optional
     from transformers import TrainerCallback as _CallbackBase
@@ -126,6 +126,7 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         self.trainer = trainer
         self.interval: Optional[int] = None
         self.esd_steps: list[int] = []
+        self._logged = 0  # refresh number (TempBalance.history) logged last
 
     # -- helpers
     @staticmethod
@@ -142,27 +143,17 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
     def _esd(self, state: Any) -> None:
         self.tb.refresh()  # in the background for TempBalance(asynchronous=True)
         self.esd_steps.append(state.global_step)
-        if not self.log_table:
-            return
-        logs: dict[str, float] = {}
-        try:
-            alpha = self.tb.layer_values("alpha")
-        except KeyError:  # a metrics_fn table without alpha
-            alpha = None
-        if alpha is not None:
-            for n, a in alpha.items():
-                if math.isfinite(a):  # unfittable layers (e.g. a 2-row classifier) are left out
-                    logs[f"tempbalance/alpha/{n}"] = a
-            tuned = [a for n, a in alpha.items() if n in set(self.tb.tuned_layers)]
-            if tuned:
-                logs["tempbalance/alpha_mean"] = float(np.mean(tuned))
-                logs["tempbalance/alpha_std"] = float(np.std(tuned))
-        for k, r in self.tb.ratios.items():
-            logs[f"tempbalance/lr_factor/{k}"] = float(r)
-        if self.trainer is not None:
-            self.trainer.log(logs)
-        else:
-            logger.debug("TempBalance step %d: %s", state.global_step, logs)
+
+    def _log_refreshes(self, state: Any) -> None:
+        """Log every refresh not logged yet (`TempBalance.history`; asynchronous ESDs when they take
+        effect) through ``Trainer.log``, or the module logger at DEBUG level without a trainer."""
+        records, self._logged = unlogged(self.tb, self._logged)
+        for record in records if self.log_table else ():
+            logs = refresh_logs(record)
+            if self.trainer is not None:
+                self.trainer.log(logs)
+            else:
+                logger.debug("TempBalance step %d: %s", state.global_step, logs)
 
     def _export(self, state: Any) -> None:
         """Put the schedule into ``state.stateful_callbacks`` so it is saved with every checkpoint.
@@ -207,10 +198,12 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         self.interval = esd_interval_for(self._steps_per_epoch(args, state, train_dataloader), self.esd_interval)
         start = int(args.get_warmup_steps(state.max_steps)) if self.start_after_warmup else None
         restored = self._restore(state)
+        self._logged = self.tb.history.count  # refreshes before training (layout) are not logged
         self.tb.set_step(state.global_step, start_step=start)
         if self.tb.active and not restored:
             self._esd(state)
         self.tb.apply(optimizer)
+        self._log_refreshes(state)
         self._export(state)
         logger.info("TempBalance: ESD every %d optimizer steps, balancing from step %d%s", self.interval,
                     self.tb.start_step, f" (schedule restored at step {state.global_step})" if restored else "")
@@ -220,6 +213,7 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         if self.tb.active and (state.global_step % self.interval == 0 or not self.esd_steps):
             self._esd(state)
         self.tb.apply(optimizer)
+        self._log_refreshes(state)
         self._export(state)
 
 

@@ -25,10 +25,10 @@ same lrs as an uninterrupted one. Importing this module does not need lightning;
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional
 
 from ..tempbalance import TempBalance
+from .refresh_logs import refresh_logs, unlogged
 
 try:  # lightning is optional
     from lightning.pytorch.callbacks import Callback as _CallbackBase
@@ -66,6 +66,7 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         self.log = log
         self.esd_steps: list[int] = []  #: global steps at which the ESD was recomputed
         self._restored: Optional[dict] = None
+        self._logged = 0  # refresh number (TempBalance.history) logged last
 
     # -- helpers
     def _optimizers(self, trainer: Any) -> list:
@@ -84,27 +85,24 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
         for opt in opts[1:]:
             self.tb.apply(opt)
         self.esd_steps.append(trainer.global_step)
-        if self.log and self.tb.active:
+        if self.log:
             self._log(trainer)
 
     def _apply(self, trainer: Any) -> None:
         for opt in self._optimizers(trainer):
             self.tb.apply(opt)
+        if self.log and self.tb.asynchronous:  # a background ESD may have taken effect
+            self._log(trainer)
 
     def _log(self, trainer: Any) -> None:
-        metrics: dict[str, float] = {}
-        try:
-            alpha = self.tb.layer_values("alpha")  # empty before the first ESD
-        except KeyError:  # a metrics_fn table without alpha
-            alpha = {}
-        for name, a in alpha.items():
-            if math.isfinite(a):  # unfittable layers are left out
-                metrics[f"tempbalance/alpha/{name}"] = a
-        for key, r in self.tb.ratios.items():
-            metrics[f"tempbalance/lr_factor/{key}"] = float(r)
-        for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=trainer.global_step)
-        logger.debug("TempBalance at step %d: %s", trainer.global_step, metrics)
+        """Send every refresh not logged yet (`TempBalance.history`, `tbfast.integrations.refresh_logs`)
+        to every Lightning logger, at the current global step."""
+        records, self._logged = unlogged(self.tb, self._logged)
+        for record in records:
+            metrics = refresh_logs(record)
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+            logger.debug("TempBalance at step %d: %s", trainer.global_step, metrics)
 
     # -- Lightning hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -113,6 +111,7 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
             # build_optimizer_param_group ran a new ESD: put the checkpoint's schedule back
             self.tb.load_state_dict(self._restored)
             self._restored = None
+        self._logged = self.tb.history.count  # refreshes before training (layout) are not logged
         self._apply(trainer)  # the (restored) factors on the (restored) scheduler lrs
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -8,7 +8,9 @@ Nothing here is process-wide. `Hold` is what one `TempBalance` attaches:
 - until an optimizer built from ``build_optimizer_param_group``'s groups is bound, a `Bridge`: a
   ``register_post_accumulate_grad_hook`` on one parameter of those groups that balances their
   lrs before the optimizer steps (TempBalance never sees that optimizer before its first step);
-  it goes as soon as such an optimizer is bound.
+  it goes as soon as such an optimizer is bound;
+- a weak reference to the optimizer given last (`Hold.last`): the one whose state ``esd_of``
+  reads (`tbfast.tempbalance.esd_source`), also when it is no torch optimizer.
 
 `Hold.release` (called by ``tb.close()`` and by a ``weakref.finalize`` on the TempBalance, so
 garbage collection of ``tb`` detaches too; neither hook refers to ``tb``) removes every hook and
@@ -111,6 +113,7 @@ class Hold:
     def __init__(self) -> None:
         self.bindings: list[Binding] = []
         self.bridge: Optional[Bridge] = None
+        self._last: Optional[weakref.ref] = None
 
     @classmethod
     def for_owner(cls, owner: Any) -> "Hold":
@@ -126,25 +129,31 @@ class Hold:
         self.bridge = Bridge(groups)
 
     def bind(self, optimizer: Any) -> Optional[torch.optim.Optimizer]:
-        """Hook ``optimizer`` (once); returns the torch optimizer bound (None if it is no torch optimizer)."""
+        """Hook ``optimizer`` (once) and make it `last`; returns the torch optimizer bound (None if it
+        is no torch optimizer: its lrs are written, not hooked)."""
         opt = torch_optimizer(optimizer)
-        if opt is None:
-            return None
-        self.bindings = [b for b in self.bindings if b.attached]
-        if any(b.ref() is opt for b in self.bindings):
-            return opt
-        other = _owners.get(opt)
-        if other is not None and other.attached:
-            raise ValueError("this optimizer is already bound to another TempBalance; close() that one first "
-                             "(one TempBalance per optimizer)")
-        try:
-            self.bindings.append(Binding(opt))
-        except AttributeError:  # an Optimizer subclass that skipped Optimizer.__init__: lrs written, not hooked
-            return None
-        if self.bridge is not None and self.bridge.holds(opt.param_groups):
-            self.bridge.detach(strip=False)
-            self.bridge = None
+        if opt is not None and not any(b.ref() is opt for b in self.bindings if b.attached):
+            other = _owners.get(opt)
+            if other is not None and other.attached:
+                raise ValueError("this optimizer is already bound to another TempBalance; close() that one first "
+                                 "(one TempBalance per optimizer)")
+            self.bindings = [b for b in self.bindings if b.attached]
+            try:
+                self.bindings.append(Binding(opt))
+            except AttributeError:  # an Optimizer subclass that skipped Optimizer.__init__: lrs written, not hooked
+                opt = None
+            if opt is not None and self.bridge is not None and self.bridge.holds(opt.param_groups):
+                self.bridge.detach(strip=False)
+                self.bridge = None
+        try:  # the torch optimizer inside a wrapper outlives the wrapper object
+            self._last = weakref.ref(optimizer if opt is None else opt)
+        except TypeError:  # an object without weak references: its state cannot be read later
+            self._last = None
         return opt
+
+    def last(self) -> Any:
+        """The optimizer given to `bind` last (None: none, released, or collected)."""
+        return None if self._last is None else self._last()
 
     def optimizers(self) -> list:
         """The optimizers bound now (alive)."""
@@ -154,7 +163,7 @@ class Hold:
         """Detach from every optimizer and drop the bridge (idempotent)."""
         for b in self.bindings:
             b.detach()
-        self.bindings = []
+        self.bindings, self._last = [], None
         if self.bridge is not None:
             self.bridge.detach(strip=True)
             self.bridge = None

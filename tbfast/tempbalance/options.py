@@ -20,7 +20,7 @@ from ..options import ESDOptions, FitOptions, either
 from .assign import ASSIGN_FUNCS, assign_lrs
 
 __all__ = ["TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS", "GRANULARITIES", "BALANCE", "FLAT_POLICIES",
-           "ALPHA_SCORES", "pick_fit_backend",
+           "ALPHA_SCORES", "ESD_SOURCES", "pick_fit_backend",
            "OPTION_NAMES", "Option"]
 
 PL_FITTINGS = ("median", "goodness-of-fit", "ks", "fix-finger")
@@ -32,6 +32,8 @@ SCORE_METRICS = (
 GRANULARITIES = ("layer", "block", "layer_in_block")
 BALANCE = ("lr", "weight_decay", "both")
 FLAT_POLICIES = ("keep", "untuned")
+#: what a layer's ESD is taken of: its weight, its gradient, or an optimizer state tensor of the weight
+ESD_SOURCES = ("weight", "grad", "exp_avg", "exp_avg_sq", "momentum_buffer")
 #: scores that a flat ESD tail makes meaningless (checked with `tbfast.metrics.flat_tail`)
 ALPHA_SCORES = ("alpha", "alphahat", "log_alpha_norm")
 
@@ -91,6 +93,20 @@ class TempBalanceOptions:
       must call ``step``). Default None: each rank computes everything alone and never waits for
       the others, except for sharded weights (FSDP1, FSDP2 ``fully_shard``), which use the
       default group; ``False``: never distributed (docs/DISTRIBUTED.md).
+
+    Balancing schedules beyond TB (LLR / AlphaDecay style; docs/TEMPBALANCE.md):
+
+    - ``refresh_every``: `TempBalance.step` computes a new ESD only when ``step_count`` is a
+      multiple of it (and at the first active step); the other calls re-apply the factors.
+    - ``ramp_steps``: after a refresh at step count ``r``, the factor written at step count ``c``
+      is ``old + (new - old) * min(1, (c - r + 1) / ramp_steps)`` (``old``: the factor in force
+      at step count ``r - 1``); 0 or 1 = the new factors at once (the original).
+    - ``wd_min_ratio``, ``wd_max_ratio``: the factor range of the weight decay (``balance`` 'weight_decay'
+      or 'both'); None = the lr range.
+    - ``esd_of``: 'weight' (default), 'grad' (``param.grad``) or an optimizer state tensor of
+      the weight ('exp_avg', 'exp_avg_sq', 'momentum_buffer'; read from the optimizer given to
+      ``step`` / ``apply``).
+    - ``history_size``: how many refresh records `TempBalance.history` keeps.
     """
 
     # the original's options (SPEC section 6)
@@ -130,6 +146,13 @@ class TempBalanceOptions:
     async_lag: Optional[int] = 1
     process_group: Any = None
     metrics_fn: Optional[Callable[[Any], Any]] = None
+    # balancing schedules beyond TB (LLR, AlphaDecay)
+    refresh_every: int = 1
+    ramp_steps: int = 0
+    wd_min_ratio: Optional[float] = None
+    wd_max_ratio: Optional[float] = None
+    esd_of: str = "weight"
+    history_size: int = 100
 
     def __post_init__(self) -> None:
         if self.pl_fitting not in PL_FITTINGS:
@@ -163,6 +186,44 @@ class TempBalanceOptions:
         object.__setattr__(self, "asynchronous", bool(self.asynchronous))
         if self.assign_func == "tb_sigmoid":  # tau / s checked by the function itself, on dummy scores
             assign_lrs("tb_sigmoid", np.array([1.0, 2.0]), 1.0, tau=self.tau, s=self.s)
+        self._check_balancing()
+
+    def _check_balancing(self) -> None:
+        for label in ("refresh_every", "ramp_steps", "history_size"):
+            v = getattr(self, label)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (label == "refresh_every"):
+                raise ValueError(f"{label} must be an integer >= {int(label == 'refresh_every')}, got {v!r}")
+            object.__setattr__(self, label, int(v))
+        for label in ("wd_min_ratio", "wd_max_ratio"):
+            v = getattr(self, label)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer))
+                                  or not math.isfinite(float(v)) or float(v) < 0):
+                raise ValueError(f"{label} must be None or a finite number >= 0, got {v!r}")
+            if v is not None and self.balance == "lr":
+                raise ValueError(f"{label} sets the weight-decay factor range; it needs balance='weight_decay' "
+                                 f"or 'both', not 'lr'")
+        lo, hi = self.wd_range()
+        if (self.wd_min_ratio is not None or self.wd_max_ratio is not None) and lo > hi:
+            raise ValueError(f"wd_min_ratio must be <= wd_max_ratio, got {lo} > {hi}")
+        if self.esd_of not in ESD_SOURCES:
+            raise ValueError(f"esd_of must be one of {ESD_SOURCES}, got {self.esd_of!r}")
+        if self.esd_of != "weight" and (self.asynchronous or self.metrics_fn is not None):
+            raise ValueError(f"esd_of={self.esd_of!r} cannot be combined with "
+                             f"{'asynchronous=True' if self.asynchronous else 'metrics_fn'} (weights only)")
+
+    def wd_range(self) -> tuple[float, float]:
+        """The weight-decay factor range ``(wd_min_ratio, wd_max_ratio)``; a None end is the lr range's."""
+        lo = self.lr_min_ratio if self.wd_min_ratio is None else self.wd_min_ratio
+        hi = self.lr_max_ratio if self.wd_max_ratio is None else self.wd_max_ratio
+        return float(lo), float(hi)
+
+    def wd_options(self) -> Optional["TempBalanceOptions"]:
+        """Options whose lr range is the weight-decay range (``lr_slope`` = its width), or None
+        when the weight-decay factors are the lr factors (no separate range, or ``balance='lr'``)."""
+        if self.balance == "lr" or (self.wd_min_ratio is None and self.wd_max_ratio is None):
+            return None
+        lo, hi = self.wd_range()
+        return self.replace(lr_min_ratio=lo, lr_max_ratio=hi, lr_slope=hi - lo, wd_min_ratio=None, wd_max_ratio=None)
 
     def _check_choices(self) -> None:
         if self.batchnorm_type not in ("name", "order"):

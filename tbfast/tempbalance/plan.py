@@ -23,9 +23,15 @@ Steps (SPEC sections 6-7):
    ``normalize`` rescales the layer (or block) factors to mean 1. With
    ``flat_policy='untuned'``, flat layers are left out of the scores and get factor 1.0 (a
    block whose layers are all flat too), keeping the keys of a plan without flat layers.
+4. `plan_factors`: the lr plan and, when the weight decay has its own factor range
+   (``wd_min_ratio`` / ``wd_max_ratio``), the weight-decay plan (the same steps on that range).
+
+`flat_rows` flags the selected layers whose fitted tail is flat (`tbfast.metrics.flat_tail`);
+`plan_table` runs steps 1-4 on an ESD table (what ``TempBalance.update`` does with each one).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,8 +42,12 @@ import numpy as np
 from ..errors import STATUS_OK
 from ..layers import block_index
 from .assign import assign_lrs, block_means, normalize_mean, scores_array, within_block_lrs
+from .options import ALPHA_SCORES
 
-__all__ = ["Plan", "table_column", "select_rows", "check_rows", "plan_schedule"]
+__all__ = ["Plan", "table_column", "select_rows", "check_rows", "plan_schedule", "plan_factors", "flat_rows",
+           "plan_table"]
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
@@ -179,3 +189,52 @@ def plan_schedule(names: Sequence[str], scores: Any, flat: Sequence[bool], opts:
     if bad:
         raise ValueError(f"TempBalance: invalid learning-rate factor for {bad[:5]}: {[plan.ratios[k] for k in bad[:5]]}")
     return plan
+
+
+def plan_factors(names: Sequence[str], scores: Any, flat: Sequence[bool], opts: Any) -> tuple[Plan, Plan]:
+    """``(lr plan, weight-decay plan)``; the weight-decay plan is the lr plan itself unless
+    ``opts.wd_options()`` gives a separate weight-decay range (`TempBalanceOptions.wd_options`)."""
+    plan = plan_schedule(names, scores, flat, opts)
+    wd_opts = opts.wd_options() if hasattr(opts, "wd_options") else None
+    return plan, (plan if wd_opts is None else plan_schedule(names, scores, flat, wd_opts))
+
+
+def flat_rows(table: Any, rows: Sequence[int], opts: Any) -> list[bool]:
+    """Per selected row: whether its fitted tail is flat (only for alpha-based scores, see
+    `tbfast.tempbalance.options.ALPHA_SCORES`); logs one warning per ESD naming the flat layers."""
+    from ..metrics import FLAT_TAIL_SPREAD, flat_tail
+
+    if opts.esd_metric_for_tb not in ALPHA_SCORES:
+        return [False] * len(rows)
+    try:
+        alpha = table_column(table, "alpha")
+    except KeyError:  # a metrics_fn table without alpha
+        return [False] * len(rows)
+    flat = flat_tail(alpha[list(rows)]).tolist()
+    hit = [f"{table.names[i]} (alpha={alpha[i]:.4g})" for i, f in zip(rows, flat) if f]
+    if hit:
+        logger.warning(
+            "TempBalance: flat ESD tail (alpha >= %g: the tail eigenvalues lie within %g%% of xmin on "
+            "average, so alpha is not a power-law exponent) in %s; %s", 1 + 1 / FLAT_TAIL_SPREAD,
+            100 * FLAT_TAIL_SPREAD, ", ".join(hit),
+            "left at the untuned lr (flat_policy='untuned')" if opts.flat_policy == "untuned"
+            else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
+    return flat
+
+
+
+def plan_table(table: Any, modules: Any, opts: Any) -> tuple[list[str], list[bool], Plan, Plan]:
+    """Steps 1-4 on an ESD ``table`` whose layers must all be in ``modules`` (a model's module
+    names): ``(scheduled layers, their flat-tail flags, lr plan, weight-decay plan)``."""
+    names = list(table.names)
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"ESD table names layers that are not modules of the model: {missing[:5]}")
+    rows = select_rows(table_column(table, "num_evals"), opts)
+    status = list(getattr(table, "status", [STATUS_OK] * len(names)))
+    scores = table_column(table, opts.esd_metric_for_tb)
+    check_rows(names, scores, status, rows, opts.esd_metric_for_tb)
+    flat = flat_rows(table, rows, opts)
+    tuned = [names[i] for i in rows]
+    plan, wd = plan_factors(tuned, scores[rows], flat, opts)
+    return tuned, flat, plan, wd

@@ -15,9 +15,11 @@ layer with a flat fitted ESD tail (`tbfast.metrics.flat_tail`) gets a logged war
 ESD and is scheduled on its alpha unless ``flat_policy='untuned'``.
 
 Structure: the options are `tbfast.tempbalance.options.TempBalanceOptions`, the planning (ESD
-table columns -> factors) is `tbfast.tempbalance.plan`, the parameter layout `tbfast.tempbalance.layout`, the
-asynchronous ESD `tbfast.tempbalance.background.AsyncESD`; this class holds the state and the optimizer
-protocol.
+table columns -> lr and weight-decay factors) is `tbfast.tempbalance.plan`, the parameter layout
+`tbfast.tempbalance.layout`, the ramp `tbfast.tempbalance.ramp`, the ESD source (``esd_of``)
+`tbfast.tempbalance.esd_source`, the optimizer hooks `tbfast.tempbalance.binding`, the checkpoint
+`tbfast.tempbalance.state`, the asynchronous ESD `tbfast.tempbalance.background.AsyncESD`; this
+class holds the state and the optimizer protocol.
 """
 from __future__ import annotations
 
@@ -32,14 +34,15 @@ from . import lr_frames as _lr
 from . import state as _state
 from .background import ASYNC_ON_GROUP as _ASYNC_ON_GROUP, AsyncESD
 from .binding import Hold
+from .esd_source import source_layers
+from .history import History, refresh_record
+from .ramp import Ramp
 from .report import schedule_table
-from ..errors import STATUS_OK
 from ..layers import BLOCK_PATTERN
 # module functions named like the methods that call them
 from .layout import group_keys as _group_keys, optimizer_groups, param_keys as _param_keys, param_layout
-from .plan import check_rows, plan_schedule, select_rows, table_column
-from .options import (ALPHA_SCORES, OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, Option, TempBalanceOptions,
-                      pick_fit_backend)
+from .plan import plan_table, table_column
+from .options import OPTION_NAMES, PL_FITTINGS, SCORE_METRICS, Option, TempBalanceOptions, pick_fit_backend
 
 __all__ = ["TempBalance", "Tempbalance", "PL_FITTINGS", "SCORE_METRICS"]
 
@@ -55,8 +58,9 @@ class TempBalance:
     ``tau``, ``s``, ``granularity``, ``lr_slope``, ``normalize``, ``balance``, ``start_step``,
     ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
     ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
-    ``asynchronous``, ``async_lag``, ``process_group``. `tbfast.tempbalance.options.TempBalanceOptions`
-    describes each one.
+    ``asynchronous``, ``async_lag``, ``process_group``; LLR / AlphaDecay-style ``refresh_every``,
+    ``ramp_steps``, ``wd_min_ratio``, ``wd_max_ratio``, ``esd_of``, ``history_size``.
+    `tbfast.tempbalance.options.TempBalanceOptions` describes each one.
 
     Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
     `TempBalanceOptions` validated when built; setting an attribute validates the new value.
@@ -73,6 +77,7 @@ class TempBalance:
     linear_map_equal, block_pattern, flat_policy = Option(), Option(), Option()
     xmin_bound, dtype, method, fit_backend, asynchronous, process_group, metrics_fn = Option(), Option(), Option(), Option(), Option(), Option(), Option()
     async_lag = Option()
+    refresh_every, ramp_steps, wd_min_ratio, wd_max_ratio, esd_of, history_size = Option(), Option(), Option(), Option(), Option(), Option()
     backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
 
     def __init__(
@@ -114,6 +119,8 @@ class TempBalance:
         async_lag: Optional[int] = 1,
         flat_policy: str = "keep",
         process_group: Any = None,
+        refresh_every: int = 1, ramp_steps: int = 0, wd_min_ratio: Optional[float] = None,
+        wd_max_ratio: Optional[float] = None, esd_of: str = "weight", history_size: int = 100,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -133,7 +140,11 @@ class TempBalance:
         self.flat_layers: list[str] = []  #: scheduled layers whose fitted tail was flat at the last ESD
         self.step_count = 0
         self._layer_ratio: "OrderedDict[str, float]" = OrderedDict()
-        # the optimizers it writes (tbfast.tempbalance.binding); closing or collecting self lets go of them
+        self.wd_ratios: "OrderedDict[str, float]" = self.ratios  #: weight-decay factor per key (= ratios: one range)
+        self.history = History()  #: the newest ``history_size`` refresh records (tbfast.tempbalance.history)
+        self._ramp = Ramp()  # ramp_steps: the factors in force at the last refresh
+        # the optimizers it writes (tbfast.tempbalance.binding; esd_of reads the last one's state);
+        # closing or collecting self lets go of them
         self._hold = Hold.for_owner(self)
 
     # ------------------------------------------------------------------ metrics -> ratios
@@ -168,14 +179,16 @@ class TempBalance:
 
         esd, fit = self.options.esd_options(), self.options.fit_options()
         group = active_group(self.process_group, self.net)
+        # weights, grads or an optimizer state; before start_step (layout only) always the weights
+        src = (self.esd_of if self.active else "weight", self._hold.last(), self.conv_norm)
         with torch.no_grad():
             if group is None:
-                return run(self.analysed_layers() if layers is None else layers, esd, fit).metrics
+                return run(source_layers(self.analysed_layers(), *src) if layers is None else layers, esd, fit).metrics
             if layers is not None:
                 raise ValueError(_ASYNC_ON_GROUP)
             # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
             mine = model_layers(self.net, group, types=("Linear", "Conv2d"), conv_norm=self.conv_norm)
-            return run_on_group(mine, esd, fit, group=group).metrics
+            return run_on_group(source_layers(mine, *src), esd, fit, group=group).metrics
 
     def analysed_layers(self) -> list:
         """The `Layer` records TempBalance analyses: nn.Linear and nn.Conv2d, module order."""
@@ -226,6 +239,8 @@ class TempBalance:
         step, table = done
         self.update(table)
         self.schedule_step = step
+        if self.history:
+            self.history[-1]["schedule_step"] = step
         logger.debug("TempBalance: background ESD of step %d in use at step %d", step, self.step_count)
         return True
 
@@ -236,48 +251,20 @@ class TempBalance:
         Returns ``ratios``; the lr of a key is ``untuned_lr * ratio``.
         """
         table = self.compute_metrics() if table is None else table
-        names = list(table.names)
-        modules = dict(self.net.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ValueError(f"ESD table names layers that are not modules of the model: {missing[:5]}")
-        rows = select_rows(table_column(table, "num_evals"), self.options)
-        status = list(getattr(table, "status", [STATUS_OK] * len(names)))
-        all_scores = table_column(table, self.esd_metric_for_tb)
-        check_rows(names, all_scores, status, rows, self.esd_metric_for_tb)
-        flat = self._flat(table, rows)
-        plan = plan_schedule([names[i] for i in rows], all_scores[rows], flat, self.options)
-
+        tuned, flat, plan, wd = plan_table(table, dict(self.net.named_modules()), self.options)
+        # ramp_steps: written factors move from those in force to the new ones (tbfast.tempbalance.ramp)
+        self._ramp.begin(self.step_count, self.ramp_steps, {"lr": self.ratios, "layer": self._layer_ratio,
+                         "wd": self.wd_ratios}, {"lr": plan.ratios, "layer": plan.layer_ratio, "wd": wd.ratios},
+                         self.step_count - 1 >= self.start_step)
         self.metrics = table
-        self.tuned_layers = [names[i] for i in rows]
+        self.tuned_layers = tuned
         self.flat_layers = [n for n, f in zip(self.tuned_layers, flat) if f]
-        self.scores = plan.scores
-        self.ratios = plan.ratios
-        self._layer_ratio = plan.layer_ratio
+        self.scores, self.ratios, self._layer_ratio, self.wd_ratios = plan.scores, plan.ratios, plan.layer_ratio, wd.ratios
+        record = refresh_record(self.step_count, table, self.tuned_layers, self.options, plan, wd.ratios, self.active)
+        self.history.add(record, self.history_size)
         logger.debug("TempBalance: %d schedule keys, factors in [%.4g, %.4g]", len(plan.ratios),
                      min(plan.ratios.values()), max(plan.ratios.values()))
         return plan.ratios
-
-    def _flat(self, table: Any, rows: list[int]) -> list[bool]:
-        """Per row: whether its fitted tail is flat (only for alpha-based scores); logs one warning per ESD."""
-        from ..metrics import FLAT_TAIL_SPREAD, flat_tail
-
-        if self.esd_metric_for_tb not in ALPHA_SCORES:
-            return [False] * len(rows)
-        try:
-            alpha = table_column(table, "alpha")
-        except KeyError:  # a metrics_fn table without alpha
-            return [False] * len(rows)
-        flat = flat_tail(alpha[rows]).tolist()
-        hit = [f"{table.names[i]} (alpha={alpha[i]:.4g})" for i, f in zip(rows, flat) if f]
-        if hit:
-            logger.warning(
-                "TempBalance: flat ESD tail (alpha >= %g: the tail eigenvalues lie within %g%% of xmin on "
-                "average, so alpha is not a power-law exponent) in %s; %s", 1 + 1 / FLAT_TAIL_SPREAD,
-                100 * FLAT_TAIL_SPREAD, ", ".join(hit),
-                "left at the untuned lr (flat_policy='untuned')" if self.flat_policy == "untuned"
-                else "scheduled on it as the original does (flat_policy='untuned' leaves it at the untuned lr)")
-        return flat
 
     # ------------------------------------------------------------------ parameters -> keys
     def layout(self) -> tuple[list[tuple[str, Any, list[nn.Parameter]]], list[nn.Parameter]]:
@@ -291,11 +278,13 @@ class TempBalance:
         """``id(param) -> schedule key`` (None for parameters at the untuned lr)."""
         return _param_keys(self.layout())
 
-    def ratio(self, key: Any) -> float:
-        """lr factor of a schedule key (1.0 for untuned parameters or before ``start_step``)."""
+    def ratio(self, key: Any, channel: str = "lr") -> float:
+        """Factor of a schedule key now (channel 'lr' or 'wd'; 1.0 for untuned parameters or before
+        ``start_step``; during a ramp, on its way to the target in ``ratios`` / ``wd_ratios``)."""
         if key is _UNTUNED or not self.active:
             return 1.0
-        return self.ratios[key]
+        target = (self.wd_ratios if channel == "wd" else self.ratios)[key]
+        return self._ramp.factor(channel, key, target, self.step_count, self.ramp_steps)
 
     # ------------------------------------------------------------------ original API
     def build_optimizer_param_group(self, untuned_lr: float = 0.1, initialize: bool = True):
@@ -338,8 +327,10 @@ class TempBalance:
         """
         if untuned_lr is not None:
             untuned_lr = _lr.check_lr(untuned_lr, "step: untuned_lr")
+        self.bind(optimizer)  # before the ESD: esd_of may read this optimizer's state
         self.step_count += 1
-        if self.active:
+        if self.active and (not self.ratios or self.step_count % self.refresh_every == 0
+                            or self.step_count == self.start_step):
             self.refresh()
         return self.apply(optimizer, untuned_lr)
 
@@ -362,14 +353,15 @@ class TempBalance:
         """
         if untuned_lr is not None:
             untuned_lr = _lr.check_lr(untuned_lr, "apply: untuned_lr")
+        self.bind(optimizer)  # before a first ESD (group_keys): esd_of may read this optimizer's state
         if self.asynchronous:
             self._promote()
         groups = optimizer_groups(optimizer)
         keys = self.group_keys(optimizer) if self.active else [None] * len(groups)
-        factors = [self.ratio(k) if self.active else 1.0 for k in keys]
-        lr_factors = factors if self.balance in ("lr", "both") else [1.0] * len(factors)
-        self.bind(optimizer)
-        written = _lr.write_factors(groups, lr_factors, factors if self.balance != "lr" else None, untuned_lr)
+        # the factors now (on their ramp, tbfast.tempbalance.ramp); weight decay from its own range
+        lr_factors = [self.ratio(k) if self.balance != "weight_decay" else 1.0 for k in keys]
+        wd_factors = [self.ratio(k, "wd") for k in keys] if self.balance != "lr" else None
+        written = _lr.write_factors(groups, lr_factors, wd_factors, untuned_lr)
         if untuned_lr is not None:
             self._record_layer_lrs(untuned_lr)
         return written
@@ -395,13 +387,14 @@ class TempBalance:
 
     def _record_layer_lrs(self, untuned_lr: float) -> None:
         factor = self._layer_ratio if self.active and self.balance != "weight_decay" else {}
-        self.layer_lrs = OrderedDict((n, untuned_lr * factor.get(n, 1.0)) for n in self.tuned_layers)
+        ramped = {n: self._ramp.factor("layer", n, f, self.step_count, self.ramp_steps) for n, f in factor.items()}
+        self.layer_lrs = OrderedDict((n, untuned_lr * ramped.get(n, 1.0)) for n in self.tuned_layers)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Everything needed to resume: step count, the latest schedule (factors, scores) and a
-        ``fingerprint`` of what was analysed (layer names and shapes, schedule options; see
-        `tbfast.tempbalance.state`).
+        """Everything needed to resume: step count, the latest schedule (factors, scores; the
+        weight-decay factors and the ramp in progress when used) and a ``fingerprint`` of what
+        was analysed (layer names and shapes, schedule options; see `tbfast.tempbalance.state`).
 
         Asynchronous mode: an ESD in flight is waited for (not made current) and saved as the
         finished result the next ``step`` / ``apply`` will use, so a resumed run continues

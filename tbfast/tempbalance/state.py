@@ -3,7 +3,10 @@
 A state is a dict of plain values (numbers, strings, lists, dicts, None: JSON and
 ``torch.load(weights_only=True)`` safe). Its ``fingerprint`` records what was analysed: every
 analysed layer (nn.Linear / nn.Conv2d) as ``[name, weight shape]`` in module order, and the
-options that change the schedule (`SCHEDULE_OPTIONS`). `load` checks a state completely before
+options that change the schedule (`SCHEDULE_OPTIONS`; ``async_lag`` too when ``asynchronous``).
+Optional entries: ``wd_ratios`` (the weight-decay factors, only when they have their own range,
+``wd_min_ratio`` / ``wd_max_ratio``) and ``ramp`` (the ramp in progress, only with
+``ramp_steps > 1``; `tbfast.tempbalance.ramp`). `load` checks a state completely before
 changing anything:
 
 - not a dict: TypeError; missing entries, wrong types, non-finite or negative factors: ValueError
@@ -39,6 +42,7 @@ SCHEDULE_OPTIONS = (
     "remove_last_layer", "eigs_thresh", "esd_metric_for_tb", "assign_func", "lr_min_ratio", "lr_max_ratio",
     "batchnorm", "batchnorm_type", "layernorm", "tau", "s", "granularity", "lr_slope", "normalize", "balance",
     "linear_map_equal", "block_pattern", "flat_policy", "xmin_bound",
+    "refresh_every", "ramp_steps", "wd_min_ratio", "wd_max_ratio", "esd_of",
 )
 _REQUIRED = ("step_count", "ratios", "scores", "tuned_layers")
 
@@ -59,6 +63,8 @@ def fingerprint(tb: Any) -> dict:
     """``{"layers": [[name, shape], ...], "options": {...}}`` of a TempBalance (no ESD needed)."""
     layers = [[n, list(m.weight.shape)] for n, m in tb.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     options = {k: _plain(getattr(tb.options, k)) for k in SCHEDULE_OPTIONS if hasattr(tb.options, k)}
+    if tb.options.asynchronous:  # which step's ESD is in use at each step (tbfast.tempbalance.background)
+        options["async_lag"] = _plain(tb.options.async_lag)
     return {"layers": layers, "options": options}
 
 
@@ -74,11 +80,14 @@ def to_state(tb: Any) -> dict:
         "tuned_layers": list(tb.tuned_layers),
         "layer_ratio": dict(tb._layer_ratio),
         "granularity": tb.granularity,
+        # only with ramp_steps > 1 / a separate weight-decay range (the keys of older states otherwise)
+        **({"ramp": tb._ramp.to_state()} if tb.ramp_steps > 1 else {}),
+        **({"wd_ratios": dict(tb.wd_ratios)} if tb.wd_ratios is not tb.ratios else {}),
     }
 
 
-def _numbers(state: Mapping, entry: str, nonneg: bool) -> "OrderedDict[str, float]":
-    values = state.get(entry, {})
+def _numbers(state: Mapping, entry: str, nonneg: bool, label: str = "") -> "OrderedDict[str, float]":
+    values, entry = state.get(entry, {}), label or entry
     if not isinstance(values, Mapping):
         raise ValueError(f"TempBalance state: {entry!r} must be a dict, got {type(values).__name__}")
     out: "OrderedDict[str, float]" = OrderedDict()
@@ -89,6 +98,22 @@ def _numbers(state: Mapping, entry: str, nonneg: bool) -> "OrderedDict[str, floa
             raise ValueError(f"TempBalance state: {entry}[{k!r}] is {v!r}; expected {what}")
         out[k] = float(v)
     return out
+
+
+def _ramp(state: Mapping) -> dict:
+    """The checked ``ramp`` entry (`tbfast.tempbalance.ramp.Ramp.to_state`; empty when absent)."""
+    ramp = state.get("ramp")
+    if ramp is None:
+        return {}
+    start = ramp.get("start") if isinstance(ramp, Mapping) else None
+    if not isinstance(ramp, Mapping) or not isinstance(ramp.get("old", {}), Mapping) or not (
+            start is None or (isinstance(start, int) and not isinstance(start, bool))):
+        raise ValueError("TempBalance state: 'ramp' is malformed (expected start and old factors per channel)")
+    old = {c: _numbers(ramp["old"], c, True, f"ramp['old'][{c!r}]") for c in ramp.get("old", {})}
+    bad = [c for c in old if c not in ("lr", "layer", "wd")]
+    if bad:
+        raise ValueError(f"TempBalance state: 'ramp' has an unknown channel {bad[0]!r}")
+    return {"start": start, "old": old}
 
 
 def _first_difference(saved: list, now: list) -> str:
@@ -132,6 +157,11 @@ def load(tb: Any, state: Any, strict: bool = True) -> None:
         raise ValueError(f"TempBalance state: 'schedule_step' is {sched_step!r}; expected an integer or None")
     ratios, scores = _numbers(state, "ratios", True), _numbers(state, "scores", False)
     layer_ratio = _numbers(state, "layer_ratio", True)
+    wd_ratios = _numbers(state, "wd_ratios", True) if "wd_ratios" in state else None
+    ramp = _ramp(state)
+    if wd_ratios is not None and set(wd_ratios) != set(ratios):
+        raise ValueError(f"TempBalance state is inconsistent (truncated?): 'wd_ratios' and 'ratios' differ in "
+                         f"{sorted(set(wd_ratios) ^ set(ratios))[:3]}")
     tuned = state["tuned_layers"]
     if not isinstance(tuned, list) or not all(isinstance(n, str) for n in tuned):
         raise ValueError("TempBalance state: 'tuned_layers' must be a list of layer names")
@@ -195,4 +225,7 @@ def load(tb: Any, state: Any, strict: bool = True) -> None:
     tb.scores = OrderedDict((k, v) for k, v in scores.items() if key_ok(k) or not bad)
     tb.tuned_layers = [n for n in tuned if key_ok(n)]
     tb._layer_ratio = OrderedDict((k, v) for k, v in layer_ratio.items() if key_ok(k))
+    tb.wd_ratios = tb.ratios if wd_ratios is None else OrderedDict((k, v) for k, v in wd_ratios.items() if key_ok(k))
+    tb._ramp.load_state({"start": ramp.get("start"),
+                         "old": {c: {k: v for k, v in f.items() if key_ok(k)} for c, f in ramp.get("old", {}).items()}})
     tb.schedule_step = sched_step
