@@ -182,6 +182,29 @@ def test_trainer_asynchronous_esd(tmp_path):
     oracle.update()
     assert tb.ratios == oracle.ratios
     tb.close()
+def test_asynchronous_trainer_exports_the_state_only_for_checkpoints(tmp_path, monkeypatch):
+    """tb.state_dict() waits for an ESD in flight, so the callback calls it only when the Trainer is
+    about to save (save_steps=3 of 6 steps: at train begin, and steps 3 and 6), not at every step."""
+    model = tiny("bert")
+    tb = tbfast.TempBalance(model, asynchronous=True, granularity="block", eigs_thresh=10, remove_first_layer=False)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
+        lr_scheduler_type="linear", logging_steps=100, report_to=[], save_strategy="steps", save_steps=3,
+        use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ToyData(24))
+    hf.attach(trainer, tb)
+    calls = []
+    real = tb.state_dict
+    monkeypatch.setattr(tb, "state_dict", lambda: (calls.append(trainer.state.global_step), real())[1])
+    trainer.train()
+    tb.close()
+    assert calls == [0, 3, 6]
+    import json
+    saved = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"][hf.STATE_KEY]["global_step"] == 6
+
+
 def test_resume_restores_schedule_between_esds(tmp_path):
     """esd_interval=4, checkpoint at step 6: the resumed run must not recompute the ESD at step 6.
 

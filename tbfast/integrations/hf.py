@@ -214,7 +214,12 @@ class TempBalanceCallback(_CallbackBase):  # type: ignore[misc]
             self._esd(state)
         self.tb.apply(optimizer)
         self._log_refreshes(state)
-        self._export(state)
+        if control.should_save:  # only for a checkpoint: state_dict() waits for an asynchronous ESD in flight
+            self._export(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:  # save_strategy='epoch' decides here
+            self._export(state)
 
 
 def attach(trainer: Any, tb: TempBalance, esd_interval: Optional[int] = None, start_after_warmup: bool = False,
