@@ -56,7 +56,8 @@ class Analysis:
 
 def _check_device(device: str | torch.device | None) -> torch.device | None:
     """``device`` as a torch.device, or a one-line error: ValueError for a name torch does not
-    know, RuntimeError for CUDA requested where torch has none (or fewer devices)."""
+    know, RuntimeError for CUDA requested where torch has none (or fewer devices) and for any
+    other device type (``mps``, ``xpu``...) that cannot hold a tensor here."""
     if device is None:
         return None
     try:
@@ -70,6 +71,18 @@ def _check_device(device: str | torch.device | None) -> torch.device | None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} "
                                f"CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but MPS is not available (this torch build or "
+                           f"machine has no Apple GPU); use device='cpu'")
+    elif dev.type != "cpu":  # xpu, meta...: one line, not the dispatcher's page-long error
+        try:
+            torch.empty(1, device=dev) + 1
+        except Exception as e:  # noqa: BLE001 (each backend raises its own type)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RuntimeError(f"device {str(device)!r} requested but it is not usable here ({first[:200]}); "
+                               f"use device='cpu' or 'cuda'") from None
+        if dev.type == "meta":
+            raise ValueError("device 'meta' holds no data; use device='cpu' or 'cuda'")
     return dev
 
 
@@ -166,9 +179,12 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     from .distributed import is_main_process
 
     if plot_dir is not None and is_main_process(options.get("process_group")):
+        from .checkpoint import checkpoint_files
+        from .io import file_ids
         from .plot import plot_analysis
 
-        plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)))
+        inputs = file_ids(checkpoint_files(source) + checkpoint_files(options.get("base")))  # never overwritten
+        plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)), inputs=inputs)
     return result.details
 
 
