@@ -153,8 +153,10 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``fit``: ``"ks"`` / ``"goodness-of-fit"`` (default; WeightWatcher's power-law fit),
       ``"median"`` (TempBalance's Hill estimator at ``xmin_pos``), ``"fix-finger"``;
     - ``min_evals=10``, ``max_evals=15000``: WeightWatcher's default layer selection (eigenvalue
-      counts); ``min_evals=0, max_evals=None`` keeps every layer; ``max_n`` (default None) drops
-      layers whose larger side exceeds it (WeightWatcher's ``max_N=50000``);
+      counts); ``min_evals=0, max_evals=None`` (or ``max_evals=0``) keeps every layer; ``max_n``
+      (default None; 0 also means no limit) drops layers whose larger side exceeds it
+      (WeightWatcher's ``max_N=50000``); ``include`` / ``exclude`` that are not regular
+      expressions are a ValueError naming the option;
     - ``include_embedding=True``, ``types``, ``include`` / ``exclude`` (regexes on layer names),
       ``conv_norm=0.5``;
     - ``base``: a model, state dict or checkpoint; each layer becomes ``W - W_base``; for a LoRA
@@ -165,7 +167,8 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``backend`` (alias of ``fit_backend``: the fit kernels, ``auto``/``cpp``/``triton``/``torch``),
       ``eig_backend`` (the eigensolver, ``auto``/``cpp``/``cusolver``/``torch``); every field of
       `tbfast.options.ESDOptions` and `tbfast.options.FitOptions` is accepted;
-    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib);
+    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib;
+      never over a file the analysis reads: `tbfast.io.OutputRefusedError`);
     - ``process_group``: inside torch.distributed (e.g. under ``torchrun``) the layers are split
       over the ranks of this group (default: the world group; ``False``: no split), each rank
       reads only its tensors, and every rank gets the full table; plots are written by rank 0.
