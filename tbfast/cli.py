@@ -320,6 +320,7 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
 def _write_files(args: argparse.Namespace, result, inputs, progress: bool) -> tuple[list[str], int]:
     """Write --csv (unless '-') and --plot by `tbfast.io.write_output`'s rules; the lines to report
     and an exit code (2 for a refused path, 1 for a write that failed)."""
+    from .checkpoint.files import shown
     from .io import STDOUT, OutputRefusedError, file_ids, write_output
 
     lines: list[str] = []
@@ -337,7 +338,7 @@ def _write_files(args: argparse.Namespace, result, inputs, progress: bool) -> tu
                 write_output(args.csv, result.details.to_csv(index=False).encode(), inputs, what="--csv")
             except OSError as e:
                 return lines, _error(f"cannot write --csv {args.csv}: {e}", EXIT_ERROR)
-            lines.append(f"wrote {args.csv}")
+            lines.append(f"wrote {shown(args.csv)}")
         if args.plot:
             try:
                 from .plot import plot_analysis
@@ -347,7 +348,7 @@ def _write_files(args: argparse.Namespace, result, inputs, progress: bool) -> tu
                 return lines, _error(str(e), EXIT_ERROR)
             except OSError as e:
                 return lines, _error(f"cannot write plots to {args.plot}: {e}", EXIT_ERROR)
-            lines.append(f"wrote {len(paths)} plots to {args.plot}")
+            lines.append(f"wrote {len(paths)} plots to {shown(args.plot)}")
     except OutputRefusedError as e:
         return lines, _error(str(e), EXIT_USAGE)
     return lines, EXIT_OK

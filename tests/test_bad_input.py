@@ -137,13 +137,15 @@ def test_non_utf8_file_names_load(tmp_path):
     safetensors_torch.save_file(sd, str(tmp_path / "tmp.safetensors"))
     os.replace(tmp_path / "tmp.safetensors", st)
     for f in (pt, st):
-        r = _run(f, b"--csv", os.path.join(d, b"out\xff.csv"))
+        # strict UTF-8 on stdout (as under a UTF-8 locale): the names are printed with \xNN escapes
+        r = _run(f, b"--csv", os.path.join(d, b"out\xff.csv"), env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
         assert r.returncode == cli.EXIT_OK, r.stderr.decode(errors="replace")
         df = pd.read_csv(open(os.path.join(d, b"out\xff.csv"), "rb"))
         for row in df.itertuples(index=False):  # the weights as saved: numpy's SVD is the oracle
             s = np.linalg.svd(sd[row.name + ".weight"].double().numpy(), compute_uv=False)
             assert row.spectral_norm == pytest.approx(s[0] ** 2, rel=1e-4)
         assert sorted(df["name"]) == ["layers.0.q", "layers.1.q"]
+        assert "out\\xff.csv" in r.stdout.decode()
         # the library takes the name as Python keeps it (surrogate escapes)
         assert list(tbfast.analyze(os.fsdecode(f), min_evals=0)["name"]) == ["layers.0.q", "layers.1.q"]
 
