@@ -321,7 +321,7 @@ def _write_files(args: argparse.Namespace, result, inputs, progress: bool) -> tu
     """Write --csv (unless '-') and --plot by `tbfast.io.write_output`'s rules; the lines to report
     and an exit code (2 for a refused path, 1 for a write that failed)."""
     from .checkpoint.files import shown
-    from .io import STDOUT, OutputRefusedError, file_ids, write_output
+    from .io import STDOUT, OutputRefusedError, check_output, file_ids, write_output
 
     lines: list[str] = []
     try:
@@ -329,7 +329,10 @@ def _write_files(args: argparse.Namespace, result, inputs, progress: bool) -> tu
             from .plot import plot_paths
 
             csv_id = file_ids([args.csv]) if args.csv and args.csv != STDOUT else frozenset()
-            clash = [p for p in plot_paths(result, args.plot) if file_ids([p]) & csv_id
+            planned = plot_paths(result, args.plot)
+            for p in planned:
+                check_output(p, inputs, what="plot")
+            clash = [p for p in planned if file_ids([p]) & csv_id
                      or (args.csv and os.path.abspath(p) == os.path.abspath(args.csv))]
             if clash:
                 raise OutputRefusedError(f"--csv {args.csv} and the plot {clash[0]} are the same file")

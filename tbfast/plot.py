@@ -233,7 +233,7 @@ def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, 
     return fig
 
 
-def plot_alpha_overview_to(details: Any, path: str | os.PathLike, inputs: Iterable[FileId] = ()) -> None:
+def _save_alpha_overview(details: Any, path: str | os.PathLike, inputs: Iterable[FileId] = ()) -> None:
     """Write `plot_alpha_overview` to ``path``, never over one of ``inputs``."""
     _save(plot_alpha_overview(details), path, inputs)
 
@@ -269,7 +269,7 @@ def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool 
     for p in planned:  # all checked before the first is written
         check_output(p, inputs, what="plot")
     details = analysis.details
-    plot_alpha_overview_to(details, planned[0], inputs)
+    _save_alpha_overview(details, planned[0], inputs)
     rows = list(details.itertuples(index=False)) if esd_plots else []
     bar = progress_bar(progress, len(rows), "plots") if rows else None
     canvas = _ESDFigure() if rows else None

@@ -143,6 +143,10 @@ def test_plot_files_never_overwrite_an_input(ck, tmp_path, capsys):
     assert cli.main(["analyze", str(f), "--plot", str(plots), "--no-progress"]) == cli.EXIT_USAGE
     _one_line_refusal(capsys.readouterr().err)
     assert _sha(f) == before and sorted(p.name for p in plots.iterdir()) == ["esd_000_layers.0.fc.png"]
+    csv = tmp_path / "out.csv"  # a refused plot: no CSV written either (all outputs checked first)
+    assert cli.main(["analyze", str(f), "--plot", str(plots), "--csv", str(csv), "--no-progress"]) == 2
+    assert not csv.exists()
+    capsys.readouterr()
     # the library's plot_dir= follows the same rule
     import tbfast
 
