@@ -112,16 +112,16 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _write_fd(fd: int, data: bytes) -> None:
     """Write to an open descriptor of this process (stdout through Python's buffer, in order)."""
-    if fd == 1 and sys.stdout is not None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-    elif fd == 2 and sys.stderr is not None:
-        sys.stderr.flush()
-        sys.stderr.buffer.write(data)
-        sys.stderr.flush()
-    else:
+    stream = {1: sys.stdout, 2: sys.stderr}.get(fd)
+    if stream is None:
         _write_all(fd, data)
+        return
+    stream.flush()
+    if hasattr(stream, "buffer"):
+        stream.buffer.write(data)
+    else:  # a text-only replacement (io.StringIO and the like)
+        stream.write(data.decode("utf-8", "surrogateescape"))
+    stream.flush()
 
 
 def _replace(target: str, data: bytes, mode: int | None, owner: tuple[int, int] | None) -> None:
