@@ -55,7 +55,8 @@ class Analysis:
 
 def _check_device(device: str | torch.device | None) -> torch.device | None:
     """``device`` as a torch.device, or a one-line error: ValueError for a name torch does not
-    know, RuntimeError for CUDA requested where torch has none (or fewer devices)."""
+    know, RuntimeError for CUDA requested where torch has none (or fewer devices) and for any
+    other device type (``mps``, ``xpu``...) that cannot hold a tensor here."""
     if device is None:
         return None
     try:
@@ -69,6 +70,18 @@ def _check_device(device: str | torch.device | None) -> torch.device | None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} "
                                f"CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but MPS is not available (this torch build or "
+                           f"machine has no Apple GPU); use device='cpu'")
+    elif dev.type != "cpu":  # xpu, meta...: one line, not the dispatcher's page-long error
+        try:
+            torch.empty(1, device=dev) + 1
+        except Exception as e:  # noqa: BLE001 (each backend raises its own type)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RuntimeError(f"device {str(device)!r} requested but it is not usable here ({first[:200]}); "
+                               f"use device='cpu' or 'cuda'") from None
+        if dev.type == "meta":
+            raise ValueError("device 'meta' holds no data; use device='cpu' or 'cuda'")
     return dev
 
 
@@ -138,8 +151,10 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``fit``: ``"ks"`` / ``"goodness-of-fit"`` (default; WeightWatcher's power-law fit),
       ``"median"`` (TempBalance's Hill estimator at ``xmin_pos``), ``"fix-finger"``;
     - ``min_evals=10``, ``max_evals=15000``: WeightWatcher's default layer selection (eigenvalue
-      counts); ``min_evals=0, max_evals=None`` keeps every layer; ``max_n`` (default None) drops
-      layers whose larger side exceeds it (WeightWatcher's ``max_N=50000``);
+      counts); ``min_evals=0, max_evals=None`` (or ``max_evals=0``) keeps every layer; ``max_n``
+      (default None; 0 also means no limit) drops layers whose larger side exceeds it
+      (WeightWatcher's ``max_N=50000``); ``include`` / ``exclude`` that are not regular
+      expressions are a ValueError naming the option;
     - ``include_embedding=True``, ``types``, ``include`` / ``exclude`` (regexes on layer names),
       ``conv_norm=0.5``;
     - ``base``: a model, state dict or checkpoint; each layer becomes ``W - W_base``; for a LoRA
@@ -150,7 +165,8 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``backend`` (alias of ``fit_backend``: the fit kernels, ``auto``/``cpp``/``triton``/``torch``),
       ``eig_backend`` (the eigensolver, ``auto``/``cpp``/``cusolver``/``torch``); every field of
       `tbfast.options.ESDOptions` and `tbfast.options.FitOptions` is accepted;
-    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib);
+    - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib;
+      never over a file the analysis reads: `tbfast.io.OutputRefusedError`);
     - ``process_group``: a torch.distributed group (e.g. ``torch.distributed.group.WORLD`` under
       ``torchrun``): the layers are split over its ranks, each rank reads only its tensors, and
       every rank gets the full table (every rank of the group must call); plots are written by
@@ -166,9 +182,12 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     from .distributed import is_main_process
 
     if plot_dir is not None and is_main_process(options.get("process_group"), source):
+        from .checkpoint import checkpoint_files
+        from .io import file_ids
         from .plot import plot_analysis
 
-        plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)))
+        inputs = file_ids(checkpoint_files(source) + checkpoint_files(options.get("base")))  # never overwritten
+        plot_analysis(result, plot_dir, progress=bool(options.get("progress", False)), inputs=inputs)
     return result.details
 
 

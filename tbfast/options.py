@@ -12,6 +12,9 @@ keyword arguments and build the objects with `split_options`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +57,8 @@ class LayerOptions:
     (False: the reference quirk ``s = 1``). ``base``: a model, state dict or checkpoint; layers
     become ``W - W_base`` (for a LoRA adapter directory, the base it is merged onto).
     ``min_evals`` / ``max_evals`` / ``max_n`` filter by eigenvalue count and larger side after
-    the layers are built (an empty result is reported then, with these bounds in the message).
+    the layers are built (an empty result is reported then, with these bounds in the message);
+    ``max_evals=0`` and ``max_n=0`` mean no limit, as None does (WeightWatcher's convention).
     """
 
     types: tuple[str, ...] | None = None
@@ -73,6 +77,24 @@ class LayerOptions:
             object.__setattr__(self, "types", tuple(self.types))
         if not self.conv_norm > 0:
             raise ValueError(f"conv_norm must be positive, got {self.conv_norm}")
+        for name in ("include", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise ValueError(f"{name}={pattern!r} is not a valid regular expression ({e})") from None
+        for name in ("min_evals", "max_evals", "max_n"):
+            value = getattr(self, name)
+            if value is None and name != "min_evals":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer{'' if name == 'min_evals' else ' or None'}, "
+                                 f"got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("max_evals", "max_n"):
+            if getattr(self, name) == 0:  # 0 = no limit
+                object.__setattr__(self, name, None)
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,8 @@ class ESDOptions:
         if self.eig_backend not in EIG_BACKENDS:
             raise ValueError(f"unknown eigensolver backend {self.eig_backend!r}; choose from {EIG_BACKENDS}")
         if self.memory_budget is not None:
+            if not (isinstance(self.memory_budget, numbers.Real) and math.isfinite(self.memory_budget)):
+                raise ValueError(f"memory_budget must be a finite number of bytes, got {self.memory_budget!r}")
             if int(self.memory_budget) <= 0:
                 raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
             object.__setattr__(self, "memory_budget", int(self.memory_budget))

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,8 +26,9 @@ import torch
 
 from ._progress import progress_bar
 from .errors import STATUS_OK
+from .io.output import FileId, check_output, output_dir, write_output
 
-__all__ = ["plot_esd", "plot_alpha_overview", "plot_analysis", "esd_filename"]
+__all__ = ["plot_esd", "plot_alpha_overview", "plot_analysis", "plot_paths", "esd_filename"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,24 +165,20 @@ def plot_esd(
 
 
 def _plot_esd(canvas: _ESDFigure, eigenvalues, *, alpha: float, xmin: float, name: str, D: float | None,
-              status: str, path: str | os.PathLike | None, bins: int):
+              status: str, path: str | os.PathLike | None, bins: int, inputs: Iterable[FileId] = ()):
     e = np.sort(np.asarray(eigenvalues.detach().cpu() if isinstance(eigenvalues, torch.Tensor) else eigenvalues,
                            dtype=np.float64).ravel())
     fig = canvas.draw(e, alpha=alpha, xmin=xmin, name=name, D=D, status=status, bins=bins)
     if path is not None:
-        _save(fig, path)
+        _save(fig, path, inputs)
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    """Save ``fig`` as PNG through a temporary file: an interrupted run leaves no truncated PNG."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 1})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _save(fig, path: str | os.PathLike, inputs: Iterable[FileId] = ()) -> None:
+    """Save ``fig`` as PNG by `tbfast.io.write_output`'s rules: complete or not at all, never
+    over one of ``inputs`` (the files the analysis read)."""
+    write_output(path, lambda f: fig.savefig(f, format="png", pil_kwargs={"compress_level": 1}), inputs,
+                 what="plot")
 
 
 def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, title: str | None = None):
@@ -235,39 +233,61 @@ def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, 
     return fig
 
 
+def _save_alpha_overview(details: Any, path: str | os.PathLike, inputs: Iterable[FileId] = ()) -> None:
+    """Write `plot_alpha_overview` to ``path``, never over one of ``inputs``."""
+    _save(plot_alpha_overview(details), path, inputs)
+
+
+def plot_paths(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool = True) -> list[Path]:
+    """The files `plot_analysis` writes for ``analysis`` into ``out_dir``, in order."""
+    out = Path(out_dir)
+    paths = [out / "alpha_overview.png"]
+    if esd_plots:
+        for i, row in enumerate(analysis.details.itertuples(index=False)):
+            if bool((_eigenvalues(analysis.spectra, i) > 0).any()):
+                paths.append(out / esd_filename(int(row.layer_id), str(row.name)))
+    return paths
+
+
+def _eigenvalues(spectra: Any, i: int):
+    # absolute units (a Spectra may hold a power-of-two scaled copy); plain lists as they are
+    return spectra.eigenvalues(i) if hasattr(spectra, "eigenvalues") else spectra[i]
+
+
 def plot_analysis(analysis: Any, out_dir: str | os.PathLike, *, esd_plots: bool = True,
-                  progress: bool = False) -> list[Path]:
+                  progress: bool = False, inputs: Iterable[FileId] = ()) -> list[Path]:
     """Write ``alpha_overview.png`` and one ``esd_<layer_id>_<name>.png`` per layer into
     ``out_dir`` (created if missing) for an `tbfast.analyze.Analysis`. Returns the paths.
 
-    ``progress``: a progress bar over the layers (tqdm, on stderr)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Every file is written by `tbfast.io.write_output`'s rules; when one of them is one of
+    ``inputs`` (``(st_dev, st_ino)`` of the files the analysis read), nothing is written and
+    `tbfast.io.OutputRefusedError` is raised. ``progress``: a progress bar over the layers
+    (tqdm, on stderr)."""
+    inputs = frozenset(inputs)
+    out = output_dir(out_dir, what="plot directory")
+    planned = plot_paths(analysis, out, esd_plots=esd_plots)
+    for p in planned:  # all checked before the first is written
+        check_output(p, inputs, what="plot")
     details = analysis.details
-    paths: list[Path] = []
-    p = out / "alpha_overview.png"
-    plot_alpha_overview(details, p)
-    paths.append(p)
-    if esd_plots:
-        spectra = analysis.spectra
-        rows = list(details.itertuples(index=False))
-        bar = progress_bar(progress, len(rows), "plots")
-        canvas = _ESDFigure()
-        try:
-            for i, row in enumerate(rows):
-                # absolute units (a Spectra may hold a power-of-two scaled copy); plain lists as they are
-                ev = spectra.eigenvalues(i) if hasattr(spectra, "eigenvalues") else spectra[i]
-                if bool((ev > 0).any()):
-                    p = out / esd_filename(int(row.layer_id), str(row.name))
-                    _plot_esd(canvas, ev, alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D),
-                              name=str(row.name), status=str(row.status), path=p, bins=100)
-                    paths.append(p)
-                else:  # e.g. an all-zero matrix: no ESD to draw (its status says why)
-                    logger.info("layer %r: no positive eigenvalue, no ESD plot (status: %s)", row.name, row.status)
-                if bar is not None:
-                    bar.update(1)
-        finally:
+    _save_alpha_overview(details, planned[0], inputs)
+    rows = list(details.itertuples(index=False)) if esd_plots else []
+    bar = progress_bar(progress, len(rows), "plots") if rows else None
+    canvas = _ESDFigure() if rows else None
+    written = planned[1:]
+    k = 0
+    try:
+        for i, row in enumerate(rows):
+            ev = _eigenvalues(analysis.spectra, i)
+            if bool((ev > 0).any()):
+                _plot_esd(canvas, ev, alpha=float(row.alpha), xmin=float(row.xmin), D=float(row.D),
+                          name=str(row.name), status=str(row.status), path=written[k], bins=100, inputs=inputs)
+                k += 1
+            else:  # e.g. an all-zero matrix: no ESD to draw (its status says why)
+                logger.info("layer %r: no positive eigenvalue, no ESD plot (status: %s)", row.name, row.status)
             if bar is not None:
-                bar.close()
-    logger.info("wrote %d plots to %s", len(paths), out)
-    return paths
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    logger.info("wrote %d plots to %s", len(planned), out)
+    return planned

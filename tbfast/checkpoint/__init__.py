@@ -22,7 +22,8 @@ from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpoin
 from ..layers.core import kind_from_name
 from .layers import checkpoint_layers, lora_layers
 from .peft import is_peft_adapter
-from .stores import MappingStore, SafetensorsStore, TensorInfo, TensorStore, TorchFileStore, open_checkpoint
+from .stores import (MappingStore, SafetensorsStore, TensorInfo, TensorStore, TorchFileStore, checkpoint_files,
+                     open_checkpoint)
 
 __all__ = [
     "CheckpointError",
@@ -36,6 +37,7 @@ __all__ = [
     "SafetensorsStore",
     "TorchFileStore",
     "open_checkpoint",
+    "checkpoint_files",
     "checkpoint_layers",
     "lora_layers",
     "is_peft_adapter",

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from .files import regular_file
 
 __all__ = ["read_index", "check_index", "shard_path", "NOT_WEIGHTS"]
 
@@ -40,6 +41,7 @@ def shard_path(index: Path, shard: Any) -> Path:
 
 def read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
     """The shard files an index names (in first-use order) and its tensor -> shard map."""
+    regular_file(index, "shard index")  # a FIFO or device is refused before it is opened
     try:
         meta = json.loads(index.read_text())
     except (ValueError, OSError) as e:
@@ -55,8 +57,9 @@ def read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
     for name, shard in weight_map.items():
         p = where[name] = shard_path(index, shard)
         if p not in files:
-            if not p.is_file():
+            if not p.exists():
                 raise CheckpointNotFoundError(f"{index} names shard {shard!r}, which does not exist in {index.parent}")
+            regular_file(p, "shard")
             files.append(p)
     return files, where
 

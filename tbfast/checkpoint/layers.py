@@ -100,6 +100,7 @@ def checkpoint_layers(
     layers: list[Layer] = []
     int_weights: list[TensorInfo] = []
     missing_in_base: list[str] = []
+    too_many_dims: list[str] = []
     for index, info in enumerate(infos):
         lname = _layer_name(info.name)
         if lname is None or len(info.shape) < 2:
@@ -113,7 +114,7 @@ def checkpoint_layers(
                 f"(supported: float16, bfloat16, float32, float64, float8)")
         kind = kind_from_name(lname, len(info.shape))
         if kind is None:
-            logger.info("skipping %r: %d-D weight", info.name, len(info.shape))
+            too_many_dims.append(info.name)
             continue
         if kind not in wanted or not selected(lname):
             continue
@@ -134,6 +135,9 @@ def checkpoint_layers(
                                  f"the checkpoint's has shape {info.shape}")
         layer.loader = _file_loader(store, info.name, bstore, bname)
         layers.append(layer)
+    if too_many_dims:
+        logger.warning("%s: %d weight tensor(s) with more than 4 dims are not analysed: %s", store.description,
+                       len(too_many_dims), ", ".join(too_many_dims[:5]) + (" ..." if len(too_many_dims) > 5 else ""))
     if missing_in_base:
         logger.warning("%d layer(s) not in the base checkpoint, skipped: %s", len(missing_in_base),
                        ", ".join(missing_in_base[:5]) + (" ..." if len(missing_in_base) > 5 else ""))
@@ -196,8 +200,9 @@ def lora_layers(
     bkeys = {i.name: i for i in bstore.infos()}
     ainfos = {i.name: i for i in astore.infos()}
     pairs, emb, other = lora_factors(ainfos)
-    for name in other:
-        logger.info("adapter tensor %r is not a LoRA factor, ignored", name)
+    if other:  # e.g. modules_to_save weights: data the analysis leaves out, so say it at warning level
+        logger.warning("%s: %d adapter tensor(s) are not LoRA factors and are not analysed: %s", wfile, len(other),
+                       ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""))
     if not pairs:
         raise EmptyCheckpointError(f"{wfile}: no LoRA factors (lora_A / lora_B tensors)")
 
@@ -215,6 +220,10 @@ def lora_layers(
         if len(shape) != 2:
             raise ValueError(f"LoRA module {mod!r}: base weight has shape {shape}; only 2-D weights are supported")
         r = ainfos[ab["A"]].shape[0]  # lora_A and lora_embedding_A are (r, in)
+        if r == 0:
+            raise CorruptCheckpointError(f"{wfile}: module {mod!r} has LoRA rank 0 (lora_A shape "
+                                         f"{ainfos[ab['A']].shape}): no update to merge, and s = lora_alpha / r "
+                                         f"is undefined")
         s = lora_scale(settings.alpha_of(mod), r, rslora=settings.rslora, enabled=lora_scaling)
         layer = weight_layer(mod, "LoRA", shape, index=index)
         if not evals_in_range(layer.num_evals, min_evals, max_evals):

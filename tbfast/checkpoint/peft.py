@@ -46,6 +46,13 @@ def adapter_config(d: Path) -> dict:
     if cfg.get("alpha_pattern") is not None and not isinstance(cfg["alpha_pattern"], dict):
         raise CorruptCheckpointError(f"{f}: 'alpha_pattern' must be an object (module pattern -> alpha), "
                                      f"got a {type(cfg['alpha_pattern']).__name__}")
+    for pat in cfg.get("alpha_pattern") or {}:
+        try:
+            re.compile(pat)
+            re.compile(rf"(.*\.)?{pat}")
+        except re.error as e:
+            raise CorruptCheckpointError(f"{f}: alpha_pattern key {pat!r} is not a valid regular expression "
+                                         f"({e})") from None
     return cfg
 
 

@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, EmptyCheckpointError
 from ..layers.core import FLOAT_DTYPES
+from .files import openable_name, regular_file, shown
 from .index import NOT_WEIGHTS, check_index, read_index
 from .peft import is_peft_adapter
 
 __all__ = ["TensorInfo", "TensorStore", "MappingStore", "SafetensorsStore", "TorchFileStore", "open_checkpoint",
-           "to_float", "natural_key"]
+           "checkpoint_files", "to_float", "natural_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,12 @@ class SafetensorsStore(TensorStore):
         if h is None:
             from safetensors import safe_open
 
-            if not f.is_file():
-                raise CheckpointNotFoundError(f"checkpoint file not found: {f}")
+            regular_file(f)
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
+                with openable_name(f) as name:  # memory-mapped: stays readable after the name is closed
+                    h = safe_open(name, framework="pt", device="cpu")
             except Exception as e:  # SafetensorError, OSError on truncated headers, ...
-                raise CorruptCheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+                raise CorruptCheckpointError(f"{shown(f)}: not a readable safetensors file ({e})") from e
             self._handles[f] = h
         return h
 
@@ -171,13 +172,13 @@ def _is_zip(f: Path) -> bool:
 
 
 def _torch_load(f: Path) -> Mapping[str, Any]:
-    if not f.is_file():
-        raise CheckpointNotFoundError(f"checkpoint file not found: {f}")
+    regular_file(f)
     try:
         mmap = _is_zip(f)
         if not mmap:
-            logger.info("%s: legacy (non-zip) torch file, loading without mmap", f)
-        obj = torch.load(str(f), map_location="cpu", mmap=mmap, weights_only=True)
+            logger.info("%s: legacy (non-zip) torch file, loading without mmap", shown(f))
+        with openable_name(f) as name:
+            obj = torch.load(name, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler refused (or could not parse) it
         raise CorruptCheckpointError(
             f"{f}: holds pickled Python objects, not a plain state dict; tbfast loads only tensors "
@@ -248,23 +249,57 @@ def _index_store(index: Path) -> TensorStore:
     return store
 
 
-def _dir_store(d: Path) -> TensorStore:
+def _dir_choice(d: Path) -> tuple[str, list[Path]]:
+    """What a directory of shards holds, in the order tried: ``("index", [index])``,
+    ``("safetensors", files)`` or ``("torch", files)``."""
     idx = sorted(d.glob("*.safetensors.index.json"))
     if idx:
-        return _index_store(idx[0])
+        return "index", idx[:1]
     st = sorted(d.glob("*.safetensors"), key=lambda p: natural_key(p.name))
     if st:
-        return SafetensorsStore(st, str(d))
+        return "safetensors", st
     idx = sorted(d.glob("*.bin.index.json"))
     if idx:
-        return _index_store(idx[0])
+        return "index", idx[:1]
     tf = sorted(d.glob("pytorch_model*.bin"), key=lambda p: natural_key(p.name))
     if not tf:
         tf = sorted((p for ext in ("bin", "pt", "pth") for p in d.glob(f"*.{ext}") if not NOT_WEIGHTS.match(p.name)),
                     key=lambda p: natural_key(p.name))
     if tf:
-        return TorchFileStore(tf, str(d))
+        return "torch", tf
     raise EmptyCheckpointError(f"{d}: no checkpoint files (*.safetensors, *.bin, *.pt, *.pth) in this directory")
+
+
+def _dir_store(d: Path) -> TensorStore:
+    kind, files = _dir_choice(d)
+    if kind == "index":
+        return _index_store(files[0])
+    return (SafetensorsStore if kind == "safetensors" else TorchFileStore)(files, str(d))
+
+
+def checkpoint_files(source: Any) -> list[Path]:
+    """The files reading ``source`` opens (a checkpoint file, an index and its shards, a
+    directory's shards, an adapter directory's config and weights); nothing for an in-memory
+    source. Nothing is parsed but an index; where the selection itself fails (the reading
+    will report why), every file directly in the directory is listed instead."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    p = Path(source).expanduser()
+    try:
+        if p.is_dir():
+            if is_peft_adapter(p):
+                from .peft import adapter_weights_file
+
+                return [p / "adapter_config.json", adapter_weights_file(p)]
+            kind, files = _dir_choice(p)
+        else:
+            kind, files = ("index" if p.name.lower().endswith(".index.json") else "file"), [p]
+        if kind == "index":
+            files = files + read_index(files[0])[0]
+        return files
+    except (CheckpointError, OSError):
+        d = p if p.is_dir() else p.parent
+        return [p] + (sorted(q for q in d.iterdir() if q.is_file()) if d.is_dir() else [])
 
 
 def open_checkpoint(source: str | os.PathLike | Mapping[str, Any] | TensorStore) -> TensorStore:
@@ -276,8 +311,8 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any] | TensorStore)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path or a state dict, got {type(source).__name__}")
     p = Path(source).expanduser()
-    if not p.exists():
-        raise CheckpointNotFoundError(f"checkpoint not found: {p}")
+    if not p.is_dir():
+        regular_file(p, "checkpoint")  # missing, or a FIFO / device / socket: say which, open nothing
     if p.is_dir():
         if is_peft_adapter(p):
             raise ValueError(f"{p} is a PEFT adapter directory; open it with lora_layers(adapter, base)")
