@@ -14,9 +14,10 @@ import torch
 from . import _backend
 from .ops import eig as eig_op
 from .ops import fit as fit_op
+from .ops import secular as secular_op
 
 #: Every op in namespace ``tbfast``, as the op modules define them.
-OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES)
+OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES, *secular_op.OP_NAMES)
 
 
 def _triton_info() -> dict[str, Any]:
