@@ -77,6 +77,8 @@ def backend_info() -> dict[str, Any]:
         "lapack": lapack if lapack is not None else {"syevd": False, "source": "extension not loaded"},
         "ops": {n: _backend.has_op(n) for n in OP_NAMES},
         "eig_op": eig_op.registration(),
+        "lora_update": {"op": "tbfast::eigvalsh_update", "kernels": secular_op.implementations(),
+                        "paths": "update (cached base spectrum + secular rank-one updates) | full"},
         "torch": {"version": torch.__version__, "cuda_version": torch.version.cuda,
                   "num_threads": torch.get_num_threads()},
         "devices": devices,
