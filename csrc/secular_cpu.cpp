@@ -90,6 +90,43 @@ void jacobi_eigh(int64_t k, std::vector<double>& a, std::vector<double>& c, std:
   for (int64_t i = 0; i < k; ++i) c[i] = a[i * k + i];
 }
 
+// Sums of the secular function at x = base + t: the terms j <= i (psi, its derivative dpsi) and
+// j > i (phi, dphi), and the sum of |terms| (for the rounding-error bound of f).
+struct SecularSums {
+  double psi = 0, dpsi = 0, phi = 0, dphi = 0, aterms = 0;
+};
+
+// Four independent partial sums per part, so the loop is not one long dependency chain.
+inline void secular_part(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
+                         double* sum, double* dsum) {
+  double s[4] = {0, 0, 0, 0}, ds[4] = {0, 0, 0, 0};
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const double inv = 1.0 / ((dd[j + u] - base) - t);
+      const double term = w[j + u] * inv;
+      s[u] += term;
+      ds[u] += term * inv;
+    }
+  }
+  for (; j < j1; ++j) {
+    const double inv = 1.0 / ((dd[j] - base) - t);
+    const double term = w[j] * inv;
+    s[0] += term;
+    ds[0] += term * inv;
+  }
+  *sum = (s[0] + s[1]) + (s[2] + s[3]);
+  *dsum = (ds[0] + ds[1]) + (ds[2] + ds[3]);
+}
+
+inline SecularSums secular_sums(int64_t K, const double* dd, const double* w, int64_t i, double base, double t) {
+  SecularSums s;
+  secular_part(dd, w, 0, i + 1, base, t, &s.psi, &s.dpsi);
+  secular_part(dd, w, i + 1, K, base, t, &s.phi, &s.dphi);
+  s.aterms = s.phi - s.psi;  // psi <= 0 <= phi for x inside (dd_i, dd_i+1)
+  return s;
+}
+
 // One root of f(x) = 1 + sum_j w_j / (dd_j - x), w_j > 0, dd strictly ascending (K values):
 // the root in (dd_i, dd_i+1), or in (dd_K-1, dd_K-1 + sum w) for i = K - 1. Returns false when
 // it did not converge. The root is dd[*origin] + *tau.
@@ -97,56 +134,49 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
                   double* tau) {
   const bool last = (i == K - 1);
   int64_t o = i;
-  double lo, hi;
+  double lo, hi, t;
+  SecularSums s;
   if (last) {
     lo = 0.0;
     hi = wsum;
+    t = wsum / 2;
+    s = secular_sums(K, dd, w, i, dd[o], t);
   } else {
+    // start at the middle of the gap; its sign says which pole is nearer the root
     const double half = (dd[i + 1] - dd[i]) / 2;
-    double fm = 1.0;
-    for (int64_t j = 0; j < K; ++j) fm += w[j] / ((dd[j] - dd[i]) - half);
-    if (fm >= 0) {
+    s = secular_sums(K, dd, w, i, dd[i], half);
+    if (1.0 + s.psi + s.phi >= 0) {
       lo = 0.0;
       hi = half;
+      t = half;
     } else {
-      o = i + 1;
+      o = i + 1;  // the same point, measured from the right pole: the sums do not change
       lo = -half;
       hi = 0.0;
+      t = -half;
     }
   }
   const double base = dd[o];
-  double t = (lo + hi) / 2;
   for (int it = 0; it < kMaxIter; ++it) {
-    double psi = 0, dpsi = 0, phi = 0, dphi = 0, aterms = 0;
-    for (int64_t j = 0; j < K; ++j) {
-      const double delta = (dd[j] - base) - t;
-      const double term = w[j] / delta;
-      aterms += std::fabs(term);
-      if (j <= i) {
-        psi += term;
-        dpsi += term / delta;
-      } else {
-        phi += term;
-        dphi += term / delta;
-      }
-    }
-    const double f = 1.0 + psi + phi;
+    if (it > 0) s = secular_sums(K, dd, w, i, base, t);
+    const double f = 1.0 + s.psi + s.phi;
     if (!std::isfinite(f)) return false;
-    if (std::fabs(f) <= 8 * kEps * (1.0 + aterms)) break;
-    if (f < 0) lo = t; else hi = t;
+    if (std::fabs(f) <= 8 * kEps * (1.0 + s.aterms)) break;
+    if (f < 0) lo = std::max(lo, t); else hi = std::min(hi, t);
     if (hi - lo <= 4 * kEps * std::max(std::fabs(lo), std::fabs(hi))) break;
     const double dl = (dd[i] - base) - t;  // left pole minus t (< 0)
     double step = std::numeric_limits<double>::quiet_NaN();
     if (last) {
       // f ~ cc + q / (dl - eta): one pole, values and derivative matched at t
-      const double q = dpsi * dl * dl;
-      const double cc = f - dpsi * dl;
+      const double q = s.dpsi * dl * dl;
+      const double cc = f - s.dpsi * dl;
       if (cc > 0) step = dl + q / cc;
     } else {
+      // f ~ cc + q / (dl - eta) + r / (dr - eta): both poles of the gap, matched at t
       const double dr = (dd[i + 1] - base) - t;  // right pole minus t (> 0)
-      const double q = dpsi * dl * dl, s = dphi * dr * dr;
-      const double cc = 1.0 + (psi - dpsi * dl) + (phi - dphi * dr);
-      const double a = cc * (dl + dr) + q + s;
+      const double q = s.dpsi * dl * dl, r = s.dphi * dr * dr;
+      const double cc = 1.0 + (s.psi - s.dpsi * dl) + (s.phi - s.dphi * dr);
+      const double a = cc * (dl + dr) + q + r;
       const double b = dl * dr * f;
       if (cc == 0.0) {
         step = b / a;
