@@ -40,6 +40,11 @@ namespace secular {
 
 constexpr double kEps = std::numeric_limits<double>::epsilon() / 2;  // unit roundoff
 constexpr int kMaxIter = 200;
+// Below this many roots a loop runs on the calling thread: a parallel region per update costs a
+// thread wake-up (and, on a busy machine, a wait for a descheduled thread) that small K never repays.
+constexpr int64_t kMinParallelRoots = 512;
+
+inline int64_t work_of(int64_t K, int64_t per) { return K >= kMinParallelRoots ? K * per : 0; }
 
 // Status codes of one layer (kept equal to tbfast/ops/secular.py).
 constexpr int kOk = 0;
@@ -96,27 +101,20 @@ struct SecularSums {
   double psi = 0, dpsi = 0, phi = 0, dphi = 0, aterms = 0;
 };
 
-// Four independent partial sums per part, so the loop is not one long dependency chain.
+// One part of the sums (terms j0 <= j < j1); a SIMD reduction (OpenMP simd: the sums may be
+// reassociated, as any summation order is as accurate for these same-sign terms).
 inline void secular_part(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
                          double* sum, double* dsum) {
-  double s[4] = {0, 0, 0, 0}, ds[4] = {0, 0, 0, 0};
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    for (int u = 0; u < 4; ++u) {
-      const double inv = 1.0 / ((dd[j + u] - base) - t);
-      const double term = w[j + u] * inv;
-      s[u] += term;
-      ds[u] += term * inv;
-    }
-  }
-  for (; j < j1; ++j) {
+  double s = 0, ds = 0;
+#pragma omp simd reduction(+ : s, ds)
+  for (int64_t j = j0; j < j1; ++j) {
     const double inv = 1.0 / ((dd[j] - base) - t);
     const double term = w[j] * inv;
-    s[0] += term;
-    ds[0] += term * inv;
+    s += term;
+    ds += term * inv;
   }
-  *sum = (s[0] + s[1]) + (s[2] + s[3]);
-  *dsum = (ds[0] + ds[1]) + (ds[2] + ds[3]);
+  *sum = s;
+  *dsum = ds;
 }
 
 inline SecularSums secular_sums(int64_t K, const double* dd, const double* w, int64_t i, double base, double t) {
@@ -251,39 +249,47 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
     std::vector<int64_t> org(K);
     std::vector<double> tau(K);
     std::vector<char> ok(K, 1);
-    parallel_for_dynamic(K, 16, K * K * 6, [&](int64_t i) {
+    parallel_for_dynamic(K, 16, work_of(K, K * 6), [&](int64_t i) {
       ok[i] = secular_root(K, dd.data(), w.data(), wsum, i, &org[i], &tau[i]) ? 1 : 0;
     });
     for (int64_t i = 0; i < K; ++i)
       if (!ok[i]) return false;
     // Gu-Eisenstat: the z for which the computed roots are exact
     std::vector<double> zh(K);
-    parallel_for_dynamic(K, 16, K * K, [&](int64_t j) {
-      double prod = ((dd[org[j]] - dd[j]) + tau[j]) / rho;
+    parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
+      double p[4] = {((dd[org[j]] - dd[j]) + tau[j]) / rho, 1.0, 1.0, 1.0};  // four partial products
       for (int64_t i = 0; i < K; ++i) {
         if (i == j) continue;
-        prod *= ((dd[org[i]] - dd[j]) + tau[i]) / (dd[i] - dd[j]);
+        p[i & 3] *= ((dd[org[i]] - dd[j]) + tau[i]) / (dd[i] - dd[j]);
       }
+      const double prod = (p[0] * p[1]) * (p[2] * p[3]);
       zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
     });
     // the remaining vectors in the new basis: y'_i = v_i . y / ||v_i||, v_i[j] = zh_j / (dd_j - x_i)
     if (nv > 0) {
-      std::vector<double> sub(K * nv), out(K * nv);
-      for (int64_t a = 0; a < K; ++a)
-        for (int64_t v = 0; v < nv; ++v) sub[a * nv + v] = ys[v][idx[a]];
-      parallel_for_dynamic(K, 16, K * K * (nv + 2), [&](int64_t i) {
+      std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
+      for (int64_t v = 0; v < nv; ++v)
+        for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
+      parallel_for_dynamic(K, 16, work_of(K, K * (nv + 2)), [&](int64_t i) {
+        thread_local std::vector<double> vi;
+        vi.resize(K);
         const double base = dd[org[i]], ti = tau[i];
-        double nrm = 0.0;
-        double* o = out.data() + i * nv;
-        for (int64_t v = 0; v < nv; ++v) o[v] = 0.0;
+        double* vp = vi.data();
+        double nrm = 0;
+#pragma omp simd reduction(+ : nrm)
         for (int64_t j = 0; j < K; ++j) {
-          const double vij = zh[j] / ((dd[j] - base) - ti);
-          nrm += vij * vij;
-          const double* sj = sub.data() + j * nv;
-          for (int64_t v = 0; v < nv; ++v) o[v] += vij * sj[v];
+          const double x = zh[j] / ((dd[j] - base) - ti);
+          vp[j] = x;
+          nrm += x * x;
         }
         const double inv = 1.0 / std::sqrt(nrm);
-        for (int64_t v = 0; v < nv; ++v) o[v] *= inv;
+        for (int64_t v = 0; v < nv; ++v) {
+          const double* sv = sub.data() + v * K;
+          double acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < K; ++j) acc += vp[j] * sv[j];
+          out[i * nv + v] = acc * inv;
+        }
       });
       for (int64_t a = 0; a < K; ++a)
         for (int64_t v = 0; v < nv; ++v) ys[v][idx[a]] = out[a * nv + v];
