@@ -298,3 +298,31 @@ def test_lora_esd_on_a_peft_model_and_its_alphas():
 def test_backend_info_names_the_update_op():
     info = tbfast.backend_info()["lora_update"]
     assert info["op"] == "tbfast::eigvalsh_update" and "cpu" in info["kernels"]
+
+
+def test_lora_metrics_table_has_esd_path_and_oracle_alphas():
+    from tbfast.lora.esd import lora_metrics
+    pm = peft_model()
+    m = lora_metrics(pm, fit="goodness-of-fit")
+    assert m.extra["esd_path"] == ["update", "update", "dense"]
+    want = tbfast.layer_metrics(merged_matrices(pm), dtype=torch.float64, fit="goodness-of-fit")
+    assert m.names == want.names
+    assert torch.allclose(m.alpha, want.alpha, rtol=0, atol=1e-8)
+    assert torch.allclose(m.spectral_norm, want.spectral_norm, rtol=1e-12, atol=0)
+
+
+def test_tempbalance_on_a_lora_model_reuses_the_cache():
+    from tbfast.lora.esd import LoRAMetrics
+    pm = peft_model()
+    fn = LoRAMetrics()
+    oracle = lambda net: tbfast.layer_metrics(merged_matrices(net), dtype=torch.float64)  # noqa: E731
+    lrs = []
+    for metrics_fn in (fn, oracle):
+        tb = tbfast.TempBalance(net=pm, metrics_fn=metrics_fn, remove_first_layer=False, remove_last_layer=False)
+        groups, _ = tb.build_optimizer_param_group(untuned_lr=0.1, initialize=True)
+        opt = torch.optim.SGD(groups, lr=0.1)
+        tb.step(opt, untuned_lr=0.1)
+        tb.step(opt, untuned_lr=0.1)
+        lrs.append([g["lr"] for g in opt.param_groups])
+    assert fn.cache.builds == 2  # q and v: the base spectra are computed once over two refreshes
+    assert np.allclose(lrs[0], lrs[1], rtol=1e-9, atol=0)

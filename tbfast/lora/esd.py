@@ -8,13 +8,15 @@ from typing import Any
 import torch
 
 from ..layers import Layer
+from ..metrics import ESDMetrics, compute_metrics
+from ..powerlaw import fit_power_law
 from ..layers.modules import is_lora_module, lora_parts
 from ..options import ESDOptions
 from ..spectra import Spectra, esd_layers, layer_spectra, raise_on_nonfinite
 from .cache import BaseSpectrumCache
 from .update import DEFAULT_CANCEL_LIMIT, LoRAItem, lora_eigenvalues
 
-__all__ = ["LoRASpectra", "lora_esd"]
+__all__ = ["LoRASpectra", "lora_esd", "lora_metrics", "LoRAMetrics"]
 
 
 @dataclass
@@ -70,3 +72,33 @@ def lora_esd(model: torch.nn.Module, *, cache: BaseSpectrumCache | None = None, 
     if check_finite:
         raise_on_nonfinite(spectra)
     return LoRASpectra(spectra, paths, cache)
+
+
+def lora_metrics(model: torch.nn.Module, *, cache: BaseSpectrumCache | None = None, backend: str = "auto",
+                 cancel_limit: float = DEFAULT_CANCEL_LIMIT, fit: str = "median", **options: Any) -> ESDMetrics:
+    """`tbfast.layer_metrics` of ``model`` on `lora_esd`'s float64 spectra: the same table, with
+    ``metrics.extra["esd_path"]`` (per layer: ``update``, ``full`` or ``dense``). ``options``:
+    layer options (as for `tbfast.find_layers`) and fit options (as for `tbfast.fit_power_law`)."""
+    fit_keys = ("xmin_pos", "filter_zeros", "evals_thresh", "bins", "xmin_bound", "fit_backend", "backend_fit",
+                "refine_lower_edge")
+    fit_options = {k: options.pop(k) for k in list(options) if k in fit_keys}
+    sr_mid_pos = options.pop("sr_mid_pos", None)
+    res = lora_esd(model, cache=cache, backend=backend, cancel_limit=cancel_limit, **options)
+    pl = fit_power_law(res.spectra, fit=fit, **fit_options)
+    m = compute_metrics(res.spectra, pl, sr_mid_pos=sr_mid_pos)
+    m.extra["esd_path"] = list(res.esd_path)
+    return m
+
+
+class LoRAMetrics:
+    """A ``metrics_fn`` for `tbfast.TempBalance` on a PEFT LoRA model: every ESD refresh is
+    `lora_metrics` with one `BaseSpectrumCache` kept across refreshes (the frozen base weights'
+    eigendecompositions are computed once). ``options`` as for `lora_metrics`."""
+
+    def __init__(self, cache: BaseSpectrumCache | None = None, **options: Any) -> None:
+        self.cache = cache if cache is not None else BaseSpectrumCache()
+        self.options = options
+
+    def __call__(self, model: torch.nn.Module) -> ESDMetrics:
+        with torch.no_grad():
+            return lora_metrics(model, cache=self.cache, **self.options)
