@@ -326,3 +326,15 @@ def test_tempbalance_on_a_lora_model_reuses_the_cache():
         lrs.append([g["lr"] for g in opt.param_groups])
     assert fn.cache.builds == 2  # q and v: the base spectra are computed once over two refreshes
     assert np.allclose(lrs[0], lrs[1], rtol=1e-9, atol=0)
+
+
+def test_lora_bench_workload_runs_and_reports_errors():
+    """`tbfast bench --lora` on a tiny block: the paths agree with the oracle (no timing asserted)."""
+    pytest.importorskip("peft")
+    from tbfast.bench.lora import format_lora, run_lora_benchmark
+    res = run_lora_benchmark(scale=1 / 64, rank=2, sweep=(32,))
+    assert res["shapes"][0] == [64, 64] and res["shapes"][4] == [172, 64]
+    assert res["esd_path"] == ["update"] * 7
+    assert res["errors"]["update"]["max_err_over_lambda_max"] <= 1e-12
+    assert res["errors"]["default_fp32"]["max_err_over_lambda_max"] > 1e-9  # float32 is not exact
+    assert "projected_full_block" in res and "| update (warm cache) |" in format_lora(res)
