@@ -338,3 +338,12 @@ def test_lora_bench_workload_runs_and_reports_errors():
     assert res["errors"]["update"]["max_err_over_lambda_max"] <= 1e-12
     assert res["errors"]["default_fp32"]["max_err_over_lambda_max"] > 1e-9  # float32 is not exact
     assert "projected_full_block" in res and "| update (warm cache) |" in format_lora(res)
+
+
+def test_nonfinite_lora_factor_is_reported_by_layer_name():
+    from tbfast.errors import NonFiniteWeightsError
+    pm = peft_model()
+    with torch.no_grad():
+        pm.base_model.model.v.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="base_model.model.v"):
+        tbfast.lora_esd(pm)

@@ -49,11 +49,11 @@ class LoRAItem:
 
 def _factors(item: LoRAItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(M0, Bm, Am)`` in float64 on the Gram side: ``M' = M0 + Bm @ Am``."""
-    w0 = item.w0.detach().to(torch.float64)
+    w0 = item.w0.detach().to("cpu", torch.float64)  # the update path runs on the CPU
     rows, cols = w0.shape
     Bs, As = [], []
     for A, B, s, transpose in item.updates:
-        A, B = A.detach().to(torch.float64), B.detach().to(torch.float64)
+        A, B = A.detach().to("cpu", torch.float64), B.detach().to("cpu", torch.float64)
         if transpose:  # the update is (B A)^T = A^T B^T
             A, B = B.T, A.T
         if B.shape[0] != rows or A.shape[1] != cols or B.shape[1] != A.shape[0]:
@@ -88,13 +88,16 @@ def full_eigenvalues(item: LoRAItem) -> torch.Tensor:
     """Ascending float64 eigenvalues of the merged Gram (the full path), clamped at 0."""
     M0, Bm, Am = _factors(item)
     M = M0 + Bm @ Am
+    if not bool(torch.isfinite(M).all()):  # NaN row: the caller reports the layer's weights
+        return torch.full((M.shape[1],), float("nan"), dtype=torch.float64)
     return torch.linalg.eigvalsh(M.T @ M).clamp_(min=0)
 
 
 def lora_eigenvalues(items: Sequence[LoRAItem], cache: BaseSpectrumCache | None, *, backend: str = "auto",
                      cancel_limit: float = DEFAULT_CANCEL_LIMIT) -> list[tuple[torch.Tensor, str]]:
     """``(eigenvalues, esd_path)`` of every item: ascending float64 CPU eigenvalues of ``M'^T M'``
-    and ``"update"`` (cached base spectrum + ``tbfast::eigvalsh_update``) or ``"full"``."""
+    and ``"update"`` (cached base spectrum + ``tbfast::eigvalsh_update``) or ``"full"``. Runs on
+    the CPU whatever the weights' device. A layer whose weights hold NaN/Inf gets a NaN row."""
     out: list[tuple[torch.Tensor, str] | None] = [None] * len(items)
     groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for i, item in enumerate(items):
