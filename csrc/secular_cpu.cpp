@@ -101,9 +101,16 @@ struct SecularSums {
   double psi = 0, dpsi = 0, phi = 0, dphi = 0, aterms = 0;
 };
 
+// The hot loops are compiled twice on x86-64 GCC (AVX2 and baseline) and picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TBFAST_HOT_CLONES __attribute__((target_clones("avx2", "default"), noinline))
+#else
+#define TBFAST_HOT_CLONES
+#endif
+
 // One part of the sums (terms j0 <= j < j1); a SIMD reduction (OpenMP simd: the sums may be
 // reassociated, as any summation order is as accurate for these same-sign terms).
-inline void secular_part(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
+TBFAST_HOT_CLONES void secular_part(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
                          double* sum, double* dsum) {
   double s = 0, ds = 0;
 #pragma omp simd reduction(+ : s, ds)
@@ -203,6 +210,27 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
   return true;
 }
 
+// One root's eigenvector v_j = zh_j / ((dd_j - base) - ti) (into vp) and the products
+// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each).
+TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, const double* zh, double base,
+                                       double ti, const double* sub, double* vp, double* out) {
+  double nrm = 0;
+#pragma omp simd reduction(+ : nrm)
+  for (int64_t j = 0; j < K; ++j) {
+    const double x = zh[j] / ((dd[j] - base) - ti);
+    vp[j] = x;
+    nrm += x * x;
+  }
+  const double inv = 1.0 / std::sqrt(nrm);
+  for (int64_t v = 0; v < nv; ++v) {
+    const double* sv = sub + v * K;
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < K; ++j) acc += vp[j] * sv[j];
+    out[v] = acc * inv;
+  }
+}
+
 // diag(d) + rho z z^T (rho > 0, ||z|| = 1, d ascending; n entries) replaces d by its eigenvalues
 // (ascending) and carries the nv vectors ys[v] (length n each) into the new eigenbasis, in place.
 bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, double rho,
@@ -274,22 +302,7 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
         thread_local std::vector<double> vi;
         vi.resize(K);
         const double base = dd[org[i]], ti = tau[i];
-        double* vp = vi.data();
-        double nrm = 0;
-#pragma omp simd reduction(+ : nrm)
-        for (int64_t j = 0; j < K; ++j) {
-          const double x = zh[j] / ((dd[j] - base) - ti);
-          vp[j] = x;
-          nrm += x * x;
-        }
-        const double inv = 1.0 / std::sqrt(nrm);
-        for (int64_t v = 0; v < nv; ++v) {
-          const double* sv = sub.data() + v * K;
-          double acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < K; ++j) acc += vp[j] * sv[j];
-          out[i * nv + v] = acc * inv;
-        }
+        cauchy_products(K, nv, dd.data(), zh.data(), base, ti, sub.data(), vi.data(), out.data() + i * nv);
       });
       for (int64_t a = 0; a < K; ++a)
         for (int64_t v = 0; v < nv; ++v) ys[v][idx[a]] = out[a * nv + v];
