@@ -79,8 +79,7 @@ def lora_metrics(model: torch.nn.Module, *, cache: BaseSpectrumCache | None = No
     """`tbfast.layer_metrics` of ``model`` on `lora_esd`'s float64 spectra: the same table, with
     ``metrics.extra["esd_path"]`` (per layer: ``update``, ``full`` or ``dense``). ``options``:
     layer options (as for `tbfast.find_layers`) and fit options (as for `tbfast.fit_power_law`)."""
-    fit_keys = ("xmin_pos", "filter_zeros", "evals_thresh", "bins", "xmin_bound", "fit_backend", "backend_fit",
-                "refine_lower_edge")
+    fit_keys = ("xmin_pos", "filter_zeros", "evals_thresh", "bins", "xmin_bound", "fit_backend", "refine_lower_edge")
     fit_options = {k: options.pop(k) for k in list(options) if k in fit_keys}
     sr_mid_pos = options.pop("sr_mid_pos", None)
     res = lora_esd(model, cache=cache, backend=backend, cancel_limit=cancel_limit, **options)
