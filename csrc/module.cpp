@@ -16,7 +16,7 @@
 // The ABI of tbfast._C: which op schemas and plain functions it defines. tbfast/_backend.py
 // refuses to load an extension whose build_info() "abi" differs from its EXTENSION_ABI.
 // Bump both whenever a schema, a kernel registration or a plain function changes.
-#define TBFAST_ABI 2
+#define TBFAST_ABI 3
 
 #ifndef TBFAST_TORCH_VERSION
 #define TBFAST_TORCH_VERSION "unknown"

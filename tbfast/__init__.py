@@ -12,6 +12,8 @@ try:
     from ._info import backend_info
     from .analyze import analyze, summary
     from .layers import Layer, block_index, find_layers, layers_from_matrices
+    from .lora import BaseSpectrumCache
+    from .lora.esd import lora_esd
     from .metrics import ESDMetrics, compute_metrics
     from .pipeline import layer_metrics
     from .powerlaw import PowerLawFit, fit_power_law
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "backend_info", "Layer", "block_index", "find_layers", "layers_from_matrices", "ESDMetrics",
     "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd", "analyze", "summary",
-    "TempBalance", "Tempbalance", "WeightWatcher", "__version__",
+    "TempBalance", "Tempbalance", "WeightWatcher", "lora_esd", "BaseSpectrumCache", "__version__",
 ]
 _LAZY = ("TempBalance", "Tempbalance")
 

@@ -14,9 +14,10 @@ import torch
 from . import _backend
 from .ops import eig as eig_op
 from .ops import fit as fit_op
+from .ops import secular as secular_op
 
 #: Every op in namespace ``tbfast``, as the op modules define them.
-OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES)
+OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES, *secular_op.OP_NAMES)
 
 
 def _triton_info() -> dict[str, Any]:
@@ -76,6 +77,8 @@ def backend_info() -> dict[str, Any]:
         "lapack": lapack if lapack is not None else {"syevd": False, "source": "extension not loaded"},
         "ops": {n: _backend.has_op(n) for n in OP_NAMES},
         "eig_op": eig_op.registration(),
+        "lora_update": {"op": "tbfast::eigvalsh_update", "kernels": secular_op.implementations(),
+                        "paths": "update (cached base spectrum + secular rank-one updates) | full"},
         "torch": {"version": torch.__version__, "cuda_version": torch.version.cuda,
                   "num_threads": torch.get_num_threads()},
         "devices": devices,

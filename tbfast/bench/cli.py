@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-costs", default=None, metavar="RxC=SEC,...",
                    help="--scale: seconds per matrix of the LLaMA-7B shapes (4096x4096, 11008x4096, "
                         "4096x11008) from an earlier run, instead of measuring them now")
+    p.add_argument("--lora", action="store_true",
+                   help="run only the exact-LoRA-ESD benchmark: a LLaMA-7B-shaped block with LoRA on all seven "
+                        "Linears, refresh with a warm base-spectrum cache vs the fp32 and fp64 eigensolves")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="--lora: multiply every dimension of the block by this (0.5 on a 2-core CPU)")
+    p.add_argument("--lora-rank", type=int, default=8, help="--lora: the LoRA rank (default 8)")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return p
@@ -243,6 +249,19 @@ def _scale(args: argparse.Namespace, device: torch.device, env: dict[str, Any]) 
     return 0
 
 
+def _lora(args: argparse.Namespace, env: dict[str, Any]) -> int:
+    from .lora import format_lora, run_lora_benchmark
+    print(f"# tbfast bench --lora on {env['device_name']}, torch {env['torch']}, {env['date']}")
+    print(f"# command: {env['command']}", flush=True)
+    res = run_lora_benchmark(scale=args.lora_scale, rank=args.lora_rank, repeats=args.repeats or 1)
+    print(format_lora(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "lora": res}, f, indent=2, default=str)
+        print(f"# wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tbfast bench``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -258,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device, argv)
     if args.scale:
         return _scale(args, device, env)
+    if args.lora:
+        return _lora(args, env)
     report: dict[str, Any] = {"environment": env, "methods": {m: METHOD_HELP[m] for m in methods},
                               "esd": [], "overhead": None}
     print(f"# tbfast bench on {env['device_name']} ({env['device']}), torch {env['torch']}, "

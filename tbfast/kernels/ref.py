@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["hill_fit_ref", "ks_scan_ref", "eigvalsh_batched_ref", "segment_ids"]
+__all__ = ["hill_fit_ref", "ks_scan_ref", "eigvalsh_batched_ref", "eigvalsh_update_ref", "segment_ids"]
 
 _CANDIDATE_BLOCK = 512  # candidates per chunk of the (candidate x tail) matrix in ks_scan_ref
 
@@ -116,3 +116,20 @@ def eigvalsh_batched_ref(G: torch.Tensor, workspace_limit: int = 0) -> tuple[tor
         except RuntimeError:
             info[b] = 1
     return w, info
+
+
+def eigvalsh_update_ref(d: torch.Tensor, Z: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``tbfast::eigvalsh_update``: ascending eigenvalues ``(L, n)`` float64 of
+    ``diag(d) + Z C Z^T`` (C's lower triangle) by a dense float64 eigensolve, and the status
+    ``(L,)`` int32: 0, or 2 for a layer whose inputs hold NaN/Inf (its row is NaN)."""
+    d, Z, C = d.double(), Z.double(), C.double()
+    L, n = d.shape
+    Cs = torch.tril(C) + torch.tril(C, -1).mT
+    M = torch.diag_embed(d) + Z @ Cs @ Z.mT
+    finite = (torch.isfinite(d).all(dim=1) & torch.isfinite(Z).flatten(1).all(dim=1)
+              & torch.isfinite(C).flatten(1).all(dim=1))
+    M = torch.where(finite[:, None, None], M, torch.zeros((), dtype=M.dtype, device=M.device))
+    w = torch.linalg.eigvalsh(M) if n else M.new_zeros((L, 0))
+    w = torch.where(finite[:, None], w, torch.full_like(w, math.nan))
+    status = torch.where(finite, 0, 2).to(torch.int32)
+    return w, status

@@ -16,17 +16,20 @@ from torch import nn
 from .core import (LAYER_KINDS, Layer, check_weight, evals_in_range, kind_of_module, merge_lora, name_filter,
                    tensor_layer, wanted_kinds, weight_layer)
 
-__all__ = ["find_layers"]
+__all__ = ["find_layers", "lora_parts", "is_lora_module"]
 
 
-def _is_lora(module: nn.Module) -> bool:
+def is_lora_module(module: nn.Module) -> bool:
+    """True for a PEFT LoRA layer (``lora_A`` / ``lora_B`` ModuleDicts and ``scaling``)."""
     return all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling")) and isinstance(
         getattr(module, "lora_A"), nn.ModuleDict)
 
 
-def _lora_layer(name: str, module: nn.Module, index: int, lora_scaling: bool) -> Layer | None:
-    """The merged layer of a PEFT LoRA module (its active adapters, PEFT's own ``scaling``);
-    None for LoRA on convolutions/embeddings (analysed through the base layer only)."""
+def lora_parts(name: str, module: nn.Module, lora_scaling: bool = True
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float, bool]]] | None:
+    """The base weight of a PEFT LoRA module and its active adapters' updates ``(A, B, s,
+    transpose)`` (as `merge_lora` takes them, detached); None for LoRA on convolutions or
+    embeddings (analysed through the base layer only)."""
     base = getattr(module, "base_layer", module)
     w = getattr(base, "weight", None)
     if w is None:
@@ -40,11 +43,22 @@ def _lora_layer(name: str, module: nn.Module, index: int, lora_scaling: bool) ->
         active = [active]
     adapters = [a for a in adapters if a in active]
     fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
+    updates = [(module.lora_A[a].weight.detach(), module.lora_B[a].weight.detach(),
+                float(module.scaling[a]) if lora_scaling else 1.0, fan_in_fan_out) for a in adapters]
+    return w.detach(), updates
+
+
+def _lora_layer(name: str, module: nn.Module, index: int, lora_scaling: bool) -> Layer | None:
+    """The merged layer of a PEFT LoRA module (its active adapters, PEFT's own ``scaling``);
+    None for LoRA on convolutions/embeddings (analysed through the base layer only)."""
+    parts = lora_parts(name, module, lora_scaling)
+    if parts is None:
+        return None
+    w = parts[0]
 
     def loader():
-        updates = [(module.lora_A[a].weight.detach(), module.lora_B[a].weight.detach(),
-                    float(module.scaling[a]) if lora_scaling else 1.0, fan_in_fan_out) for a in adapters]
-        return merge_lora(name, w.detach(), updates).unsqueeze(0)
+        w0, updates = lora_parts(name, module, lora_scaling)  # read when the ESD needs it
+        return merge_lora(name, w0, updates).unsqueeze(0)
 
     return weight_layer(name, "LoRA", w.shape, index=index, loader=loader, module=module)
 
@@ -97,7 +111,7 @@ def find_layers(
     for index, (name, module) in enumerate(model.named_modules()):
         if any(name.startswith(p) for p in skip_prefixes):
             continue
-        if _is_lora(module):
+        if is_lora_module(module):
             skip_prefixes.append(name + ".")  # base_layer, lora_A.x, lora_B.x belong to this layer
             kind: str | None = "LoRA"
         else:

@@ -1,0 +1,432 @@
+// Eigenvalues of a low-rank update of a diagonal matrix, diag(d) + Z C Z^T, on the CPU: the
+// kernel of tbfast::eigvalsh_update(Tensor d, Tensor Z, Tensor C) -> (Tensor w, Tensor status).
+//
+// Method (written from the mathematics of the symmetric rank-one update; see docs/ARCHITECTURE.md):
+//   C = Q diag(c) Q^T (cyclic Jacobi, C is k x k and small), Y = Z Q, so the matrix is
+//   diag(d) + sum_t c_t y_t y_t^T. The k terms are added one at a time. For one term
+//   diag(d) + rho z z^T (||z|| = 1, rho > 0 after a sign flip of the whole problem):
+//   - deflation: a component with rho |z_j| <= tol keeps its eigenvalue d_j; two poles whose
+//     2x2 rotation would leave an off-diagonal |(d_j - d_p) c s| <= tol are rotated so that one
+//     z component vanishes (tol = 8 eps max(max|d|, rho));
+//   - the K remaining roots of f(x) = 1 + sum_j rho z_j^2 / (d_j - x) lie one in each gap
+//     (d_i, d_i+1) and one in (d_K, d_K + rho). Each is found relative to its nearer pole
+//     (x = d_o + tau, so d_j - x = (d_j - d_o) - tau is exact) by a two-pole rational model
+//     of f (values and derivatives of the parts left and right of the gap), safeguarded by a
+//     bracket that is bisected whenever the model step leaves it;
+//   - z is recomputed from the roots (the Gu-Eisenstat formula
+//     zhat_j^2 = prod_i (x_i - d_j) / (rho prod_{i != j} (d_i - d_j))), so the eigenvectors
+//     v_i ~ zhat / (d - x_i) are numerically orthogonal;
+//   - the remaining vectors y_{t+1..k} are carried into the new eigenbasis through these
+//     Cauchy-structured vectors (O(K) per root and vector, parallel over roots).
+// No step costs more than O(n^2 k) per layer; nothing is O(n^3).
+//
+// The math is plain C++ on raw double pointers (eigvalsh_update_layer); the torch binding at the
+// end only checks tensors and hands out pointers.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "tbfast_parallel.h"
+
+namespace tbfast {
+namespace secular {
+
+constexpr double kEps = std::numeric_limits<double>::epsilon() / 2;  // unit roundoff
+constexpr int kMaxIter = 200;
+// Below this many roots a loop runs on the calling thread: a parallel region per update costs a
+// thread wake-up (and, on a busy machine, a wait for a descheduled thread) that small K never repays.
+constexpr int64_t kMinParallelRoots = 512;
+
+inline int64_t work_of(int64_t K, int64_t per) { return K >= kMinParallelRoots ? K * per : 0; }
+
+// Status codes of one layer (kept equal to tbfast/ops/secular.py).
+constexpr int kOk = 0;
+constexpr int kNotConverged = 1;
+constexpr int kNonFinite = 2;
+
+// Cyclic Jacobi eigendecomposition of the symmetric k x k matrix a (row-major, overwritten):
+// eigenvalues in c, eigenvectors in the columns of q (row-major k x k).
+void jacobi_eigh(int64_t k, std::vector<double>& a, std::vector<double>& c, std::vector<double>& q) {
+  q.assign(k * k, 0.0);
+  for (int64_t i = 0; i < k; ++i) q[i * k + i] = 1.0;
+  for (int sweep = 0; sweep < 100; ++sweep) {
+    double off = 0.0, total = 0.0;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        const double v = a[i * k + j] * a[i * k + j];
+        total += v;
+        if (i != j) off += v;
+      }
+    if (off <= 1e-34 * total || off == 0.0) break;
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t r = p + 1; r < k; ++r) {
+        const double apr = a[p * k + r];
+        if (apr == 0.0) continue;
+        const double theta = (a[r * k + r] - a[p * k + p]) / (2.0 * apr);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+        const double cs = 1.0 / std::sqrt(t * t + 1.0), sn = t * cs;
+        // a <- J^T a J with J the rotation in the (p, r) plane
+        for (int64_t m = 0; m < k; ++m) {
+          const double amp = a[m * k + p], amr = a[m * k + r];
+          a[m * k + p] = cs * amp - sn * amr;
+          a[m * k + r] = sn * amp + cs * amr;
+        }
+        for (int64_t m = 0; m < k; ++m) {
+          const double apm = a[p * k + m], arm = a[r * k + m];
+          a[p * k + m] = cs * apm - sn * arm;
+          a[r * k + m] = sn * apm + cs * arm;
+        }
+        a[p * k + r] = a[r * k + p] = 0.0;
+        for (int64_t m = 0; m < k; ++m) {
+          const double qmp = q[m * k + p], qmr = q[m * k + r];
+          q[m * k + p] = cs * qmp - sn * qmr;
+          q[m * k + r] = sn * qmp + cs * qmr;
+        }
+      }
+  }
+  c.resize(k);
+  for (int64_t i = 0; i < k; ++i) c[i] = a[i * k + i];
+}
+
+// Sums of the secular function at x = base + t: the terms j <= i (psi, its derivative dpsi) and
+// j > i (phi, dphi), and the sum of |terms| (for the rounding-error bound of f).
+struct SecularSums {
+  double psi = 0, dpsi = 0, phi = 0, dphi = 0, aterms = 0;
+};
+
+// The hot loops are compiled twice on x86-64 GCC (AVX2 and baseline) and picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TBFAST_HOT_CLONES __attribute__((target_clones("avx2", "default"), noinline))
+#else
+#define TBFAST_HOT_CLONES
+#endif
+
+// One part of the sums (terms j0 <= j < j1); a SIMD reduction (OpenMP simd: the sums may be
+// reassociated, as any summation order is as accurate for these same-sign terms).
+TBFAST_HOT_CLONES void secular_part(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
+                         double* sum, double* dsum) {
+  double s = 0, ds = 0;
+#pragma omp simd reduction(+ : s, ds)
+  for (int64_t j = j0; j < j1; ++j) {
+    const double inv = 1.0 / ((dd[j] - base) - t);
+    const double term = w[j] * inv;
+    s += term;
+    ds += term * inv;
+  }
+  *sum = s;
+  *dsum = ds;
+}
+
+inline SecularSums secular_sums(int64_t K, const double* dd, const double* w, int64_t i, double base, double t) {
+  SecularSums s;
+  secular_part(dd, w, 0, i + 1, base, t, &s.psi, &s.dpsi);
+  secular_part(dd, w, i + 1, K, base, t, &s.phi, &s.dphi);
+  s.aterms = s.phi - s.psi;  // psi <= 0 <= phi for x inside (dd_i, dd_i+1)
+  return s;
+}
+
+// One root of f(x) = 1 + sum_j w_j / (dd_j - x), w_j > 0, dd strictly ascending (K values):
+// the root in (dd_i, dd_i+1), or in (dd_K-1, dd_K-1 + sum w) for i = K - 1. Returns false when
+// it did not converge. The root is dd[*origin] + *tau.
+bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int64_t i, int64_t* origin,
+                  double* tau) {
+  const bool last = (i == K - 1);
+  int64_t o = i;
+  double lo, hi, t;
+  SecularSums s;
+  if (last) {
+    lo = 0.0;
+    hi = wsum;
+    t = wsum / 2;
+    s = secular_sums(K, dd, w, i, dd[o], t);
+  } else {
+    // start at the middle of the gap; its sign says which pole is nearer the root
+    const double half = (dd[i + 1] - dd[i]) / 2;
+    s = secular_sums(K, dd, w, i, dd[i], half);
+    if (1.0 + s.psi + s.phi >= 0) {
+      lo = 0.0;
+      hi = half;
+      t = half;
+    } else {
+      o = i + 1;  // the same point, measured from the right pole: the sums do not change
+      lo = -half;
+      hi = 0.0;
+      t = -half;
+    }
+  }
+  const double base = dd[o];
+  for (int it = 0; it < kMaxIter; ++it) {
+    if (it > 0) s = secular_sums(K, dd, w, i, base, t);
+    const double f = 1.0 + s.psi + s.phi;
+    if (!std::isfinite(f)) return false;
+    if (std::fabs(f) <= 8 * kEps * (1.0 + s.aterms)) break;
+    if (f < 0) lo = std::max(lo, t); else hi = std::min(hi, t);
+    if (hi - lo <= 4 * kEps * std::max(std::fabs(lo), std::fabs(hi))) break;
+    const double dl = (dd[i] - base) - t;  // left pole minus t (< 0)
+    double step = std::numeric_limits<double>::quiet_NaN();
+    if (last) {
+      // f ~ cc + q / (dl - eta): one pole, values and derivative matched at t
+      const double q = s.dpsi * dl * dl;
+      const double cc = f - s.dpsi * dl;
+      if (cc > 0) step = dl + q / cc;
+    } else {
+      // f ~ cc + q / (dl - eta) + r / (dr - eta): both poles of the gap, matched at t
+      const double dr = (dd[i + 1] - base) - t;  // right pole minus t (> 0)
+      const double q = s.dpsi * dl * dl, r = s.dphi * dr * dr;
+      const double cc = 1.0 + (s.psi - s.dpsi * dl) + (s.phi - s.dphi * dr);
+      const double a = cc * (dl + dr) + q + r;
+      const double b = dl * dr * f;
+      if (cc == 0.0) {
+        step = b / a;
+      } else {
+        const double disc = a * a - 4 * cc * b;
+        if (disc >= 0) {
+          const double sq = std::sqrt(disc);
+          const double e1 = a >= 0 ? (a + sq) / (2 * cc) : (a - sq) / (2 * cc);
+          const double e2 = a >= 0 ? 2 * b / (a + sq) : 2 * b / (a - sq);
+          const bool in1 = t + e1 > lo && t + e1 < hi, in2 = t + e2 > lo && t + e2 < hi;
+          if (in1 && in2) step = std::fabs(e1) < std::fabs(e2) ? e1 : e2;
+          else if (in1) step = e1;
+          else if (in2) step = e2;
+        }
+      }
+    }
+    double tn = t + step;
+    if (!(tn > lo && tn < hi)) tn = lo + (hi - lo) / 2;  // also catches NaN
+    const double moved = std::fabs(tn - t);
+    t = tn;
+    if (moved <= 2 * kEps * std::fabs(t)) break;
+    if (it == kMaxIter - 1) return false;
+  }
+  *origin = o;
+  *tau = t;
+  return true;
+}
+
+// One root's eigenvector v_j = zh_j / ((dd_j - base) - ti) (into vp) and the products
+// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each).
+TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, const double* zh, double base,
+                                       double ti, const double* sub, double* vp, double* out) {
+  double nrm = 0;
+#pragma omp simd reduction(+ : nrm)
+  for (int64_t j = 0; j < K; ++j) {
+    const double x = zh[j] / ((dd[j] - base) - ti);
+    vp[j] = x;
+    nrm += x * x;
+  }
+  const double inv = 1.0 / std::sqrt(nrm);
+  for (int64_t v = 0; v < nv; ++v) {
+    const double* sv = sub + v * K;
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < K; ++j) acc += vp[j] * sv[j];
+    out[v] = acc * inv;
+  }
+}
+
+// diag(d) + rho z z^T (rho > 0, ||z|| = 1, d ascending; n entries) replaces d by its eigenvalues
+// (ascending) and carries the nv vectors ys[v] (length n each) into the new eigenbasis, in place.
+bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, double rho,
+                     std::vector<std::vector<double>>& ys) {
+  const int64_t nv = static_cast<int64_t>(ys.size());
+  double dmax = 0.0;
+  for (int64_t j = 0; j < n; ++j) dmax = std::max(dmax, std::fabs(d[j]));
+  const double tol = 8 * 2 * kEps * std::max(dmax, rho);
+  // deflation of small components, then of close poles (rotations)
+  std::vector<int64_t> idx;
+  idx.reserve(n);
+  for (int64_t j = 0; j < n; ++j) {
+    if (rho * std::fabs(z[j]) <= tol) continue;
+    if (!idx.empty()) {
+      const int64_t p = idx.back();
+      const double r = std::hypot(z[p], z[j]);
+      const double c = z[j] / r, s = -z[p] / r;
+      if (std::fabs((d[j] - d[p]) * c * s) <= tol) {
+        const double dp = c * c * d[p] + s * s * d[j], dj = s * s * d[p] + c * c * d[j];
+        d[p] = dp;
+        d[j] = dj;
+        z[p] = 0.0;
+        z[j] = r;
+        for (auto& y : ys) {
+          const double yp = y[p], yj = y[j];
+          y[p] = c * yp + s * yj;
+          y[j] = -s * yp + c * yj;
+        }
+        idx.back() = j;  // p is deflated; j carries the weight
+        continue;
+      }
+    }
+    idx.push_back(j);
+  }
+  const int64_t K = static_cast<int64_t>(idx.size());
+  if (K > 0) {
+    std::vector<double> dd(K), w(K);
+    double wsum = 0.0;
+    for (int64_t a = 0; a < K; ++a) {
+      dd[a] = d[idx[a]];
+      w[a] = rho * z[idx[a]] * z[idx[a]];
+      wsum += w[a];
+    }
+    std::vector<int64_t> org(K);
+    std::vector<double> tau(K);
+    std::vector<char> ok(K, 1);
+    parallel_for_dynamic(K, 16, work_of(K, K * 6), [&](int64_t i) {
+      ok[i] = secular_root(K, dd.data(), w.data(), wsum, i, &org[i], &tau[i]) ? 1 : 0;
+    });
+    for (int64_t i = 0; i < K; ++i)
+      if (!ok[i]) return false;
+    // Gu-Eisenstat: the z for which the computed roots are exact
+    std::vector<double> zh(K);
+    parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
+      double p[4] = {((dd[org[j]] - dd[j]) + tau[j]) / rho, 1.0, 1.0, 1.0};  // four partial products
+      for (int64_t i = 0; i < K; ++i) {
+        if (i == j) continue;
+        p[i & 3] *= ((dd[org[i]] - dd[j]) + tau[i]) / (dd[i] - dd[j]);
+      }
+      const double prod = (p[0] * p[1]) * (p[2] * p[3]);
+      zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
+    });
+    // the remaining vectors in the new basis: y'_i = v_i . y / ||v_i||, v_i[j] = zh_j / (dd_j - x_i)
+    if (nv > 0) {
+      std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
+      for (int64_t v = 0; v < nv; ++v)
+        for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
+      parallel_for_dynamic(K, 16, work_of(K, K * (nv + 2)), [&](int64_t i) {
+        thread_local std::vector<double> vi;
+        vi.resize(K);
+        const double base = dd[org[i]], ti = tau[i];
+        cauchy_products(K, nv, dd.data(), zh.data(), base, ti, sub.data(), vi.data(), out.data() + i * nv);
+      });
+      for (int64_t a = 0; a < K; ++a)
+        for (int64_t v = 0; v < nv; ++v) ys[v][idx[a]] = out[a * nv + v];
+    }
+    for (int64_t a = 0; a < K; ++a) d[idx[a]] = dd[org[a]] + tau[a];
+  }
+  // back to ascending order
+  std::vector<int64_t> perm(n);
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return d[a] < d[b]; });
+  std::vector<double> tmp(n);
+  for (int64_t j = 0; j < n; ++j) tmp[j] = d[perm[j]];
+  d.swap(tmp);
+  for (auto& y : ys) {
+    for (int64_t j = 0; j < n; ++j) tmp[j] = y[perm[j]];
+    y.swap(tmp);
+  }
+  return true;
+}
+
+}  // namespace secular
+
+// All eigenvalues (ascending, into w) of diag(d) + Z C Z^T: d (n), Z (n x k row-major), C (k x k
+// row-major, symmetric; its lower triangle is read). Returns a status code (secular::kOk, ...).
+int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z, const double* C, double* w) {
+  using namespace secular;
+  for (int64_t j = 0; j < n; ++j)
+    if (!std::isfinite(d[j])) return kNonFinite;
+  for (int64_t j = 0; j < n * k; ++j)
+    if (!std::isfinite(Z[j])) return kNonFinite;
+  for (int64_t j = 0; j < k * k; ++j)
+    if (!std::isfinite(C[j])) return kNonFinite;
+  std::vector<double> a(k * k), c, q;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j <= i; ++j) a[i * k + j] = a[j * k + i] = C[i * k + j];
+  jacobi_eigh(k, a, c, q);
+  // order the terms by decreasing |c| (the large updates first)
+  std::vector<int64_t> order(k);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return std::fabs(c[x]) > std::fabs(c[y]); });
+  // d ascending, Y = Z Q with its rows in the same order
+  std::vector<int64_t> perm(n);
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return d[x] < d[y]; });
+  std::vector<double> dv(n);
+  for (int64_t j = 0; j < n; ++j) dv[j] = d[perm[j]];
+  std::vector<std::vector<double>> ys(k, std::vector<double>(n, 0.0));
+  std::vector<double> cs(k);
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t col = order[t];
+    cs[t] = c[col];
+    auto& y = ys[t];
+    for (int64_t j = 0; j < n; ++j) {
+      const double* zr = Z + perm[j] * k;
+      double s = 0.0;
+      for (int64_t m = 0; m < k; ++m) s += zr[m] * q[m * k + col];
+      y[j] = s;
+    }
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    std::vector<double> z = std::move(ys.front());
+    ys.erase(ys.begin());
+    double nz = 0.0;
+    for (double v : z) nz += v * v;
+    const double rho = cs[t] * nz;
+    if (rho == 0.0 || !std::isfinite(rho)) {
+      if (!std::isfinite(rho)) return kNonFinite;
+      continue;
+    }
+    const double inv = 1.0 / std::sqrt(nz);
+    for (double& v : z) v *= inv;
+    const bool flip = rho < 0;
+    if (flip) {  // -(diag(-d) + |rho| z z^T), with -d ascending after a reversal
+      std::reverse(dv.begin(), dv.end());
+      for (double& v : dv) v = -v;
+      std::reverse(z.begin(), z.end());
+      for (auto& y : ys) std::reverse(y.begin(), y.end());
+    }
+    if (!rank_one_update(n, dv, z, std::fabs(rho), ys)) return kNotConverged;
+    if (flip) {
+      std::reverse(dv.begin(), dv.end());
+      for (double& v : dv) v = -v;
+      for (auto& y : ys) std::reverse(y.begin(), y.end());
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) w[j] = dv[j];
+  return kOk;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> eigvalsh_update_cpu(const at::Tensor& d, const at::Tensor& Z, const at::Tensor& C) {
+  TORCH_CHECK(d.device().is_cpu() && Z.device().is_cpu() && C.device().is_cpu(),
+              "tbfast::eigvalsh_update (CPU): d, Z and C must be CPU tensors");
+  TORCH_CHECK(d.dim() == 2, "tbfast::eigvalsh_update: d must have shape (L, n), got ", d.sizes());
+  const int64_t L = d.size(0), n = d.size(1);
+  TORCH_CHECK(Z.dim() == 3 && Z.size(0) == L && Z.size(1) == n,
+              "tbfast::eigvalsh_update: Z must have shape (L, n, k) = (", L, ", ", n, ", k), got ", Z.sizes());
+  const int64_t k = Z.size(2);
+  TORCH_CHECK(C.dim() == 3 && C.size(0) == L && C.size(1) == k && C.size(2) == k,
+              "tbfast::eigvalsh_update: C must have shape (L, k, k) = (", L, ", ", k, ", ", k, "), got ", C.sizes());
+  TORCH_CHECK(d.scalar_type() == at::kDouble && Z.scalar_type() == at::kDouble && C.scalar_type() == at::kDouble,
+              "tbfast::eigvalsh_update: d, Z and C must be float64");
+  TORCH_CHECK(d.is_contiguous() && Z.is_contiguous() && C.is_contiguous(),
+              "tbfast::eigvalsh_update: d, Z and C must be contiguous");
+  at::Tensor w = at::empty({L, n}, d.options());
+  at::Tensor status = at::zeros({L}, d.options().dtype(at::kInt));
+  const double* dp = d.const_data_ptr<double>();
+  const double* zp = Z.const_data_ptr<double>();
+  const double* cp = C.const_data_ptr<double>();
+  double* wp = w.mutable_data_ptr<double>();
+  int* sp = status.mutable_data_ptr<int>();
+  for (int64_t l = 0; l < L; ++l) {
+    const int st = eigvalsh_update_layer(n, k, dp + l * n, zp + l * n * k, cp + l * k * k, wp + l * n);
+    sp[l] = st;
+    if (st != secular::kOk) std::fill(wp + l * n, wp + (l + 1) * n, std::numeric_limits<double>::quiet_NaN());
+  }
+  return {w, status};
+}
+
+}  // namespace
+}  // namespace tbfast
+
+// The schema is defined in tbfast/ops/secular.py (impl before def is legal in torch.library).
+TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
+  m.impl("eigvalsh_update", &tbfast::eigvalsh_update_cpu);
+}

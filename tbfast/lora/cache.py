@@ -1,0 +1,182 @@
+"""The base-spectrum cache of the exact LoRA ESD: ``G0 = M0^T M0 = V diag(l0) V^T`` per frozen base weight.
+
+``M0`` is the base weight on its Gram side (``W0`` when ``cols <= rows``, else ``W0^T``), so the
+Gram is ``n x n`` with ``n = min(rows, cols)``. An entry holds ``l0`` (ascending) and ``V``,
+float64 by default (float32 on request: half the memory, eigenvalues then known to about
+``1e-7 * lambda_max`` only), and a checksum of the base weight (`weight_checksum`: CRC-32 and
+Adler-32 of its bytes, its dtype and shape): a base weight that changed is recomputed, never used stale. Entries are kept while they
+fit ``memory_budget`` bytes; a weight whose entry does not fit gets None (its layer takes the
+full eigensolve). `BaseSpectrumCache.save` / `load` write and read a safetensors file (no code
+runs on load) so many adapters or checkpoints of one base reuse one cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["BaseSpectrum", "BaseSpectrumCache", "weight_checksum", "gram_side", "DEFAULT_CACHE_BUDGET",
+           "CACHE_FORMAT"]
+
+logger = logging.getLogger("tbfast.lora")
+
+#: Default bound of a cache's eigenvectors and eigenvalues, in bytes (2 GiB).
+DEFAULT_CACHE_BUDGET = 2 << 30
+#: The ``format`` metadata of a saved cache file.
+CACHE_FORMAT = "tbfast-base-spectrum-1"
+
+
+def gram_side(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (rows, cols) on its Gram side: ``w`` when ``cols <= rows``, else ``w.T`` (a view)."""
+    return w if w.shape[1] <= w.shape[0] else w.T
+
+
+def weight_checksum(w: torch.Tensor) -> str:
+    """A checksum of a weight's dtype, shape and bytes (CRC-32 and Adler-32 of the bytes: any
+    change of one element, or of a run of up to 32 bits, changes it; other changes collide with
+    probability about 2^-64). Detects a changed base weight, not a forged one."""
+    flat = w.detach().to("cpu").contiguous().reshape(-1)
+    buf = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    return f"{w.dtype}|{'x'.join(map(str, w.shape))}|{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}"
+
+
+@dataclass(frozen=True)
+class BaseSpectrum:
+    """One base weight's Gram spectrum: ``evals`` (n,) ascending, ``evecs`` (n, n) columns,
+    ``checksum`` of the weight and its ``shape``."""
+
+    evals: torch.Tensor
+    evecs: torch.Tensor
+    checksum: str
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.evals.numel() * self.evals.element_size() + self.evecs.numel() * self.evecs.element_size()
+
+
+def _entry_bytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
+    n = min(shape)
+    return (n * n + n) * torch.finfo(dtype).bits // 8
+
+
+class BaseSpectrumCache:
+    """Base spectra by layer name, bounded by ``memory_budget`` bytes (None: no bound).
+
+    ``dtype``: float64 (default, exact to float64 rounding) or float32 (half the memory)."""
+
+    def __init__(self, memory_budget: int | None = DEFAULT_CACHE_BUDGET, dtype: torch.dtype = torch.float64) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"BaseSpectrumCache: dtype must be torch.float32 or torch.float64, got {dtype}")
+        if memory_budget is not None and memory_budget < 0:
+            raise ValueError(f"BaseSpectrumCache: memory_budget must be >= 0 bytes, got {memory_budget}")
+        self.memory_budget = memory_budget
+        self.dtype = dtype
+        self._entries: dict[str, BaseSpectrum] = {}
+        self.builds = 0  # eigendecompositions computed by this cache (misses, stale entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the entries."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def _fits(self, extra: int) -> bool:
+        return self.memory_budget is None or self.nbytes + extra <= self.memory_budget
+
+    def entry(self, name: str) -> BaseSpectrum | None:
+        """The stored entry of ``name`` (no checksum test); None if absent."""
+        return self._entries.get(name)
+
+    def lookup(self, name: str, weight: torch.Tensor, *, checksum: str | None = None) -> BaseSpectrum | None:
+        """The base spectrum of ``weight`` (2-D) under ``name``: the stored one when its checksum
+        matches, else computed now (one float64 eigendecomposition of the Gram) and stored. None
+        when it does not fit the memory budget (the caller takes the full path)."""
+        if weight.dim() != 2:
+            raise ValueError(f"layer {name!r}: base weight must be 2-D, got shape {tuple(weight.shape)}")
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        cs = weight_checksum(weight) if checksum is None else checksum
+        old = self._entries.get(name)
+        if old is not None:
+            if old.checksum == cs and old.shape == shape:
+                return old
+            logger.info("base weight of layer %r changed; its cached spectrum is recomputed", name)
+            del self._entries[name]
+        if not self._fits(_entry_bytes(shape, self.dtype)):
+            return None
+        if not bool(torch.isfinite(weight).all()):
+            return None  # the full path reports non-finite weights
+        m = gram_side(weight.detach()).to(torch.float64)
+        evals, evecs = torch.linalg.eigh(m.mT @ m)
+        e = BaseSpectrum(evals=evals.to(self.dtype).cpu(), evecs=evecs.to(self.dtype).cpu(), checksum=cs, shape=shape)
+        self._entries[name] = e
+        self.builds += 1
+        return e
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the entries to a safetensors file ``path`` (written to a temporary name, then
+        renamed over it)."""
+        from safetensors.torch import save_file  # noqa: PLC0415 - optional dependency
+        p = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        index = {}
+        for i, (name, e) in enumerate(self._entries.items()):
+            tensors[f"{i}.evals"] = e.evals.contiguous()
+            tensors[f"{i}.evecs"] = e.evecs.contiguous()
+            index[str(i)] = {"name": name, "checksum": e.checksum, "shape": list(e.shape)}
+        meta = {"format": CACHE_FORMAT, "entries": json.dumps(index)}
+        tmp = p.with_name(p.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, memory_budget: int | None = DEFAULT_CACHE_BUDGET,
+             dtype: torch.dtype | None = None) -> BaseSpectrumCache:
+        """A cache read from a file written by `save`; entries past ``memory_budget`` are left
+        on disk (their layers recompute or take the full path). ``dtype``: that of the file's
+        entries unless given."""
+        from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - optional dependency
+        p = Path(path)
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CACHE_FORMAT:
+                    raise ValueError(f"{p}: not a tbfast base-spectrum cache (format {meta.get('format')!r})")
+                index = json.loads(meta.get("entries", "{}"))
+                cache: BaseSpectrumCache | None = None
+                for i, info in index.items():
+                    evals, evecs = f.get_tensor(f"{i}.evals"), f.get_tensor(f"{i}.evecs")
+                    shape = tuple(int(s) for s in info["shape"])
+                    n = min(shape) if len(shape) == 2 else -1
+                    if evals.shape != (n,) or evecs.shape != (n, n) or evals.dtype != evecs.dtype:
+                        raise ValueError(f"{p}: entry {info.get('name')!r} has tensors of shapes "
+                                         f"{tuple(evals.shape)}, {tuple(evecs.shape)} for a weight of shape {shape}")
+                    if cache is None:
+                        cache = cls(memory_budget, dtype or evals.dtype)
+                    e = BaseSpectrum(evals.to(cache.dtype), evecs.to(cache.dtype), str(info["checksum"]), shape)
+                    if cache._fits(e.nbytes):
+                        cache._entries[str(info["name"])] = e
+        except (SafetensorError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{p}: not a readable tbfast base-spectrum cache ({type(exc).__name__}: {exc})") from None
+        return cache if cache is not None else cls(memory_budget, dtype or torch.float64)
