@@ -30,6 +30,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STATUS_FILE = "_build_status.json"  # inside the tbfast package; read by tbfast/_backend.py
+#: The stable-ABI build targets this torch (TORCH_TARGET_VERSION): its _C loads on every torch >= it.
+STABLE_TORCH_MIN = (2, 10)
+PY_LIMITED_API = "cp310"  # = requires-python's floor
 
 
 def _flag(name: str) -> bool:
@@ -59,10 +62,29 @@ def _supports_openmp() -> bool:
         return res.returncode == 0
 
 
-def _status(state: str, reason: str | None, torch_version: str | None) -> dict:
+def _status(state: str, reason: str | None, torch_version: str | None, stable: bool = False) -> dict:
     """The build record written to tbfast/_build_status.json."""
-    return {"extension": state, "reason": reason, "torch_version": torch_version,
+    return {"extension": state, "reason": reason, "torch_version": torch_version, "stable_abi": stable,
+            "torch_min": ".".join(map(str, STABLE_TORCH_MIN)) if stable else torch_version,
             "python": platform.python_version(), "platform": sys.platform}
+
+
+def _release(version: str) -> tuple[int, int]:
+    parts = version.split("+")[0].split(".")
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+
+
+def _stable_abi(torch_version: str) -> bool:
+    """Build on torch's stable C++ interface: the default with torch >= 2.10 (TBFAST_STABLE_ABI=0
+    forces the regular ATen build; =1 requires the stable one)."""
+    flag = os.environ.get("TBFAST_STABLE_ABI", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    ok = _release(torch_version) >= STABLE_TORCH_MIN
+    if flag in ("1", "true", "yes", "on") and not ok:
+        raise SystemExit(f"tbfast: TBFAST_STABLE_ABI=1 needs torch >= {STABLE_TORCH_MIN[0]}.{STABLE_TORCH_MIN[1]} "
+                         f"to build, found {torch_version}")
+    return ok
 
 
 def _write_status(package_dir: str, status: dict) -> None:
@@ -90,7 +112,15 @@ class BuildPyWithStatus(build_py):
             _write_status(os.path.join(self.build_lib, "tbfast"), SKIPPED)
 
 
-def _tolerant_build_ext(base):
+def _remove_shadowing_builds(package_dir: str, keep: list[str]) -> None:
+    """An in-place build leaves tbfast/_C.<tag>.so files of earlier builds; Python would import a
+    cpython-3xx one before a new abi3 one, so the others go."""
+    for path in glob.glob(os.path.join(package_dir, "_C.*.so")) + glob.glob(os.path.join(package_dir, "_C.*.pyd")):
+        if os.path.abspath(path) not in keep:
+            os.remove(path)
+
+
+def _tolerant_build_ext(base, stable: bool):
     """A build_ext that turns a failed compile/link into a warning plus a status record."""
 
     class TolerantBuildExt(base):
@@ -111,7 +141,11 @@ def _tolerant_build_ext(base):
                       "reference (correct, slower on CPU). Install a C++ compiler and reinstall to get "
                       "the compiled kernels; `tbfast info` shows what is active.")
             else:
-                _write_status(target, _status("built", None, torch.__version__))
+                _write_status(target, _status("built", None, torch.__version__, stable))
+                if self.inplace:
+                    keep = [os.path.abspath(os.path.join(ROOT, self.get_ext_filename(e.name)))
+                            for e in self.extensions]
+                    _remove_shadowing_builds(target, keep)
 
         def get_outputs(self):
             # a failed build has no .so to install or to map into an editable install
@@ -146,6 +180,11 @@ def _extensions():
     # The sources are C++17; no -std flag here so torch adds the standard its headers need
     # (c++17 up to torch 2.9, c++20 from 2.10).
     cxx_flags = ["-O3", "-fno-math-errno", f'-DTBFAST_TORCH_VERSION="{torch.__version__}"']
+    stable = _stable_abi(torch.__version__)
+    if stable:  # csrc/tbfast_torch.h: torch's stable C++ interface, Python's limited API
+        major, minor = STABLE_TORCH_MIN
+        cxx_flags += ["-DTBFAST_STABLE_ABI", f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000",
+                      f'-DTBFAST_TORCH_MIN="{major}.{minor}"']
     link_flags = []
     if sys.platform.startswith("linux"):
         link_flags.append("-ldl")
@@ -160,11 +199,13 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
+        py_limited_api=stable,
     )
     base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    cmdclass["build_ext"] = _tolerant_build_ext(base)
-    return [ext], cmdclass
+    cmdclass["build_ext"] = _tolerant_build_ext(base, stable)
+    options = {"bdist_wheel": {"py_limited_api": PY_LIMITED_API}} if stable else {}
+    return [ext], cmdclass, options
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+ext_modules, cmdclass, *rest = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=rest[0] if rest else {})

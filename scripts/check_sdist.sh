@@ -31,9 +31,10 @@ rm -rf "$WORK/dist" "$WORK/wheels"
 "$VENV/bin/python" -m build --sdist --no-isolation --outdir "$WORK/dist" "$SRC" >"$WORK/sdist.log" 2>&1 \
   || { tail -n 40 "$WORK/sdist.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/tbfast-*.tar.gz)
+tar tzf "$SDIST" >"$WORK/sdist-files.txt"
 missing=0
 for f in $(git -C "$SRC" ls-files csrc); do
-  tar tzf "$SDIST" | grep -q "/$f\$" || { tb_log "sdist lacks $f"; missing=1; }
+  grep -q "/$f\$" "$WORK/sdist-files.txt" || { tb_log "sdist lacks $f"; missing=1; }
 done
 [ "$missing" = 0 ] || exit 1
 tb_log "sdist $(basename "$SDIST") carries all $(git -C "$SRC" ls-files csrc | wc -l) csrc files"
@@ -61,7 +62,7 @@ tb_header "$RESULTS"
   echo "script: scripts/check_sdist.sh (sdist -> wheel -> install -> tests against site-packages)"
   echo "python: $("$VENV/bin/python" -V 2>&1)"
   echo "torch: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
-  echo "sdist: $(basename "$SDIST") ($(tar tzf "$SDIST" | grep -c '/csrc/') csrc files, headers included)"
+  echo "sdist: $(basename "$SDIST") ($(grep -c '/csrc/.' "$WORK/sdist-files.txt") csrc files, headers included)"
   echo "wheel: $(basename "$WHEEL"), built from the sdist in ${build_s} s"
   echo "installed at: $(cd "$WORK/testroot" && "$VENV/bin/python" -c 'import tbfast; print(tbfast.__file__)')"
   echo "extension: $(cd "$WORK/testroot" && "$VENV/bin/python" -c 'import json, tbfast; e = tbfast.backend_info()["extension"]; print(json.dumps({"loaded": e["loaded"], "build": e["build"]}))')"

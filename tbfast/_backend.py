@@ -31,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: The ABI of tbfast._C this checkout expects (``TBFAST_ABI`` in csrc/module.cpp; bump both).
-EXTENSION_ABI = 2
+EXTENSION_ABI = 3
 REBUILD_HINT = "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
 
 _lock = threading.Lock()
