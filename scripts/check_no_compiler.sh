@@ -18,6 +18,7 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 WORK=${WORK:-$(mktemp -d /tmp/tbfast-no-compiler-XXXXXX)}
 RESULTS=${1:-$WORK/check_no_compiler.txt}
+mkdir -p "$WORK"
 VENV=$WORK/venv
 t0=$(date +%s)
 

@@ -17,6 +17,7 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 WORK=${WORK:-$(mktemp -d /tmp/tbfast-check-sdist-XXXXXX)}
 RESULTS=${1:-$WORK/check_sdist.txt}
+mkdir -p "$WORK"
 TESTS=(tests/test_backend.py tests/test_ops.py tests/test_ops_eig.py tests/test_cpu_kernels.py
        tests/test_metrics.py tests/test_packaging.py)
 VENV=$WORK/venv

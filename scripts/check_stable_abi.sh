@@ -17,6 +17,7 @@ BUILD_TORCH=${BUILD_TORCH:-2.13.0}
 RUN_TORCH=${RUN_TORCH:-2.14.1}
 WORK=${WORK:-$(mktemp -d /tmp/tbfast-stable-abi-XXXXXX)}
 RESULTS=${1:-$WORK/check_stable_abi.txt}
+mkdir -p "$WORK"
 t0=$(date +%s)
 
 VB=${VENV_BUILD:-$WORK/venv-build}

@@ -76,7 +76,10 @@ def test_torch_floor_is_the_tested_one():
     than the torch.library API the op layer calls needs (register_fake / register_kernel: 2.4)."""
     floor = re.search(r'"torch>=([0-9.]+)"', _read("pyproject.toml")).group(1)
     assert tuple(map(int, floor.split("."))) >= (2, 4)
-    table = [line for line in _read("docs", "INSTALL.md").splitlines() if re.match(r"^\| \d+\.\d+", line)]
+    doc = _read("docs", "INSTALL.md")
+    tested_section = doc[doc.index("\n## Tested\n"):]
+    tested_section = tested_section[:tested_section.index("\n## ", 1)]
+    table = [line for line in tested_section.splitlines() if re.match(r"^\| \d+\.\d+", line)]
     tested = sorted(tuple(map(int, re.match(r"^\| (\d+)\.(\d+)", row).groups())) for row in table)
     assert tested and tested[0] == tuple(map(int, floor.split(".")[:2])), (floor, tested)
 
@@ -172,3 +175,31 @@ def test_failed_build_record_explains_the_missing_extension(monkeypatch):
     assert status["extension"] == "failed"
     assert reason.startswith("not built at install time: the C++ extension failed to build (CompileError")
     assert reason.endswith("[ImportError: No module named 'tbfast._C']")
+
+
+# ------------------------------------------------------------------------------ stable-ABI build
+
+
+def _undefined_symbols(path: str) -> list[str]:
+    import shutil
+    if not (shutil.which("nm") and shutil.which("c++filt")):
+        pytest.skip("needs nm and c++filt (binutils)")
+    nm = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True, timeout=120)
+    names = [line.split()[-1] for line in nm.stdout.splitlines() if line.strip()]
+    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, timeout=120)
+    return demangled.stdout.splitlines()
+
+
+def test_stable_build_uses_only_the_c_shim_of_libtorch():
+    """A stable-ABI tbfast._C imports no C++ symbol of libtorch / c10 (those change with every torch
+    release), only the C shim (aoti_torch_* / torch_*) and CPython's limited API: that is what
+    lets one build load on every torch >= its torch_min."""
+    ext = _backend.extension_details()
+    if not ext["loaded"]:
+        pytest.skip("tbfast._C extension not loaded")
+    if not ext["build"].get("stable_abi"):
+        pytest.skip("a regular (torch-version-bound) build")
+    symbols = _undefined_symbols(ext["path"])
+    cxx = [s for s in symbols if re.match(r"^(c10|at|torch|caffe2)::", s)]
+    assert cxx == []
+    assert any(s.startswith("torch_library_impl") for s in symbols)
