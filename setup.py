@@ -2,7 +2,11 @@
 
 Every ``csrc/*.cpp`` is compiled into one CPU-only extension with
 ``torch.utils.cpp_extension.CppExtension`` (no CUDA toolkit is needed: the cuSOLVER code
-loads its library at run time).
+loads its library at run time). With torch >= 2.10 it is built on torch's stable C++ interface
+(csrc/tbfast_torch.h, ``TORCH_TARGET_VERSION`` 2.10) and Python's limited API: one
+``_C.abi3.so`` then loads on every torch >= 2.10. With an older torch (or
+``TBFAST_STABLE_ABI=0``) it uses the regular ATen API and loads only on the torch release that
+built it (tbfast/_backend.py checks the stamp before loading). See docs/INSTALL.md.
 
 The extension is optional. When it cannot be built (no C++ compiler, a compile or link error,
 torch not importable in the build environment, ``TBFAST_NO_EXTENSION=1``) the install still

@@ -10,7 +10,10 @@
 # from a test root without tbfast/, so the INSTALLED package is tested; TBFAST_REQUIRE_EXTENSION=1
 # when the extension built. Appends one Markdown table row per version to $RESULTS
 # (default $MATRIX_DIR/torch_matrix.md) and keeps every log under $MATRIX_DIR/torch-V/.
-# Environment: PYTHON (default python3), MATRIX_DIR (default /tmp/tbfast-torch-matrix).
+# Environment: PYTHON (default python3), MATRIX_DIR (default /tmp/tbfast-torch-matrix);
+# for a quicker run: MATRIX_TESTS (pytest arguments instead of the whole suite), MATRIX_EXTRAS=""
+# (install pytest + hypothesis instead of the [test] extras), VENV_REUSE (reuse a venv that already
+# holds torch==V, one version only; the row then says so).
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 . "$SRC/scripts/_install_lib.sh"
@@ -40,12 +43,17 @@ SDIST=$(ls "$MATRIX_DIR"/dist/tbfast-*.tar.gz)
 
 for V in "$@"; do
   D=$MATRIX_DIR/torch-$V
-  VENV=$D/venv
   rm -rf "$D"
   mkdir -p "$D"
   notes=""
-  tb_log "torch $V: venv"
-  "$PY" -m venv "$VENV"
+  if [ -n "${VENV_REUSE:-}" ]; then
+    VENV=$VENV_REUSE
+    notes="reused venv;"
+  else
+    VENV=$D/venv
+    tb_log "torch $V: venv"
+    "$PY" -m venv "$VENV"
+  fi
   echo "torch==$V" >"$D/constraints.txt"
   if ! "$VENV/bin/pip" install --progress-bar off "torch==$V" "setuptools>=69" wheel ninja >"$D/pip-torch.log" 2>&1; then
     echo "| $V | $("$VENV/bin/python" -V | cut -d' ' -f2) | - | - | - | - | - | - | - | torch==$V could not be installed (see pip-torch.log) |" >>"$RESULTS"
@@ -53,8 +61,16 @@ for V in "$@"; do
   fi
   tb_log "torch $V: build the sdist into a wheel and install it with [test]"
   tw=$(date +%s)
-  if ! "$VENV/bin/pip" install --progress-bar off --no-build-isolation -c "$D/constraints.txt" "$SDIST[test]" \
-       >"$D/pip-install.log" 2>&1; then
+  EXTRAS=${MATRIX_EXTRAS-test}
+  if [ -z "$EXTRAS" ]; then
+    notes="$notes tests: ${MATRIX_TESTS:-all};"
+    "$VENV/bin/pip" install --progress-bar off -c "$D/constraints.txt" pytest hypothesis >"$D/pip-install.log" 2>&1
+    EXTRAS_SPEC=""
+  else
+    EXTRAS_SPEC="[$EXTRAS]"
+  fi
+  if ! "$VENV/bin/pip" install --progress-bar off --no-build-isolation -c "$D/constraints.txt" "$SDIST$EXTRAS_SPEC" \
+       >>"$D/pip-install.log" 2>&1; then
     # an extra that cannot resolve with this torch: install tbfast alone, then the test extras one by one
     notes="[test] did not resolve as a whole;"
     "$VENV/bin/pip" install --progress-bar off --no-build-isolation -c "$D/constraints.txt" "$SDIST" \
@@ -86,7 +102,7 @@ print(s.get("extension", "?"), "yes" if e["loaded"] else "no")')
   ts=$(date +%s)
   set +e
   (cd "$D/testroot" && TBFAST_REQUIRE_EXTENSION=$req timeout 3600 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-     -rs tests --ignore=tests/test_structure.py) >"$D/pytest.log" 2>&1
+     -rs ${MATRIX_TESTS:-tests --ignore=tests/test_structure.py}) >"$D/pytest.log" 2>&1
   rc=$?
   set -e
   suite_s=$(( $(date +%s) - ts ))
