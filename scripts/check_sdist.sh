@@ -23,9 +23,14 @@ TESTS=(tests/test_backend.py tests/test_ops.py tests/test_ops_eig.py tests/test_
 VENV=$WORK/venv
 t0=$(date +%s)
 
-tb_log "venv $VENV with $TORCH_SPEC"
-"$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q "$TORCH_SPEC" "setuptools>=69" wheel ninja build pytest numpy scipy hypothesis
+if [ -x "$VENV/bin/python" ]; then
+  tb_log "reusing venv $VENV (WORK already holds one)"
+else
+  tb_log "venv $VENV with $TORCH_SPEC"
+  "$PY" -m venv "$VENV"
+fi
+# test dependencies of the subset: pandas (metrics tables), triton (CPU interpreter of the Triton kernels)
+"$VENV/bin/pip" install -q "$TORCH_SPEC" "setuptools>=69" wheel ninja build pytest numpy scipy hypothesis pandas triton
 
 tb_log "sdist"
 rm -rf "$WORK/dist" "$WORK/wheels"
@@ -46,7 +51,7 @@ TBFAST_REQUIRE_EXTENSION=1 "$VENV/bin/pip" wheel -q --no-build-isolation --no-de
   >"$WORK/wheel.log" 2>&1 || { tail -n 60 "$WORK/wheel.log"; exit 1; }
 WHEEL=$(ls "$WORK"/wheels/tbfast-*.whl)
 build_s=$(( $(date +%s) - tw ))
-"$VENV/bin/pip" install -q "$WHEEL"
+"$VENV/bin/pip" install -q --force-reinstall --no-deps "$WHEEL"
 
 tb_testroot "$SRC" "$WORK/testroot"
 tb_check_installed "$VENV" "$WORK/testroot"
