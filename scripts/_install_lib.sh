@@ -3,6 +3,9 @@
 # tests/, README.md, csrc/ (read by a test), examples/ and pyproject.toml but no tbfast/ package,
 # so `import tbfast` resolves to the venv's site-packages, never to the source tree.
 
+# the commit checked out when the script started (the code its sdist/wheel is built from)
+TB_GIT_START=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null)$(git -C "$SRC" diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')
+
 tb_log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # tb_header FILE: device, date, python of the run, written at the top of a results file.
@@ -11,7 +14,7 @@ tb_header() {
     echo "date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
     echo "device: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //'), shared with other jobs (timings are wall time on a busy machine)"
     echo "os: $(uname -sr)"
-    echo "git: $(git -C "$SRC" rev-parse --short HEAD 2>/dev/null)$(git -C "$SRC" diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "git (when the script started): $TB_GIT_START"
   } >"$1"
 }
 
