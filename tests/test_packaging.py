@@ -113,7 +113,7 @@ def test_stable_abi_build_runs_on_later_torch_only():
 _OTHER_TORCH_SCRIPT = """
 import json, logging, math, sys, warnings
 import torch
-torch.__version__ = "2.99.0+fake"  # this process pretends to run another torch release
+torch.__version__ = RUNNING  # this process pretends to run another torch release
 records = []
 class Keep(logging.Handler):
     def emit(self, record):
@@ -131,19 +131,25 @@ print(json.dumps({"ext": info["extension"], "active": info["active"]["cpu"], "lo
 
 @pytest.mark.skipif(_backend.extension_details()["path"] is None, reason="tbfast._C extension not built")
 def test_extension_for_another_torch_is_not_loaded():
-    """A _C whose stamp names another torch release is never loaded: the pure-torch fallbacks run
-    and ONE warning names both versions; backend_info() says so."""
+    """A _C whose stamp does not fit this torch is never loaded: the pure-torch fallbacks run and
+    ONE warning names both versions; backend_info() says so. A regular build fits only the torch
+    release that built it (here: a pretended 2.99.0); a stable-ABI build every torch >= its
+    torch_min (here: a pretended 2.9.0, below it)."""
     built = _backend.extension_details()["build"]
     if built.get("stable_abi"):
-        pytest.skip("this build is version-independent (stable ABI); the refusal applies to regular builds")
+        running = "2.9.0+fake"
+        want = (f"uses torch's stable C++ interface for torch >= {built['torch_min']} (built with torch "
+                f"{built['torch_version']}); this process runs torch 2.9.0+fake")
+    else:
+        running = "2.99.0+fake"
+        want = f"was built against torch {built['torch_version']}, but this process runs torch 2.99.0+fake"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PKG_PARENT, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-c", _OTHER_TORCH_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
+    res = subprocess.run([sys.executable, "-c", _OTHER_TORCH_SCRIPT.replace("RUNNING", repr(running))], capture_output=True,
+                         text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["loaded_C"] is False  # the shared library was not even dlopen'ed
     assert got["ext"]["loaded"] is False
-    want = (f"was built against torch {built['torch_version']}, but this process runs torch 2.99.0+fake")
     assert want in got["ext"]["torch_mismatch"] and want in got["ext"]["reason"]
     assert len(got["warnings"]) == 1 and want in got["warnings"][0], got["warnings"]
     assert got["active"] == {"eigensolver": "torch.linalg.eigvalsh", "fits": "torch reference"}
