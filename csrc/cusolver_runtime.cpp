@@ -2,12 +2,15 @@
 //
 // tbfast._C is a CPU-only build (no CUDA toolkit, no CUDA headers). This file reaches cuSOLVER
 // through dlopen/dlsym (the ABI subset is declared in cusolver_api.h) and reaches the GPU
-// through ATen and c10 only:
-//   * memory:  at::empty on the CUDA device -> torch's caching allocator, current stream;
-//   * stream:  torch's current stream of G's device, from c10's device-generic interface
+// through torch only (tbfast_torch.h: the stable interface or ATen/c10):
+//   * memory:  new_empty on G's device -> torch's caching allocator, current stream;
+//   * stream:  torch's current stream of G's device: c10's device-generic interface
 //              (c10::impl::getDeviceGuardImpl(CUDA)->getStream(device), then
-//              c10::Stream::native_handle()); no CUDA header and no call into Python;
-//   * device:  c10::DeviceGuard makes G's device current while handles are created and used.
+//              c10::Stream::native_handle()) in the regular build; the C shim's
+//              aoti_torch_get_current_cuda_stream (looked up at run time in libtorch_cuda) in the
+//              stable build, whose own Stream::nativeHandle() needs torch 2.13; no CUDA header
+//              and no call into Python;
+//   * device:  a device guard makes G's device current while handles are created and used.
 //
 // Op (tbfast/ops/eig.py defines its schema and fake kernel):
 //   tbfast::cusolver_eigvalsh(G, workspace_limit) -> (w, info)   the raw batched solver (CUDA)
@@ -23,12 +26,6 @@
 // CPU tensors (and device = -1) are accepted only when the loaded library is the host-memory
 // test double of tests/test_cuda.py, which lets the chunking and indexing be tested without a GPU.
 
-#include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/Stream.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
-#include <torch/library.h>
-
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -42,6 +39,15 @@
 
 #include "cusolver_api.h"
 #include "cusolver_runtime.h"
+#include "tbfast_torch.h"
+
+#ifdef TBFAST_STABLE_ABI
+#include <torch/csrc/stable/accelerator.h>
+#else
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#endif
 
 namespace tbfast {
 namespace {
@@ -155,7 +161,7 @@ Library& loaded_library() {
     if (lib.dl) return lib;
   }
   const std::string why = load_library("");
-  TORCH_CHECK(why.empty(),
+  TBFAST_CHECK(why.empty(),
               "tbfast: cuSOLVER is not loaded (", why,
               "). Load it first with tbfast.ops.cusolver.cusolver_status(), which searches the nvidia "
               "pip packages and LD_LIBRARY_PATH, or tbfast._C.cusolver_load(path).");
@@ -174,7 +180,7 @@ struct DeviceState {
   std::vector<unsigned char> host_workspace;
 };
 
-DeviceState& device_state(c10::DeviceIndex index) {
+DeviceState& device_state(int64_t index) {
   static std::mutex map_mu;
   static auto* states = new std::unordered_map<int, std::unique_ptr<DeviceState>>();  // leaked
   std::lock_guard<std::mutex> lock(map_mu);
@@ -184,7 +190,7 @@ DeviceState& device_state(c10::DeviceIndex index) {
 }
 
 void check_status(Status s, const char* what, int64_t n, int64_t batch) {
-  TORCH_CHECK(s == kStatusSuccess, "tbfast: ", what, " failed with ", status_name(s), " (", s,
+  TBFAST_CHECK(s == kStatusSuccess, "tbfast: ", what, " failed with ", status_name(s), " (", s,
               ") for n=", n, ", batch=", batch);
 }
 
@@ -199,12 +205,12 @@ void ensure_handle(Library& lib, DeviceState& st) {
   st.params = p;
 }
 
-int data_type(at::ScalarType t) {
+int data_type(ScalarType t) {
   switch (t) {
-    case at::kFloat: return kCudaR32F;
-    case at::kDouble: return kCudaR64F;
+    case kFloat: return kCudaR32F;
+    case kDouble: return kCudaR64F;
     default:
-      TORCH_CHECK(false, "tbfast cuSOLVER eigvalsh: expected float32 or float64 matrices, got ", t);
+      TBFAST_CHECK(false, "tbfast cuSOLVER eigvalsh: expected float32 or float64 matrices, got ", dtype_name(t));
   }
 }
 
@@ -261,12 +267,30 @@ Plan plan_chunks(Library& lib, DeviceState& st, int dt, int64_t n, int64_t batch
   return plan;
 }
 
+// The C shim's aoti_torch_get_current_cuda_stream, a stable C function exported by libtorch_cuda,
+// looked up at run time so that no CUDA header is needed: torch's current cudaStream_t on `device`.
+void* shim_current_stream(int64_t device) {
+  using GetStreamFn = int32_t (*)(int32_t device_index, void** ret_stream);
+  auto fn = reinterpret_cast<GetStreamFn>(dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream"));
+  if (fn == nullptr) {
+    if (void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD)) {
+      fn = reinterpret_cast<GetStreamFn>(dlsym(lib, "aoti_torch_get_current_cuda_stream"));
+    }
+  }
+  TBFAST_CHECK(fn != nullptr, "tbfast cuSOLVER eigvalsh: this torch has neither c10::Stream::native_handle "
+               "nor aoti_torch_get_current_cuda_stream; cannot find the current CUDA stream");
+  void* stream = nullptr;
+  TBFAST_CHECK(fn(static_cast<int32_t>(device), &stream) == 0,
+               "tbfast cuSOLVER eigvalsh: aoti_torch_get_current_cuda_stream failed");
+  return stream;
+}
+
+#ifndef TBFAST_STABLE_ABI
 // stream_pointer: the native handle (cudaStream_t) of a c10::Stream, by the first of these that
 // the torch headers offer (chosen at compile time, so one source builds against any torch 2.x):
 //   2. c10::Stream::native_handle()   (torch 2.13 declares it);
 //   1. c10::Stream::stream_handle()   (the same accessor under an earlier name);
-//   0. the AOTInductor C shim's aoti_torch_get_current_cuda_stream, a stable C function exported
-//      by libtorch_cuda, looked up at run time so that no CUDA header is needed.
+//   0. the C shim's aoti_torch_get_current_cuda_stream (shim_current_stream).
 template <int N>
 struct Rank : Rank<N - 1> {};
 template <>
@@ -284,53 +308,84 @@ auto stream_pointer(const S& s, Rank<1>) -> decltype(s.stream_handle()) {
 
 template <class S>
 void* stream_pointer(const S& s, Rank<0>) {
-  using GetStreamFn = int32_t (*)(int32_t device_index, void** ret_stream);
-  auto fn = reinterpret_cast<GetStreamFn>(dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream"));
-  if (fn == nullptr) {
-    if (void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD)) {
-      fn = reinterpret_cast<GetStreamFn>(dlsym(lib, "aoti_torch_get_current_cuda_stream"));
-    }
-  }
-  TORCH_CHECK(fn != nullptr, "tbfast cuSOLVER eigvalsh: this torch has neither c10::Stream::native_handle "
-              "nor aoti_torch_get_current_cuda_stream; cannot find the current CUDA stream");
-  void* stream = nullptr;
-  TORCH_CHECK(fn(static_cast<int32_t>(s.device_index()), &stream) == 0,
-              "tbfast cuSOLVER eigvalsh: aoti_torch_get_current_cuda_stream failed");
-  return stream;
+  return shim_current_stream(s.device_index());
 }
+#endif
 
-// torch's current cudaStream_t on `device` (the stream torch enqueues G's producers on).
-void* current_stream(const c10::Device& device) {
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+// torch's current cudaStream_t on CUDA device `device` (the stream torch enqueues G's producers on).
+void* current_stream(int64_t device) {
+#ifdef TBFAST_STABLE_ABI
+  return shim_current_stream(device);
+#else
+  const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(dev);
   return stream_pointer(stream, Rank<2>{});
+#endif
 }
 
-std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t workspace_limit) {
+// Makes CUDA device `device` current for its lifetime (nothing for device < 0: host memory).
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int64_t device) {
+    if (device < 0) return;
+#ifdef TBFAST_STABLE_ABI
+    guard_ = std::make_unique<torch::stable::accelerator::DeviceGuard>(
+        static_cast<torch::stable::accelerator::DeviceIndex>(device));
+#else
+    guard_.reset_device(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+#endif
+  }
+
+ private:
+#ifdef TBFAST_STABLE_ABI
+  std::unique_ptr<torch::stable::accelerator::DeviceGuard> guard_;
+#else
+  c10::OptionalDeviceGuard guard_;
+#endif
+};
+
+// A slice [start, start + length) of the first dimension.
+Tensor narrow0(const Tensor& t, int64_t start, int64_t length) {
+#ifdef TBFAST_STABLE_ABI
+  return torch::stable::narrow(const_cast<Tensor&>(t), 0, start, length);
+#else
+  return t.narrow(0, start, length);
+#endif
+}
+
+void copy_into(Tensor& dst, const Tensor& src) {
+#ifdef TBFAST_STABLE_ABI
+  torch::stable::copy_(dst, src);
+#else
+  dst.copy_(src);
+#endif
+}
+
+std::tuple<Tensor, Tensor> syev_batched(const Tensor& G, int64_t workspace_limit) {
   const bool on_host = G.is_cpu() && host_memory_library_loaded();  // test double only
-  TORCH_CHECK(G.is_cuda() || on_host, "tbfast cuSOLVER eigvalsh: G must be a CUDA tensor, got device ",
-              G.device());
-  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2),
-              "tbfast cuSOLVER eigvalsh: expected a (B, n, n) batch of square matrices, got shape ",
-              G.sizes());
-  TORCH_CHECK(workspace_limit >= 0, "tbfast cuSOLVER eigvalsh: workspace_limit must be >= 0, got ",
-              workspace_limit);
+  TBFAST_CHECK(G.is_cuda() || on_host, "tbfast cuSOLVER eigvalsh: G must be a CUDA tensor, got device ",
+               device_name(G));
+  TBFAST_CHECK(G.dim() == 3 && G.size(1) == G.size(2),
+               "tbfast cuSOLVER eigvalsh: expected a (B, n, n) batch of square matrices, got shape ",
+               shape_of(G));
+  TBFAST_CHECK(workspace_limit >= 0, "tbfast cuSOLVER eigvalsh: workspace_limit must be >= 0, got ",
+               workspace_limit);
   const int dt = data_type(G.scalar_type());
   const int64_t batch = G.size(0);
   const int64_t n = G.size(1);
-  const at::TensorOptions opts = G.options();
-  at::Tensor W = at::empty({batch, n}, opts);
-  at::Tensor info = at::zeros({batch}, opts.dtype(at::kInt));
+  Tensor W = new_empty(G, {batch, n}, G.scalar_type());
+  Tensor info = new_zeros(G, {batch}, kInt);
   if (batch == 0 || n == 0) return {W, info};
-  TORCH_CHECK(n <= INT32_MAX, "tbfast cuSOLVER eigvalsh: n=", n, " is too large");
+  TBFAST_CHECK(n <= INT32_MAX, "tbfast cuSOLVER eigvalsh: n=", n, " is too large");
 
   Library& lib = loaded_library();
-  c10::OptionalDeviceGuard guard;
-  if (!on_host) guard.reset_device(G.device());
-  Stream stream = on_host ? nullptr : current_stream(G.device());
+  const int64_t device = on_host ? -1 : static_cast<int64_t>(G.get_device());
+  CudaDeviceGuard guard(device);
+  Stream stream = on_host ? nullptr : current_stream(device);
   const int64_t limit = workspace_limit > 0 ? workspace_limit : kDefaultWorkspaceLimit;
   const size_t elem = G.element_size();
 
-  DeviceState& st = device_state(G.device().index());
+  DeviceState& st = device_state(device);
   std::lock_guard<std::mutex> lock(st.mu);
   ensure_handle(lib, st);
   check_status(lib.dn_set_stream(st.handle, stream), "cusolverDnSetStream", n, batch);
@@ -338,25 +393,24 @@ std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t wor
   const Plan plan = plan_chunks(lib, st, dt, n, batch, limit, elem, G.data_ptr(), W.data_ptr());
   // Scratch copy of one chunk (cuSOLVER overwrites its input) and the device workspace, both
   // from torch's caching allocator on the current stream, freed (stream-ordered) on return.
-  at::Tensor A = at::empty({plan.chunk, n, n}, opts);
-  at::Tensor device_ws = at::empty({static_cast<int64_t>(std::max<size_t>(plan.sizes.device, 1))},
-                                   opts.dtype(at::kByte));
+  Tensor A = new_empty(G, {plan.chunk, n, n}, G.scalar_type());
+  Tensor device_ws = new_empty(G, {static_cast<int64_t>(std::max<size_t>(plan.sizes.device, 1))}, kByte);
   for (int64_t start = 0; start < batch; start += plan.chunk) {
     const int64_t b = std::min(plan.chunk, batch - start);
-    at::Tensor a = A.narrow(0, 0, b);
-    a.copy_(G.narrow(0, start, b));
+    Tensor a = narrow0(A, 0, b);
+    copy_into(a, narrow0(G, start, b));
     Sizes sizes = plan.sizes;
     if (b != plan.chunk) {
       sizes = query(lib, st, dt, n, b, a.data_ptr(), W.data_ptr());
       if (sizes.device > static_cast<size_t>(device_ws.numel())) {
-        device_ws = at::empty({static_cast<int64_t>(sizes.device)}, opts.dtype(at::kByte));
+        device_ws = new_empty(G, {static_cast<int64_t>(sizes.device)}, kByte);
       }
     }
     if (st.host_workspace.size() < std::max<size_t>(sizes.host, 1)) {
       st.host_workspace.resize(std::max<size_t>(sizes.host, 1));
     }
     void* w_ptr = static_cast<char*>(W.data_ptr()) + static_cast<size_t>(start * n) * elem;
-    int* info_ptr = info.data_ptr<int>() + start;
+    int* info_ptr = info.mutable_data_ptr<int>() + start;
     check_status(lib.syev_batched(st.handle, st.params, kEigModeNoVector, kUploTorchLower, n, dt,
                                   a.data_ptr(), n, dt, w_ptr, dt, device_ws.data_ptr(), sizes.device,
                                   st.host_workspace.data(), sizes.host, info_ptr, b),
@@ -367,32 +421,39 @@ std::tuple<at::Tensor, at::Tensor> syev_batched(const at::Tensor& G, int64_t wor
 
 // Workspace planning for (n, batch) matrices of `dtype` on CUDA device `device`, using tiny
 // placeholder buffers (the size queries do not read the matrices).
-std::tuple<int64_t, int64_t, int64_t> plan_op(int64_t n, int64_t batch, at::ScalarType dtype,
-                                              int64_t device, int64_t workspace_limit) {
-  TORCH_CHECK(n >= 1 && batch >= 1, "tbfast cusolver plan: need n >= 1 and batch >= 1, got n=", n,
-              ", batch=", batch);
+std::tuple<int64_t, int64_t, int64_t> plan_op(int64_t n, int64_t batch, ScalarType dtype, int64_t device,
+                                              int64_t workspace_limit) {
+  TBFAST_CHECK(n >= 1 && batch >= 1, "tbfast cusolver plan: need n >= 1 and batch >= 1, got n=", n,
+               ", batch=", batch);
   const int dt = data_type(dtype);
   Library& lib = loaded_library();
   // device < 0: host memory, accepted only by the test double
-  TORCH_CHECK(device >= 0 || lib.host_memory, "tbfast cusolver plan: device must be a CUDA device index, got ",
-              device);
+  TBFAST_CHECK(device >= 0 || lib.host_memory, "tbfast cusolver plan: device must be a CUDA device index, got ",
+               device);
+  CudaDeviceGuard guard(device);
+#ifdef TBFAST_STABLE_ABI
+  const torch::stable::Device dev = device >= 0
+      ? torch::stable::Device(torch::headeronly::DeviceType::CUDA, static_cast<torch::stable::DeviceIndex>(device))
+      : torch::stable::Device(torch::headeronly::DeviceType::CPU);
+  Tensor placeholder_a = torch::stable::empty({1}, dtype, std::nullopt, dev);
+  Tensor placeholder_w = torch::stable::empty({1}, dtype, std::nullopt, dev);
+#else
   const c10::Device dev = device >= 0 ? c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device))
                                       : c10::Device(c10::DeviceType::CPU);
-  c10::OptionalDeviceGuard guard;
-  if (dev.is_cuda()) guard.reset_device(dev);
   const auto opts = at::TensorOptions().device(dev).dtype(dtype);
   at::Tensor placeholder_a = at::empty({1}, opts);
   at::Tensor placeholder_w = at::empty({1}, opts);
-  DeviceState& st = device_state(dev.index());
+#endif
+  DeviceState& st = device_state(device);
   std::lock_guard<std::mutex> lock(st.mu);
   ensure_handle(lib, st);
   const int64_t limit = workspace_limit > 0 ? workspace_limit : kDefaultWorkspaceLimit;
-  const Plan plan = plan_chunks(lib, st, dt, n, batch, limit, c10::elementSize(dtype),
+  const Plan plan = plan_chunks(lib, st, dt, n, batch, limit, dtype_size(dtype),
                                 placeholder_a.data_ptr(), placeholder_w.data_ptr());
   return {plan.chunk, static_cast<int64_t>(plan.sizes.device), static_cast<int64_t>(plan.sizes.host)};
 }
 
-std::tuple<int64_t, int64_t> workspace_op(int64_t n, int64_t batch, at::ScalarType dtype, int64_t device) {
+std::tuple<int64_t, int64_t> workspace_op(int64_t n, int64_t batch, ScalarType dtype, int64_t device) {
   // An unlimited budget plans the whole batch in one call.
   const auto plan = plan_op(n, batch, dtype, device, INT64_MAX);
   return {std::get<1>(plan), std::get<2>(plan)};
@@ -411,20 +472,25 @@ CusolverStatus cusolver_status() {
 }  // namespace tbfast
 
 // The schema of tbfast::cusolver_eigvalsh (and its fake kernel) is defined in tbfast/ops/eig.py.
-TORCH_LIBRARY_IMPL(tbfast, CUDA, m) {
-  m.impl("cusolver_eigvalsh", &tbfast::syev_batched);
+TBFAST_LIBRARY_IMPL(tbfast, CUDA, m) {
+  m.impl("cusolver_eigvalsh", TBFAST_KERNEL(tbfast::syev_batched));
 }
 
-TORCH_LIBRARY_FRAGMENT(tbfast_testing, m) {
+TBFAST_LIBRARY_FRAGMENT(tbfast_testing, m) {
   m.def("cusolver_eigvalsh_host(Tensor G, int workspace_limit) -> (Tensor, Tensor)");
-  m.def("cusolver_syev_batched_workspace(int n, int batch, ScalarType dtype, int device) -> (int, int)",
-        &tbfast::workspace_op);
+  m.def("cusolver_syev_batched_workspace(int n, int batch, ScalarType dtype, int device) -> (int, int)");
   m.def("cusolver_syev_batched_plan(int n, int batch, ScalarType dtype, int device, int workspace_limit)"
-        " -> (int, int, int)",
-        &tbfast::plan_op);
+        " -> (int, int, int)");
 }
 
-TORCH_LIBRARY_IMPL(tbfast_testing, CPU, m) {
+TBFAST_LIBRARY_IMPL(tbfast_testing, CPU, m) {
   // Only for the host-memory test double; any other CPU call gets "must be a CUDA tensor".
-  m.impl("cusolver_eigvalsh_host", &tbfast::syev_batched);
+  m.impl("cusolver_eigvalsh_host", TBFAST_KERNEL(tbfast::syev_batched));
+}
+
+// The planning probes take no tensor: registered for CompositeExplicitAutograd, the kernel the
+// dispatcher runs for an op without tensor arguments.
+TBFAST_LIBRARY_IMPL(tbfast_testing, CompositeExplicitAutograd, m) {
+  m.impl("cusolver_syev_batched_workspace", TBFAST_KERNEL(tbfast::workspace_op));
+  m.impl("cusolver_syev_batched_plan", TBFAST_KERNEL(tbfast::plan_op));
 }

@@ -3,18 +3,16 @@
 //
 // The LAPACK routines are not linked: ssyevd_/dsyevd_ are looked up at run time (they are
 // exported by libtorch_cpu when torch is built with MKL). Where they are absent each matrix
-// falls back to at::linalg_eigvalsh inside the same parallel loop.
+// falls back to aten::linalg_eigvalsh inside the same parallel loop (through the dispatcher:
+// torch's stable interface has no LAPACK of its own, see tbfast_torch.h).
 //
 // This file registers the CPU kernel of tbfast::eigvalsh_batched(Tensor G, int workspace_limit)
 // -> (Tensor w, Tensor info). The schema, the CUDA kernel, the fake kernel and the torch reference
 // are registered once, in tbfast/ops/eig.py; tbfast_testing::eigvalsh_batched_path is a test hook.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <mutex>
@@ -24,6 +22,7 @@
 #include <vector>
 
 #include "tbfast_parallel.h"
+#include "tbfast_torch.h"
 
 namespace tbfast {
 namespace {
@@ -51,8 +50,12 @@ void* find_symbol(const char* name, std::string* where) {
   }
   Dl_info info;
   // Any function defined in libtorch_cpu works as an anchor.
+#ifdef TBFAST_STABLE_ABI
+  auto anchor = reinterpret_cast<void*>(&aoti_torch_delete_tensor_object);  // the C shim
+#else
   auto anchor = reinterpret_cast<void*>(
       static_cast<at::Tensor (*)(const at::Tensor&, c10::string_view)>(&at::linalg_eigvalsh));
+#endif
   if (dladdr(anchor, &info) != 0 && info.dli_fname != nullptr) {
     void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
     if (handle != nullptr) {
@@ -78,7 +81,7 @@ const Lapack& lapack() {
     } else {
       l.ssyevd = nullptr;
       l.dsyevd = nullptr;
-      l.source = "ssyevd_/dsyevd_ not found; using at::linalg_eigvalsh per matrix";
+      l.source = "ssyevd_/dsyevd_ not found; using aten::linalg_eigvalsh per matrix";
     }
     return l;
   }();
@@ -108,7 +111,7 @@ void query_workspace(int n, int* lwork, int* liwork) {
 }
 
 template <class T>
-void eig_lapack(const at::Tensor& G, at::Tensor& w, at::Tensor& info, int64_t workers) {
+void eig_lapack(const Tensor& G, Tensor& w, Tensor& info, int64_t workers) {
   const int64_t B = G.size(0);
   const int n = static_cast<int>(G.size(1));
   int lwork = 0, liwork = 0;
@@ -135,89 +138,111 @@ void eig_lapack(const at::Tensor& G, at::Tensor& w, at::Tensor& info, int64_t wo
   } else {
     // Several matrices at once, one per thread (LAPACK runs single-threaded inside).
     const int64_t per = (B + workers - 1) / workers;
-    at::parallel_for(0, B, per, solve_range);
+    parallel_for(0, B, per, solve_range);
   }
 }
 
-void eig_aten(const at::Tensor& G, at::Tensor& w, at::Tensor& info, int64_t workers) {
-  const int64_t B = G.size(0);
+// One matrix by aten::linalg_eigvalsh (lower triangle), called through the dispatcher; false
+// when it raised (e.g. no convergence).
+template <class T>
+bool eigvalsh_one(const Tensor& G, int64_t b, T* out, int64_t n) {
+#ifdef TBFAST_STABLE_ABI
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(torch::stable::select(G, 0, b)),
+                                    torch::stable::detail::from(std::string("L"))};
+  if (torch_call_dispatcher("aten::linalg_eigvalsh", "", stack.data(), TORCH_ABI_VERSION) != TORCH_SUCCESS) {
+    return false;
+  }
+  const Tensor r = torch::stable::detail::to<Tensor>(stack[0]);
+  const T* p = r.const_data_ptr<T>();
+  std::copy(p, p + n, out);
+  return true;
+#else
+  try {
+    const at::Tensor r = at::linalg_eigvalsh(G[b], "L").contiguous();
+    const T* p = r.const_data_ptr<T>();
+    std::copy(p, p + n, out);
+    return true;
+  } catch (const c10::Error&) {
+    return false;
+  }
+#endif
+}
+
+template <class T>
+void eig_aten(const Tensor& G, Tensor& w, Tensor& info, int64_t workers) {
+  const int64_t B = G.size(0), n = G.size(1);
   int* ip = info.mutable_data_ptr<int>();
+  T* wp = w.mutable_data_ptr<T>();
   auto solve_range = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      try {
-        w[b].copy_(at::linalg_eigvalsh(G[b], "L"));
-        ip[b] = 0;
-      } catch (const c10::Error&) {
-        w[b].fill_(std::numeric_limits<double>::quiet_NaN());
-        ip[b] = 1;
-      }
+      const bool ok = eigvalsh_one<T>(G, b, wp + b * n, n);
+      ip[b] = ok ? 0 : 1;
+      if (!ok) std::fill(wp + b * n, wp + (b + 1) * n, std::numeric_limits<T>::quiet_NaN());
     }
   };
   if (workers <= 1) {
     solve_range(0, B);
   } else {
-    at::parallel_for(0, B, (B + workers - 1) / workers, solve_range);
+    parallel_for(0, B, (B + workers - 1) / workers, solve_range);
   }
 }
 
-void check_input(const at::Tensor& G, int64_t workspace_limit) {
-  TORCH_CHECK(G.device().is_cpu(), "tbfast::eigvalsh_batched (CPU): G must be a CPU tensor, got ",
-              G.device());
-  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2),
-              "tbfast::eigvalsh_batched: G must have shape (B, n, n), got ", G.sizes());
-  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble,
-              "tbfast::eigvalsh_batched: G must be float32 or float64, got ", G.scalar_type());
-  TORCH_CHECK(G.is_contiguous(), "tbfast::eigvalsh_batched: G must be contiguous (call .contiguous())");
-  TORCH_CHECK(workspace_limit >= 0, "tbfast::eigvalsh_batched: workspace_limit must be >= 0, got ",
-              workspace_limit);
-  TORCH_CHECK(G.size(1) <= std::numeric_limits<int>::max() / 2,
-              "tbfast::eigvalsh_batched: matrix size ", G.size(1), " too large for 32-bit LAPACK");
+void check_input(const Tensor& G, int64_t workspace_limit) {
+  TBFAST_CHECK(G.is_cpu(), "tbfast::eigvalsh_batched (CPU): G must be a CPU tensor, got ", device_name(G));
+  TBFAST_CHECK(G.dim() == 3 && G.size(1) == G.size(2),
+               "tbfast::eigvalsh_batched: G must have shape (B, n, n), got ", shape_of(G));
+  TBFAST_CHECK(G.scalar_type() == kFloat || G.scalar_type() == kDouble,
+               "tbfast::eigvalsh_batched: G must be float32 or float64, got ", dtype_name(G.scalar_type()));
+  TBFAST_CHECK(G.is_contiguous(), "tbfast::eigvalsh_batched: G must be contiguous (call .contiguous())");
+  TBFAST_CHECK(workspace_limit >= 0, "tbfast::eigvalsh_batched: workspace_limit must be >= 0, got ",
+               workspace_limit);
+  TBFAST_CHECK(G.size(1) <= std::numeric_limits<int>::max() / 2,
+               "tbfast::eigvalsh_batched: matrix size ", G.size(1), " too large for 32-bit LAPACK");
 }
 
 // Number of matrices solved at the same time: the torch thread count, capped by the batch and by
 // workspace_limit (bytes of per-matrix copies held at once; 0 = no cap).
-int64_t concurrent_workers(const at::Tensor& G, int64_t workspace_limit) {
+int64_t concurrent_workers(const Tensor& G, int64_t workspace_limit) {
   const int64_t B = G.size(0);
   const int64_t n = G.size(1);
   // Tiny matrices: a thread team costs more than the solves (about n^3 flops each).
   if (B * n * n * n < (int64_t{1} << 21)) return 1;
-  int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
+  int64_t workers = std::min<int64_t>(num_threads(), B);
   if (workspace_limit > 0) {
-    const int64_t per = std::max<int64_t>(1, G.size(1) * G.size(1) * G.element_size());
+    const int64_t per = std::max<int64_t>(1, G.size(1) * G.size(1) * static_cast<int64_t>(G.element_size()));
     workers = std::min<int64_t>(workers, std::max<int64_t>(1, workspace_limit / per));
   }
   return std::max<int64_t>(workers, 1);
 }
 
-std::tuple<at::Tensor, at::Tensor> eigvalsh_impl(const at::Tensor& G, int64_t workspace_limit,
-                                                 bool use_lapack) {
+std::tuple<Tensor, Tensor> eigvalsh_impl(const Tensor& G, int64_t workspace_limit, bool use_lapack) {
   check_input(G, workspace_limit);
   const int64_t B = G.size(0), n = G.size(1);
-  at::Tensor w = at::empty({B, n}, G.options());
-  at::Tensor info = at::zeros({B}, G.options().dtype(at::kInt));
+  Tensor w = new_empty(G, {B, n}, G.scalar_type());
+  Tensor info = new_zeros(G, {B}, kInt);
   if (B == 0 || n == 0) return {w, info};
   const int64_t workers = concurrent_workers(G, workspace_limit);
+  const bool f32 = G.scalar_type() == kFloat;
   if (use_lapack && lapack().dsyevd != nullptr) {
-    if (G.scalar_type() == at::kFloat) {
+    if (f32) {
       eig_lapack<float>(G, w, info, workers);
     } else {
       eig_lapack<double>(G, w, info, workers);
     }
+  } else if (f32) {
+    eig_aten<float>(G, w, info, workers);
   } else {
-    eig_aten(G, w, info, workers);
+    eig_aten<double>(G, w, info, workers);
   }
   return {w, info};
 }
 
-std::tuple<at::Tensor, at::Tensor> eigvalsh_batched_cpu(const at::Tensor& G,
-                                                        int64_t workspace_limit) {
+std::tuple<Tensor, Tensor> eigvalsh_batched_cpu(const Tensor& G, int64_t workspace_limit) {
   return eigvalsh_impl(G, workspace_limit, /*use_lapack=*/true);
 }
 
-// Test hook: the same op with the LAPACK path switched off (exercises the at:: fallback).
-std::tuple<at::Tensor, at::Tensor> eigvalsh_batched_cpu_path(const at::Tensor& G,
-                                                             int64_t workspace_limit,
-                                                             bool use_lapack) {
+// Test hook: the same op with the LAPACK path switched off (exercises the aten fallback).
+std::tuple<Tensor, Tensor> eigvalsh_batched_cpu_path(const Tensor& G, int64_t workspace_limit, bool use_lapack) {
   return eigvalsh_impl(G, workspace_limit, use_lapack);
 }
 
@@ -240,14 +265,14 @@ std::string lapack_info() {
 
 // The schema of tbfast::eigvalsh_batched is defined in tbfast/ops/eig.py (importing tbfast._C
 // imports the tbfast package first); an impl registered before its def is legal in torch.library.
-TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
-  m.impl("eigvalsh_batched", &tbfast::eigvalsh_batched_cpu);
+TBFAST_LIBRARY_IMPL(tbfast, CPU, m) {
+  m.impl("eigvalsh_batched", TBFAST_KERNEL(tbfast::eigvalsh_batched_cpu));
 }
 
-TORCH_LIBRARY_FRAGMENT(tbfast_testing, m) {
+TBFAST_LIBRARY_FRAGMENT(tbfast_testing, m) {
   m.def("eigvalsh_batched_path(Tensor G, int workspace_limit, bool use_lapack) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tbfast_testing, CPU, m) {
-  m.impl("eigvalsh_batched_path", &tbfast::eigvalsh_batched_cpu_path);
+TBFAST_LIBRARY_IMPL(tbfast_testing, CPU, m) {
+  m.impl("eigvalsh_batched_path", TBFAST_KERNEL(tbfast::eigvalsh_batched_cpu_path));
 }

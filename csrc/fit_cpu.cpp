@@ -30,9 +30,6 @@
 //    attained, so the final first argmin over the finished candidates is the full scan's, no
 //    matter how the threads interleave. Seed candidates spread over the window are visited
 //    first so that the bound is tight early.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -43,6 +40,7 @@
 #include <vector>
 
 #include "tbfast_parallel.h"
+#include "tbfast_torch.h"
 
 namespace tbfast {
 namespace {
@@ -58,34 +56,31 @@ constexpr int64_t kSeeds = 24;      // seed candidates per layer visited first
 // Input checks
 
 // starts / ends (int64) and lo / hi (float64): 1-D, one entry per layer, contiguous, on the CPU.
-void check_layer_tensor(const char* op, const char* name, const at::Tensor& t, int64_t L, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "tbfast::", op, " (CPU): ", name, " must be a CPU tensor, got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "tbfast::", op, ": ", name, " must be ",
-              dtype == at::kLong ? "int64" : "float64", ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == L, "tbfast::", op, ": ", name,
-              " must be 1-D with one entry per layer (", L, "), got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "tbfast::", op, ": ", name, " must be contiguous");
+void check_layer_tensor(const char* op, const char* name, const Tensor& t, int64_t L, ScalarType dtype) {
+  TBFAST_CHECK(t.is_cpu(), "tbfast::", op, " (CPU): ", name, " must be a CPU tensor, got ", device_name(t));
+  TBFAST_CHECK(t.scalar_type() == dtype, "tbfast::", op, ": ", name, " must be ",
+               dtype == kLong ? "int64" : "float64", ", got ", dtype_name(t.scalar_type()));
+  TBFAST_CHECK(t.dim() == 1 && t.size(0) == L, "tbfast::", op, ": ", name,
+               " must be 1-D with one entry per layer (", L, "), got shape ", shape_of(t));
+  TBFAST_CHECK(t.is_contiguous(), "tbfast::", op, ": ", name, " must be contiguous");
 }
 
-void check_common(const char* op, const at::Tensor& values, const at::Tensor& starts,
-                  const at::Tensor& ends) {
-  TORCH_CHECK(values.device().is_cpu(), "tbfast::", op, " (CPU): values must be a CPU tensor, got ",
-              values.device());
-  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-              "tbfast::", op, ": values must be float32 or float64, got ", values.scalar_type());
-  TORCH_CHECK(values.dim() == 1, "tbfast::", op, ": values must be 1-D (concatenated spectra), got shape ",
-              values.sizes());
-  TORCH_CHECK(values.is_contiguous(), "tbfast::", op, ": values must be contiguous");
-  TORCH_CHECK(starts.dim() == 1, "tbfast::", op, ": starts must be 1-D, got shape ", starts.sizes());
+void check_common(const char* op, const Tensor& values, const Tensor& starts, const Tensor& ends) {
+  TBFAST_CHECK(values.is_cpu(), "tbfast::", op, " (CPU): values must be a CPU tensor, got ", device_name(values));
+  TBFAST_CHECK(values.scalar_type() == kFloat || values.scalar_type() == kDouble,
+               "tbfast::", op, ": values must be float32 or float64, got ", dtype_name(values.scalar_type()));
+  TBFAST_CHECK(values.dim() == 1, "tbfast::", op, ": values must be 1-D (concatenated spectra), got shape ",
+               shape_of(values));
+  TBFAST_CHECK(values.is_contiguous(), "tbfast::", op, ": values must be contiguous");
+  TBFAST_CHECK(starts.dim() == 1, "tbfast::", op, ": starts must be 1-D, got shape ", shape_of(starts));
   const int64_t L = starts.size(0);
-  check_layer_tensor(op, "starts", starts, L, at::kLong);
-  check_layer_tensor(op, "ends", ends, L, at::kLong);
+  check_layer_tensor(op, "starts", starts, L, kLong);
+  check_layer_tensor(op, "ends", ends, L, kLong);
   const int64_t* s = starts.const_data_ptr<int64_t>();
   const int64_t* e = ends.const_data_ptr<int64_t>();
   const int64_t total = values.size(0);
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(0 <= s[l] && s[l] <= e[l] && e[l] <= total, "tbfast::", op, ": layer ", l,
+    TBFAST_CHECK(0 <= s[l] && s[l] <= e[l] && e[l] <= total, "tbfast::", op, ": layer ", l,
                 " has an invalid range starts=", s[l], ", ends=", e[l], " for ", total, " values");
   }
 }
@@ -124,11 +119,11 @@ std::vector<uint8_t> check_values(const char* op, const T* x, const int64_t* s, 
     if (bad[l] == 0 || has_nan[l]) continue;
     const int64_t j = where[l];
     const double v = static_cast<double>(x[s[l] + j]);
-    TORCH_CHECK(bad[l] != 1, "tbfast::", op, ": layer ", l, " has a non-finite eigenvalue (", v,
+    TBFAST_CHECK(bad[l] != 1, "tbfast::", op, ": layer ", l, " has a non-finite eigenvalue (", v,
                 " at position ", j, ")");
-    TORCH_CHECK(bad[l] != 2, "tbfast::", op, ": layer ", l, " has a negative eigenvalue (", v,
+    TBFAST_CHECK(bad[l] != 2, "tbfast::", op, ": layer ", l, " has a negative eigenvalue (", v,
                 " at position ", j, "); clamp round-off negatives to 0 first");
-    TORCH_CHECK(false, "tbfast::", op, ": layer ", l, " is not sorted ascending (position ", j,
+    TBFAST_CHECK(false, "tbfast::", op, ": layer ", l, " is not sorted ascending (position ", j,
                 ": ", v, " < ", static_cast<double>(x[s[l] + j - 1]), ")");
   }
   return has_nan;
@@ -264,17 +259,26 @@ void hill_fit_kernel(const T* x, const int64_t* s, const int64_t* e, const uint8
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hill_fit_cpu(const at::Tensor& values,
-                                                            const at::Tensor& starts,
-                                                            const at::Tensor& ends, double xmin_pos) {
+// Calls body(T{}) with T = float or double, the dtype of `values` (checked before).
+template <class Body>
+void dispatch_float(const Tensor& values, const Body& body) {
+  if (values.scalar_type() == kFloat) {
+    body(float{});
+  } else {
+    body(double{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> hill_fit_cpu(const Tensor& values, const Tensor& starts, const Tensor& ends,
+                                                double xmin_pos) {
   check_common("hill_fit", values, starts, ends);
-  TORCH_CHECK(std::isfinite(xmin_pos) && xmin_pos > 0, "tbfast::hill_fit: xmin_pos must be a positive number, got ",
-              xmin_pos);
+  TBFAST_CHECK(std::isfinite(xmin_pos) && xmin_pos > 0, "tbfast::hill_fit: xmin_pos must be a positive number, got ",
+               xmin_pos);
   const int64_t L = starts.size(0);
-  auto f64 = values.options().dtype(at::kDouble);
-  at::Tensor alpha = at::empty({L}, f64), D = at::empty({L}, f64);
-  at::Tensor index = at::empty({L}, values.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "tbfast_hill_fit", [&] {
+  Tensor alpha = new_empty(values, {L}, kDouble), D = new_empty(values, {L}, kDouble);
+  Tensor index = new_empty(values, {L}, kLong);
+  dispatch_float(values, [&](auto zero) {
+    using scalar_t = decltype(zero);
     const scalar_t* x = values.const_data_ptr<scalar_t>();
     const std::vector<uint8_t> has_nan =
         check_values("hill_fit", x, starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), L);
@@ -406,19 +410,17 @@ void ks_scan_kernel(const T* x, const int64_t* s, const int64_t* e, const uint8_
 }
 
 template <bool kPrune>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& values,
-                                                           const at::Tensor& starts,
-                                                           const at::Tensor& ends, const at::Tensor& lo,
-                                                           const at::Tensor& hi) {
+std::tuple<Tensor, Tensor, Tensor> ks_scan_cpu(const Tensor& values, const Tensor& starts, const Tensor& ends,
+                                               const Tensor& lo, const Tensor& hi) {
   const char* op = kPrune ? "ks_scan" : "_ks_scan_exhaustive";
   check_common(op, values, starts, ends);
   const int64_t L = starts.size(0);
-  check_layer_tensor(op, "lo", lo, L, at::kDouble);
-  check_layer_tensor(op, "hi", hi, L, at::kDouble);
-  auto f64 = values.options().dtype(at::kDouble);
-  at::Tensor alpha = at::empty({L}, f64), D = at::empty({L}, f64);
-  at::Tensor index = at::empty({L}, values.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "tbfast_ks_scan", [&] {
+  check_layer_tensor(op, "lo", lo, L, kDouble);
+  check_layer_tensor(op, "hi", hi, L, kDouble);
+  Tensor alpha = new_empty(values, {L}, kDouble), D = new_empty(values, {L}, kDouble);
+  Tensor index = new_empty(values, {L}, kLong);
+  dispatch_float(values, [&](auto zero) {
+    using scalar_t = decltype(zero);
     const scalar_t* x = values.const_data_ptr<scalar_t>();
     const int64_t* s = starts.const_data_ptr<int64_t>();
     const int64_t* e = ends.const_data_ptr<int64_t>();
@@ -430,20 +432,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ks_scan_cpu(const at::Tensor& val
   return {alpha, D, index};
 }
 
+std::tuple<Tensor, Tensor, Tensor> ks_scan_pruned(const Tensor& values, const Tensor& starts, const Tensor& ends,
+                                                  const Tensor& lo, const Tensor& hi) {
+  return ks_scan_cpu<true>(values, starts, ends, lo, hi);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ks_scan_exhaustive(const Tensor& values, const Tensor& starts, const Tensor& ends,
+                                                      const Tensor& lo, const Tensor& hi) {
+  return ks_scan_cpu<false>(values, starts, ends, lo, hi);
+}
+
 }  // namespace
 }  // namespace tbfast
 
 // CPU kernels only: the schemas are defined once, in tbfast/ops/fit.py (which says why).
-TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
-  m.impl("hill_fit", &tbfast::hill_fit_cpu);
-  m.impl("ks_scan", &tbfast::ks_scan_cpu<true>);
+TBFAST_LIBRARY_IMPL(tbfast, CPU, m) {
+  m.impl("hill_fit", TBFAST_KERNEL(tbfast::hill_fit_cpu));
+  m.impl("ks_scan", TBFAST_KERNEL(tbfast::ks_scan_pruned));
 }
 
 // Test-only: the scan without pruning, the oracle the pruned scan must equal bit for bit.
-TORCH_LIBRARY_FRAGMENT(tbfast_testing, m) {
+TBFAST_LIBRARY_FRAGMENT(tbfast_testing, m) {
   m.def("_ks_scan_exhaustive(Tensor values, Tensor starts, Tensor ends, Tensor lo, Tensor hi) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tbfast_testing, CPU, m) {
-  m.impl("_ks_scan_exhaustive", &tbfast::ks_scan_cpu<false>);
+TBFAST_LIBRARY_IMPL(tbfast_testing, CPU, m) {
+  m.impl("_ks_scan_exhaustive", TBFAST_KERNEL(tbfast::ks_scan_exhaustive));
 }

@@ -1,12 +1,11 @@
 // Python module init for tbfast._C and its plain (non-op) functions: build_info, lapack_info,
 // cusolver_load, cusolver_status.
 //
-// Importing tbfast._C loads this shared library; the ops themselves register through
-// TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL static initialisers in the other csrc files.
+// Importing tbfast._C loads this shared library; the ops themselves register through the
+// TBFAST_LIBRARY_FRAGMENT / TBFAST_LIBRARY_IMPL static initialisers in the other csrc files
+// (tbfast_torch.h). This file uses Python's limited API only (the stable build is an abi3 module).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-
-#include <torch/library.h>
 
 #include <string>
 
@@ -32,6 +31,15 @@ namespace {
 #else
 #define TBFAST_OPENMP_JSON ", \"openmp\": false"
 #endif
+// A stable-ABI build (tbfast_torch.h) runs on every torch >= the target version it was built for.
+#ifdef TBFAST_STABLE_ABI
+#define TBFAST_STABLE_JSON ", \"stable_abi\": true, \"torch_min\": \"" TBFAST_TORCH_MIN "\""
+#else
+#define TBFAST_STABLE_JSON ", \"stable_abi\": false"
+#endif
+#ifndef TBFAST_TORCH_MIN
+#define TBFAST_TORCH_MIN "unknown"
+#endif
 #if defined(__clang__)
 #define TBFAST_COMPILER "clang " TBFAST_STR(__clang_major__) "." TBFAST_STR(__clang_minor__)
 #elif defined(__GNUC__)
@@ -44,7 +52,8 @@ namespace {
 // preprocessor, so nothing is formatted at run time. (Formatting numbers with
 // std::ostringstream here segfaulted on the GPU machine, torch 2.11+cu130 with its /opt/gcc g++.)
 const char* build_info() {
-  return "{\"abi\": " TBFAST_STR(TBFAST_ABI) ", \"torch_version\": \"" TBFAST_TORCH_VERSION "\"" TBFAST_OPENMP_JSON
+  return "{\"abi\": " TBFAST_STR(TBFAST_ABI) ", \"torch_version\": \"" TBFAST_TORCH_VERSION "\"" TBFAST_STABLE_JSON
+         TBFAST_OPENMP_JSON
          ", \"compiler\": \"" TBFAST_COMPILER "\", \"cplusplus\": \"" TBFAST_STR(__cplusplus) "\"}";
 }
 

@@ -1,14 +1,10 @@
 // Parallel loop helpers shared by tbfast's CPU kernels.
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <atomic>
 #include <cstdint>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "tbfast_torch.h"
 
 namespace tbfast {
 
@@ -34,8 +30,8 @@ void parallel_for_dynamic(int64_t n, int64_t chunk, int64_t work, const F& f) {
   if (n <= 0) return;
   if (chunk < 1) chunk = 1;
 #ifdef _OPENMP
-  const int nt = at::get_num_threads();
-  if (nt > 1 && n > chunk && work >= kMinParallelWork && !at::in_parallel_region() && !omp_in_parallel()) {
+  const int64_t nt = num_threads();
+  if (nt > 1 && n > chunk && work >= kMinParallelWork && !in_parallel_region()) {
     std::atomic<int64_t> next{0};
     // No num_threads clause (see pytorch#32008); torch sets the OpenMP thread count.
 #pragma omp parallel
@@ -53,8 +49,8 @@ void parallel_for_dynamic(int64_t n, int64_t chunk, int64_t work, const F& f) {
   for (int64_t i = 0; i < n; ++i) f(i);
 }
 
-// Static split of [0, n) into contiguous ranges; f(begin, end) may throw (the first exception
-// is rethrown by at::parallel_for).
+// Static split of [0, n) into contiguous ranges (torch's parallel_for); f(begin, end) must not
+// throw (see tbfast_torch.h).
 // `work` estimates the loop's total cost; small loops run serially.
 template <class F>
 void parallel_for_static(int64_t n, int64_t grain, int64_t work, const F& f) {
@@ -63,7 +59,7 @@ void parallel_for_static(int64_t n, int64_t grain, int64_t work, const F& f) {
     f(int64_t{0}, n);
     return;
   }
-  at::parallel_for(0, n, grain < 1 ? 1 : grain, f);
+  parallel_for(0, n, grain < 1 ? 1 : grain, f);
 }
 
 }  // namespace tbfast

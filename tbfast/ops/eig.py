@@ -18,6 +18,8 @@ are handed to the caller to check later without a host sync.
 
 from __future__ import annotations
 
+import logging
+
 import math
 
 import torch
@@ -196,7 +198,8 @@ def _solver(G: torch.Tensor, backend: str) -> str:
         return "cpp"
     if backend == "cpp":
         raise BackendUnavailableError("C++ eigensolver requested but the tbfast._C extension is not loaded")
-    _backend.log_fallback_once("eig-cpu-torch", "C++ extension not loaded: CPU eigenvalues use torch.linalg.eigvalsh")
+    _backend.log_fallback_once("eig-cpu-torch", "C++ extension not loaded: CPU eigenvalues use torch.linalg.eigvalsh",
+                               level=logging.INFO)  # _backend has warned once already
     return "torch"
 
 

@@ -37,6 +37,7 @@ for `tbfast.powerlaw`, the tests and ``tbfast bench``.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 import torch
@@ -79,7 +80,8 @@ _CPP = all(_has_cpp_kernel(n) for n in OP_NAMES)
 def _cpu_reference(name: str) -> Callable[..., FitOut]:
     """CPU kernel without the extension: the torch reference (logs the fallback once)."""
     def kernel(*args: Any) -> FitOut:
-        _backend.log_fallback_once("fit-cpp", "C++ extension not loaded: CPU fits use the torch reference")
+        _backend.log_fallback_once("fit-cpp", "C++ extension not loaded: CPU fits use the torch reference",
+                                   level=logging.INFO)  # _backend has warned once already
         return _REFS[name](*args)
     return kernel
 
