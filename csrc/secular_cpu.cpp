@@ -22,9 +22,6 @@
 //
 // The math is plain C++ on raw double pointers (eigvalsh_update_layer); the torch binding at the
 // end only checks tensors and hands out pointers.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +31,7 @@
 #include <vector>
 
 #include "tbfast_parallel.h"
+#include "tbfast_torch.h"
 
 namespace tbfast {
 namespace secular {
@@ -394,22 +392,21 @@ int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> eigvalsh_update_cpu(const at::Tensor& d, const at::Tensor& Z, const at::Tensor& C) {
-  TORCH_CHECK(d.device().is_cpu() && Z.device().is_cpu() && C.device().is_cpu(),
-              "tbfast::eigvalsh_update (CPU): d, Z and C must be CPU tensors");
-  TORCH_CHECK(d.dim() == 2, "tbfast::eigvalsh_update: d must have shape (L, n), got ", d.sizes());
+std::tuple<Tensor, Tensor> eigvalsh_update_cpu(const Tensor& d, const Tensor& Z, const Tensor& C) {
+  TBFAST_CHECK(d.is_cpu() && Z.is_cpu() && C.is_cpu(), "tbfast::eigvalsh_update (CPU): d, Z and C must be CPU tensors");
+  TBFAST_CHECK(d.dim() == 2, "tbfast::eigvalsh_update: d must have shape (L, n), got ", shape_of(d));
   const int64_t L = d.size(0), n = d.size(1);
-  TORCH_CHECK(Z.dim() == 3 && Z.size(0) == L && Z.size(1) == n,
-              "tbfast::eigvalsh_update: Z must have shape (L, n, k) = (", L, ", ", n, ", k), got ", Z.sizes());
+  TBFAST_CHECK(Z.dim() == 3 && Z.size(0) == L && Z.size(1) == n,
+               "tbfast::eigvalsh_update: Z must have shape (L, n, k) = (", L, ", ", n, ", k), got ", shape_of(Z));
   const int64_t k = Z.size(2);
-  TORCH_CHECK(C.dim() == 3 && C.size(0) == L && C.size(1) == k && C.size(2) == k,
-              "tbfast::eigvalsh_update: C must have shape (L, k, k) = (", L, ", ", k, ", ", k, "), got ", C.sizes());
-  TORCH_CHECK(d.scalar_type() == at::kDouble && Z.scalar_type() == at::kDouble && C.scalar_type() == at::kDouble,
-              "tbfast::eigvalsh_update: d, Z and C must be float64");
-  TORCH_CHECK(d.is_contiguous() && Z.is_contiguous() && C.is_contiguous(),
-              "tbfast::eigvalsh_update: d, Z and C must be contiguous");
-  at::Tensor w = at::empty({L, n}, d.options());
-  at::Tensor status = at::zeros({L}, d.options().dtype(at::kInt));
+  TBFAST_CHECK(C.dim() == 3 && C.size(0) == L && C.size(1) == k && C.size(2) == k,
+               "tbfast::eigvalsh_update: C must have shape (L, k, k) = (", L, ", ", k, ", ", k, "), got ", shape_of(C));
+  TBFAST_CHECK(d.scalar_type() == kDouble && Z.scalar_type() == kDouble && C.scalar_type() == kDouble,
+               "tbfast::eigvalsh_update: d, Z and C must be float64");
+  TBFAST_CHECK(d.is_contiguous() && Z.is_contiguous() && C.is_contiguous(),
+               "tbfast::eigvalsh_update: d, Z and C must be contiguous");
+  Tensor w = new_empty(d, {L, n}, kDouble);
+  Tensor status = new_zeros(d, {L}, kInt);
   const double* dp = d.const_data_ptr<double>();
   const double* zp = Z.const_data_ptr<double>();
   const double* cp = C.const_data_ptr<double>();
@@ -427,6 +424,6 @@ std::tuple<at::Tensor, at::Tensor> eigvalsh_update_cpu(const at::Tensor& d, cons
 }  // namespace tbfast
 
 // The schema is defined in tbfast/ops/secular.py (impl before def is legal in torch.library).
-TORCH_LIBRARY_IMPL(tbfast, CPU, m) {
-  m.impl("eigvalsh_update", &tbfast::eigvalsh_update_cpu);
+TBFAST_LIBRARY_IMPL(tbfast, CPU, m) {
+  m.impl("eigvalsh_update", TBFAST_KERNEL(tbfast::eigvalsh_update_cpu));
 }
