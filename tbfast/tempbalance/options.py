@@ -69,7 +69,8 @@ class TempBalanceOptions:
       then every group gets the untuned lr and no ESD is computed.
     - ``linear_map_equal``: 'mid' (tbfast) or 'reference' (numpy's upper end), see module docs.
     - ``xmin_bound``, ``dtype``, ``method``, ``fit_backend`` (`TempBalance` also takes it as
-      ``backend``, the documented alias): passed to `tbfast.layer_metrics`.
+      ``backend``, the documented alias), ``farms`` (FARMS alpha: True or a
+      `tbfast.options.FarmsOptions`): passed to `tbfast.layer_metrics`.
     - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
       (anything with ``names``, optional ``status``, and columns by ``table[name]``).
     - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
@@ -123,6 +124,7 @@ class TempBalanceOptions:
     asynchronous: bool = False
     process_group: Any = None
     metrics_fn: Optional[Callable[[Any], Any]] = None
+    farms: Any = None  # FARMS ESD (tbfast.options.FarmsOptions, True: defaults), passed to ESDOptions
 
     def __post_init__(self) -> None:
         if self.pl_fitting not in PL_FITTINGS:
@@ -170,7 +172,7 @@ class TempBalanceOptions:
 
     def esd_options(self) -> ESDOptions:
         """How the ESD is computed (`tbfast.options.ESDOptions`)."""
-        return ESDOptions(method=self.method, dtype=self.dtype)
+        return ESDOptions(method=self.method, dtype=self.dtype, farms=self.farms)
 
     def fit_options(self) -> FitOptions:
         """The power-law fit (`tbfast.options.FitOptions`; validated when the ESD runs)."""

@@ -77,6 +77,7 @@ class TempBalance:
     linear_map_equal, block_pattern, flat_policy = Option(), Option(), Option()
     xmin_bound, dtype, method, fit_backend, asynchronous, process_group, metrics_fn = Option(), Option(), Option(), Option(), Option(), Option(), Option()
     backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
+    farms = Option()  #: FARMS alpha (tbfast.options.FarmsOptions) instead of the whole matrix's
 
     def __init__(
         self,
@@ -116,6 +117,7 @@ class TempBalance:
         asynchronous: bool = False,
         flat_policy: str = "keep",
         process_group: Any = None,
+        farms: Any = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
