@@ -161,4 +161,4 @@ def test_tempbalance_uses_farms_alpha():
     for i, name in enumerate(got.names):
         want = _hill(_oracle_evals(getattr(model, name).weight.detach().numpy()))
         assert abs(float(got.alpha[i]) - want) < 1e-4, name
-    assert tb.farms == FarmsOptions()
+    assert tb.farms is True and tb.options.esd_options().farms == FarmsOptions()
