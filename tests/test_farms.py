@@ -162,3 +162,25 @@ def test_tempbalance_uses_farms_alpha():
         want = _hill(_oracle_evals(getattr(model, name).weight.detach().numpy()))
         assert abs(float(got.alpha[i]) - want) < 1e-4, name
     assert tb.farms is True and tb.options.esd_options().farms == FarmsOptions()
+
+
+def test_cli_farms(tmp_path, capsys):
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from tbfast.cli import main
+
+    model = _model()
+    save_file({f"{n}.weight": getattr(model, n).weight.detach().contiguous() for n in ("a", "small")},
+              str(tmp_path / "m.safetensors"))
+    csv = tmp_path / "out.csv"
+    assert main(["analyze", str(tmp_path / "m.safetensors"), "--farms", "--fit", "median", "--min-evals", "0",
+                 "--csv", str(csv), "--no-progress"]) == 0
+    df = pd.read_csv(csv).set_index("name")
+    for n in ("a", "small"):
+        assert abs(df.loc[n, "alpha"] - _hill(_oracle_evals(getattr(model, n).weight.detach().numpy()))) < 1e-4
+    assert df.loc["a", "rf"] == 100 and (df.loc["a", "N"], df.loc["a", "M"]) == (200, 100)
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "m.safetensors"), "--farms-window", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "window_rows" in err[0]
