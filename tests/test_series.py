@@ -52,6 +52,7 @@ OPTS = dict(fit="median", dtype=torch.float64, min_evals=0)
 
 def test_run_directory_is_a_series_in_step_order(tmp_path):
     run = _trainer_run(tmp_path / "run", [20, 5, 100])
+    torch.save({"lr": 0.1}, run / "training_args.bin")  # a trainer file, not weights
     table = tbfast.analyze_series(run, **OPTS)
     assert tuple(table.columns) == SERIES_COLUMNS
     assert list(table["step"]) == [5] * 3 + [20] * 3 + [100] * 3

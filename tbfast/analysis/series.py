@@ -7,7 +7,8 @@ stacked into one long table with two leading columns: ``checkpoint`` (its path o
 ``global_step`` (in the checkpoint directory or the file's directory), or from a trailing number
 in the name (``checkpoint-500``, ``step_1000.safetensors``, ``ckpt-7``, ``iter3``; a file's
 parent folder is tried after its own name). A run directory holding ``checkpoint-*`` folders
-(and no weights of its own) stands for those folders, in step order.
+(and no weights of its own; trainer files such as ``training_args.bin`` do not count) stands for
+those folders, in step order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from .._progress import progress_bar
 from ..analyze import COLUMNS, analyze_spectra
+from ..checkpoint.index import NOT_WEIGHTS
 
 __all__ = ["analyze_series", "checkpoint_step", "expand_checkpoints", "alpha_pivot", "SERIES_COLUMNS"]
 
@@ -65,7 +67,8 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 
 def _is_run_dir(p: Path) -> bool:
-    if not p.is_dir() or any(f.suffix in _WEIGHT_SUFFIXES for f in p.iterdir() if f.is_file()):
+    if not p.is_dir() or any(f.suffix in _WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(f.name)
+                             for f in p.iterdir() if f.is_file()):
         return False
     return any(c.is_dir() and _name_step(c.name) is not None and c.name.lower().startswith("checkpoint")
                for c in p.iterdir())
