@@ -256,16 +256,23 @@ def _htsr(args: argparse.Namespace, device: torch.device, env: dict[str, Any]) -
     print(f"# tbfast bench on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
     print(f"# command: {env['command']}")
     repeats = args.repeats or 3
-    farms = moe = None
+    out: dict[str, Any] = {"environment": env, "farms": None, "moe": None}
+
+    def save() -> None:  # after each part, so a long run keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2, default=str)
+
     if args.farms:
-        farms = run_farms_benchmark(_split(args.workloads, WORKLOADS, "workload") or list(FARMS_WORKLOADS),
-                                    device, repeats)
+        out["farms"] = run_farms_benchmark(_split(args.workloads, WORKLOADS, "workload") or list(FARMS_WORKLOADS),
+                                           device, repeats)
+        print(format_htsr(out["farms"], None, args.markdown), flush=True)
+        save()
     if args.moe:
-        moe = run_moe_benchmark(device, scale=args.moe_scale, repeats=repeats)
-    print(format_htsr(farms, moe, args.markdown))
+        out["moe"] = run_moe_benchmark(device, scale=args.moe_scale, repeats=repeats)
+        print(format_htsr(None, out["moe"], args.markdown), flush=True)
+        save()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "farms": farms, "moe": moe}, f, indent=2, default=str)
         print(f"# wrote {args.json}")
     return 0
 
