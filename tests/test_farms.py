@@ -184,3 +184,14 @@ def test_cli_farms(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "m.safetensors"), "--farms-window", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "window_rows" in err[0]
+
+
+def test_bench_per_window_loop_does_the_same_work():
+    """The loop `tbfast bench --farms` races computes the oracle's FARMS alpha too (a fair race)."""
+    from tbfast.bench.htsr_bench import farms_window_loop
+
+    model = _model()
+    layers = tbfast.find_layers(model)
+    got = farms_window_loop(layers)
+    for name, a in zip([l.name for l in layers], got):
+        assert abs(a - _hill(_oracle_evals(getattr(model, name).weight.detach().numpy()))) < 1e-4, name
