@@ -191,7 +191,8 @@ def test_bench_per_window_loop_does_the_same_work():
     from tbfast.bench.htsr_bench import farms_window_loop
 
     model = _model()
-    layers = tbfast.find_layers(model)
+    layers = tbfast.find_layers(model, include="^(a|small)$")  # 110 windows: the loop is slow
+    assert len(layers) == 2
     got = farms_window_loop(layers)
     for name, a in zip([l.name for l in layers], got):
         assert abs(a - _hill(_oracle_evals(getattr(model, name).weight.detach().numpy()))) < 1e-4, name
