@@ -140,7 +140,7 @@ def format_htsr(farms: list[dict] | None, moe: dict | None, markdown: bool) -> s
     if farms:
         lines.append("FARMS alpha (100x200 windows, 10x10 per matrix, median fit): batched tbfast vs per-window loop")
         lines.append(f"{bar} workload {bar} layers {bar} windows {bar} tbfast (s) {bar} per-window loop (s) {bar} "
-                     f"speed-up {bar} max |alpha diff| {bar}")
+                     f"speed-up {bar} max abs alpha diff {bar}")
         if markdown:
             lines.append("|---|---|---|---|---|---|---|")
         for r in farms:
@@ -158,5 +158,5 @@ def format_htsr(farms: list[dict] | None, moe: dict | None, markdown: bool) -> s
                            ("tbfast, fused, from safetensors", "tbfast_file_s"),
                            ("tbfast, ModuleList of nn.Linear", "tbfast_modulelist_s")):
             lines.append(f"{bar} {label} {bar} {moe[key]:.3f} {bar} {ref / moe[key]:.1f}x {bar}")
-        lines.append(f"{moe['matrices']} expert rows; max |alpha - reference alpha| {moe['max_abs_alpha_diff']:.1e}")
+        lines.append(f"{moe['matrices']} expert rows; max abs(alpha - reference alpha) {moe['max_abs_alpha_diff']:.1e}")
     return "\n".join(lines)
