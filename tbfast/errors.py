@@ -15,6 +15,8 @@ __all__ = [
     "BackendUnavailableError",
     "STATUS_OK", "STATUS_NONFINITE", "STATUS_ALL_ZERO", "STATUS_XMIN_ZERO", "STATUS_EMPTY_WINDOW",
     "status_too_few", "status_fit_failed",
+    "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_CORRUPT", "EXIT_DTYPE", "EXIT_EMPTY",
+    "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE", "EXIT_CODES", "analyze_exit_codes",
 ]
 
 
@@ -91,3 +93,32 @@ def status_too_few(n: int) -> str:
 def status_fit_failed(alpha: float) -> str:
     """Status of a layer whose fitted alpha is not finite."""
     return f"power-law fit failed: alpha = {alpha} (all tail eigenvalues equal?)"
+
+
+# ``tbfast analyze``'s exit codes (tbfast.cli re-exports them; here so that the command's modules,
+# e.g. tbfast.analysis.command, use them without importing the CLI)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_DTYPE, EXIT_EMPTY = 0, 1, 2, 3, 4, 5, 6
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+#: ``tbfast analyze``'s exit codes and their meaning (the --help epilog and docs/ANALYZE.md list these).
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_ERROR: "error (no CUDA/MPS, NaN/Inf weights, an output that cannot be written)",
+    EXIT_USAGE: "usage (bad option value, an output path that is an input or a directory)",
+    EXIT_NOT_FOUND: "file not found",
+    EXIT_CORRUPT: "corrupt or unreadable checkpoint (or not a regular file)",
+    EXIT_DTYPE: "unsupported dtype",
+    EXIT_EMPTY: "no analysable layer",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: "standard output closed early (broken pipe; --csv/--plot files are complete)",
+}
+
+
+def analyze_exit_codes() -> tuple[tuple[type[BaseException], int], ...]:
+    """Exception type -> exit code of ``tbfast analyze``, most specific first; the errors of
+    other types are not caught (a bug shows its traceback)."""
+    return ((CheckpointNotFoundError, EXIT_NOT_FOUND), (CorruptCheckpointError, EXIT_CORRUPT),
+            (UnsupportedDtypeError, EXIT_DTYPE), (EmptyCheckpointError, EXIT_EMPTY), (NoLayersError, EXIT_EMPTY),
+            (ImportError, EXIT_ERROR), (ValueError, EXIT_ERROR), (KeyError, EXIT_ERROR), (TypeError, EXIT_ERROR),
+            (RuntimeError, EXIT_ERROR))

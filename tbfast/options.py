@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LayerOptions", "ESDOptions", "FitOptions", "split_options", "take_options", "renamed", "either",
+__all__ = ["LayerOptions", "ESDOptions", "FitOptions", "FarmsOptions", "split_options", "take_options", "renamed", "either",
            "FIT_METHODS", "canonical_fit", "ESD_METHODS", "EIG_BACKENDS", "FIT_BACKENDS", "ALIASES"]
 
 #: Accepted fit names and their canonical form (SPEC sections 3-5).
@@ -98,10 +98,55 @@ class LayerOptions:
 
 
 @dataclass(frozen=True)
+class FarmsOptions:
+    """FARMS (Hu et al., ICML 2025): a layer's ESD pooled over fixed-aspect-ratio submatrices.
+
+    Each matrix (``rows x cols``) is cut into windows of ``window_rows x int(window_rows *
+    aspect_ratio)`` (rows x columns of the weight as stored; shrunk by one factor to fit a smaller
+    matrix) on a grid of at most ``windows_per_dim`` positions per side: step ``max(1, (size -
+    w) // (windows_per_dim - 1))``, start ``min(i * step, size - w)``. Defaults are those of the
+    authors' code: 100 x 200 windows, 10 x 10 positions (see docs/HTSR_TOOLS.md)."""
+
+    window_rows: int = 100
+    aspect_ratio: float = 2.0
+    windows_per_dim: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window_rows, bool) or int(self.window_rows) != self.window_rows or self.window_rows < 1:
+            raise ValueError(f"farms window_rows must be a positive integer, got {self.window_rows!r}")
+        if not float(self.aspect_ratio) > 0 or float(self.aspect_ratio) == float("inf"):
+            raise ValueError(f"farms aspect_ratio must be positive and finite, got {self.aspect_ratio!r}")
+        if (isinstance(self.windows_per_dim, bool) or int(self.windows_per_dim) != self.windows_per_dim
+                or self.windows_per_dim < 1):
+            raise ValueError(f"farms windows_per_dim must be a positive integer, got {self.windows_per_dim!r}")
+        object.__setattr__(self, "window_rows", int(self.window_rows))
+        object.__setattr__(self, "aspect_ratio", float(self.aspect_ratio))
+        object.__setattr__(self, "windows_per_dim", int(self.windows_per_dim))
+
+
+def as_farms(value: Any) -> FarmsOptions | None:
+    """The ``farms=`` option as a `FarmsOptions` or None: None/False (off), True (defaults), a
+    mapping of `FarmsOptions` fields, or a `FarmsOptions`; anything else is a ValueError."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return FarmsOptions()
+    if isinstance(value, FarmsOptions):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return FarmsOptions(**value)
+        except TypeError as e:
+            raise ValueError(f"farms: {e}") from None
+    raise ValueError(f"farms must be True, False, None, a dict or a FarmsOptions, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
 class ESDOptions:
     """How the ESD of every layer is computed (see `tbfast.esd`). ``eig_backend``: the
     eigensolver (``auto``, ``cpp``, ``cusolver``, ``torch``); ``memory_budget`` None means
-    `tbfast.spectra.DEFAULT_MEMORY_BUDGET`."""
+    `tbfast.spectra.DEFAULT_MEMORY_BUDGET`; ``farms``: `FarmsOptions` (True: its defaults) to
+    pool each layer's ESD over FARMS windows, None for the whole matrix."""
 
     method: str = "auto"
     dtype: torch.dtype = torch.float32
@@ -110,8 +155,10 @@ class ESDOptions:
     progress: bool = False
     eig_backend: str = "auto"
     allow_tf32: bool = False
+    farms: Any = None  # None, or FarmsOptions: the FARMS ESD of each layer (see FarmsOptions)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "farms", as_farms(self.farms))
         if self.method not in ESD_METHODS:
             raise ValueError(f"unknown ESD method {self.method!r}; choose from {ESD_METHODS}")
         if self.dtype not in (torch.float32, torch.float64):

@@ -317,6 +317,10 @@ def layer_spectra(layers: list[Layer], options: ESDOptions = ESDOptions(), *,
     for l in layers:
         if l.rows == 0 or l.cols == 0 or l.k == 0:
             raise ValueError(f"layer {l.name!r}: empty weight of shape {l.shape}")
+    if options.farms is not None:  # FARMS: each layer's ESD pooled over its windows (tbfast.layers.farms)
+        from .layers.farms import farms_layers
+
+        layers = farms_layers(layers, options.farms)
     budget = DEFAULT_MEMORY_BUDGET if options.memory_budget is None else options.memory_budget
     # autocast off and no process-wide precision flag touched: the same numbers in any caller state
     with exact_math(options.device):
@@ -336,6 +340,7 @@ def esd(
     progress: bool = False,
     eig_backend: str = "auto",
     allow_tf32: bool = False,
+    farms: Any = None,
     check_finite: bool = True,
     failure_flags: list | None = None,
     eig_checks: list | None = None,
@@ -356,11 +361,13 @@ def esd(
     instead of checking them here (so the caller can check them with its own single host sync);
     ``eig_checks=`` is its former name, still accepted. The result does not depend on the
     caller's autocast or TF32 settings (`exact_math`, `gram`); ``allow_tf32=True`` lets a CUDA
-    float32 Gram follow the process's own matmul precision instead.
+    float32 Gram follow the process's own matmul precision instead. ``farms``: True (or a
+    `tbfast.options.FarmsOptions` / dict of its fields) pools each layer's ESD over FARMS
+    windows of one aspect ratio (`tbfast.layers.farms`); ``Spectra.layers`` are then the window layers.
     """
     failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
     options = ESDOptions(method=method, dtype=dtype, device=device, memory_budget=memory_budget,
-                         progress=progress, eig_backend=eig_backend, allow_tf32=allow_tf32)
+                         progress=progress, eig_backend=eig_backend, allow_tf32=allow_tf32, farms=farms)
     spectra = layer_spectra(esd_layers(source, **layer_options), options, failure_flags=failure_flags)
     if check_finite:
         raise_on_nonfinite(spectra)

@@ -398,3 +398,39 @@ def test_analyze_computes_on_the_callers_thread_with_its_state(monkeypatch, stat
     assert np.allclose(got["alpha"], ref["alpha"], rtol=1e-5)
     if state != "default_dtype":
         assert got.equals(ref)
+
+
+def _moe_and_farms_model() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Module()
+    model.lin = nn.Linear(150, 120, bias=False)  # FARMS windows of 75 x 150 (shrunk 100 x 200)
+    model.mlp = nn.Module()
+    model.mlp.experts = nn.Module()
+    model.mlp.experts.down_proj = nn.Parameter(torch.randn(3, 40, 60))  # fused experts: rows down_proj[e]
+    return model
+
+
+def test_farms_windows_and_expert_rows_are_bitwise_the_same_under_autocast_and_touch_no_state():
+    """e-htsr's ESD paths (FARMS windows, fused expert rows) run inside exact_math like every
+    other layer: bf16 autocast changes no bit, the expert rows match an fp64 SVD, the global
+    state is left as it was."""
+    model = _moe_and_farms_model()
+    tbfast.esd(model, farms=True)  # first use: lazy imports
+    before = _global_state()
+    ref = {"experts": tbfast.esd(model).values, "farms": tbfast.esd(model, farms=True).values,
+           "alpha": tbfast.layer_metrics(model, farms=True).alpha}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = {"experts": tbfast.esd(model).values, "farms": tbfast.esd(model, farms=True).values,
+               "alpha": tbfast.layer_metrics(model, farms=True).alpha}
+    after = _global_state()
+    for k in ref:
+        assert torch.equal(torch.as_tensor(got[k]), torch.as_tensor(ref[k])), k
+    rng_b, rng_a = before.pop("rng"), after.pop("rng")
+    assert torch.equal(rng_b, rng_a) and after == before
+    sp = tbfast.esd(model, dtype=torch.float64, min_evals=0)
+    names = [l.name for l in sp.layers]
+    for e in range(3):
+        i = names.index(f"mlp.experts.down_proj[{e}]")
+        assert np.allclose(sp.eigenvalues(i).numpy(), svd_eigs(model.mlp.experts.down_proj[e].detach()),
+                           rtol=1e-10, atol=1e-12)
+    assert ref["farms"].dtype == torch.float32

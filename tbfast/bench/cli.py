@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="--lora: multiply every dimension of the block by this (0.5 on a 2-core CPU)")
     p.add_argument("--lora-rank", type=int, default=8, help="--lora: the LoRA rank (default 8)")
+    p.add_argument("--farms", action="store_true",
+                   help="run only the FARMS benchmark: batched FARMS alpha vs a per-window eigvalsh loop on "
+                        "--workloads (default minilm,roberta-base-shaped)")
+    p.add_argument("--moe", action="store_true",
+                   help="run only the MoE benchmark: 32 blocks x 8 experts x 3 matrices (Mixtral's count, sides "
+                        "divided by --moe-scale), fused / file / ModuleList vs the reference")
+    p.add_argument("--moe-scale", type=int, default=16, help="--moe: divide Mixtral's sides by this (default 16)")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return p
@@ -262,6 +269,33 @@ def _lora(args: argparse.Namespace, env: dict[str, Any]) -> int:
     return 0
 
 
+def _htsr(args: argparse.Namespace, device: torch.device, env: dict[str, Any]) -> int:
+    from .htsr_bench import FARMS_WORKLOADS, format_htsr, run_farms_benchmark, run_moe_benchmark
+
+    print(f"# tbfast bench on {env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
+    print(f"# command: {env['command']}")
+    repeats = args.repeats or 3
+    out: dict[str, Any] = {"environment": env, "farms": None, "moe": None}
+
+    def save() -> None:  # after each part, so a long run keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2, default=str)
+
+    if args.farms:
+        out["farms"] = run_farms_benchmark(_split(args.workloads, WORKLOADS, "workload") or list(FARMS_WORKLOADS),
+                                           device, repeats)
+        print(format_htsr(out["farms"], None, args.markdown), flush=True)
+        save()
+    if args.moe:
+        out["moe"] = run_moe_benchmark(device, scale=args.moe_scale, repeats=repeats)
+        print(format_htsr(None, out["moe"], args.markdown), flush=True)
+        save()
+    if args.json:
+        print(f"# wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tbfast bench``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -279,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return _scale(args, device, env)
     if args.lora:
         return _lora(args, env)
+    if args.farms or args.moe:
+        return _htsr(args, device, env)
     report: dict[str, Any] = {"environment": env, "methods": {m: METHOD_HELP[m] for m in methods},
                               "esd": [], "overhead": None}
     print(f"# tbfast bench on {env['device_name']} ({env['device']}), torch {env['torch']}, "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, EmptyCheckpointError, UnsupportedDtypeError
+from ..layers.experts import EXPERT_KIND, expert_layers, is_expert_tensor
 from ..layers.core import (Layer, as_matrices, delta_dtype, evals_in_range, kind_from_name, lora_scale, merge_lora,
                            name_filter, wanted_kinds, weight_delta, weight_layer)
 from .peft import (ADAPTER_FILES, adapter_config, adapter_settings, adapter_weights_file, is_peft_adapter,
@@ -91,7 +92,7 @@ def checkpoint_layers(
     store = open_checkpoint(source)
     bstore = _base_store(base) if base is not None else None
     bkeys = {i.name: i for i in bstore.infos()} if bstore is not None else {}
-    wanted = wanted_kinds(types, include_embedding)
+    wanted = wanted_kinds(types, include_embedding, default=("Linear", "Conv2d", "Conv1d", EXPERT_KIND))
     selected = name_filter(include, exclude)
     infos = store.infos()
     if not infos:
@@ -102,6 +103,11 @@ def checkpoint_layers(
     missing_in_base: list[str] = []
     too_many_dims: list[str] = []
     for index, info in enumerate(infos):
+        if is_expert_tensor(info.name, info.shape) and info.is_float and info.supported:
+            if EXPERT_KIND in wanted:  # fused MoE experts: one row per expert
+                layers += _expert_rows(store, info, index, selected, min_evals, max_evals, bstore, bkeys,
+                                       missing_in_base)
+            continue
         lname = _layer_name(info.name)
         if lname is None or len(info.shape) < 2:
             continue
@@ -153,6 +159,33 @@ def checkpoint_layers(
             f"{store.description}: no analysable weight matrices ({len(infos)} tensors; layers are "
             f"floating-point '*.weight' tensors with 2 to 4 dims, selected by type/name/eigenvalue count)")
     return layers
+
+
+def _expert_rows(store: TensorStore, info: TensorInfo, index: int, selected: Callable[[str], bool], min_evals: int,
+                 max_evals: int | None, bstore: TensorStore | None, bkeys: Mapping[str, TensorInfo],
+                 missing_in_base: list[str]) -> list[Layer]:
+    """The expert rows of one fused 3-D tensor (`tbfast.layers.experts`); each loader reads one
+    expert's slice of the file."""
+    bname = None
+    if bstore is not None:
+        bname = info.name if info.name in bkeys else _find_key(info.name, bkeys, suffix="")
+        if bname is None:
+            missing_in_base.append(info.name)
+            return []
+        if bkeys[bname].shape != info.shape:
+            raise ValueError(f"layer {info.name!r}: base tensor {bname!r} has shape {bkeys[bname].shape}, "
+                             f"the checkpoint's has shape {info.shape}")
+
+    def load(e: int) -> torch.Tensor:
+        w = to_float(store.load_expert(info.name, e))
+        if bstore is None:
+            return w
+        wb = to_float(bstore.load_expert(bname, e))
+        return weight_delta(w, wb, delta_dtype(w.dtype, wb.dtype))
+
+    rows = expert_layers(info.name, info.shape, load, index=index)
+    return [l for l in rows if selected(l.name) and evals_in_range(l.num_evals, min_evals, max_evals)
+            and l.rows > 0 and l.cols > 0]
 
 
 def _file_loader(store: TensorStore, name: str, bstore: TensorStore | None,

@@ -97,6 +97,10 @@ class TensorStore:
     def keys(self) -> list[str]:
         return [i.name for i in self.infos()]
 
+    def load_expert(self, name: str, e: int) -> torch.Tensor:
+        """``load(name)[e]``: one expert of a fused 3-D tensor (file stores read only that slice)."""
+        return self.load(name)[e]
+
 
 class MappingStore(TensorStore):
     """A state dict held in memory."""
@@ -160,6 +164,13 @@ class SafetensorsStore(TensorStore):
             return self._handle(f).get_tensor(name)
         except Exception as e:
             raise CorruptCheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from e
+
+    def load_expert(self, name: str, e: int) -> torch.Tensor:
+        f = self._where[name]
+        try:
+            return self._handle(f).get_slice(name)[e:e + 1][0]
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{f}: cannot read expert {e} of tensor {name!r} ({exc})") from exc
 
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "params", "weights")

@@ -23,7 +23,7 @@ __all__ = ["Layer", "weight_layer", "tensor_layer", "block_index", "LAYER_KINDS"
            "check_weight", "as_matrices", "weight_delta", "delta_dtype", "merge_lora", "lora_scale",
            "kind_of_module", "kind_from_name", "wanted_kinds", "name_filter", "evals_in_range", "keep_layers"]
 
-LAYER_KINDS = ("Linear", "Conv2d", "Conv1d", "Embedding", "LoRA", "matrix")
+LAYER_KINDS = ("Linear", "Conv2d", "Conv1d", "Embedding", "LoRA", "matrix", "Expert")
 CONV_KINDS = ("Conv1d", "Conv2d")
 #: A name belongs to block ``b`` when it matches this pattern, ``b`` being its first integer
 #: component (``roberta.encoder.layer.7.attention.self.query`` -> 7).

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .experts import EXPERT_KIND, module_expert_layers
 from .core import (LAYER_KINDS, Layer, check_weight, evals_in_range, kind_of_module, merge_lora, name_filter,
                    tensor_layer, wanted_kinds, weight_layer)
 
@@ -87,7 +88,8 @@ def find_layers(
 ) -> list[Layer]:
     """Analysable layers of ``model`` in ``named_modules()`` order.
 
-    ``types`` restricts the kinds (default: Linear, Conv2d, Conv1d, LoRA, plus Embedding when
+    ``types`` restricts the kinds (default: Linear, Conv2d, Conv1d, LoRA, Expert (one row per
+    expert of a fused 3-D MoE parameter, `tbfast.layers.experts`), plus Embedding when
     ``include_embedding``). ``include`` / ``exclude`` are regular expressions searched in the layer
     name. ``base`` (a model or state dict) turns each layer into the delta ``W - W_base``.
     ``lora_scaling=False`` reproduces the reference quirk that forgets ``lora_alpha / r``.
@@ -97,7 +99,7 @@ def find_layers(
         raise TypeError(f"find_layers expects an nn.Module, got {type(model).__name__}")
     if conv_norm <= 0:
         raise ValueError(f"conv_norm must be positive, got {conv_norm}")
-    wanted = wanted_kinds(types, include_embedding, default=("Linear", "Conv2d", "Conv1d", "LoRA"))
+    wanted = wanted_kinds(types, include_embedding, default=("Linear", "Conv2d", "Conv1d", "LoRA", EXPERT_KIND))
     unknown = wanted - set(LAYER_KINDS)
     if unknown:
         raise ValueError(f"unknown layer types {sorted(unknown)}; choose from {LAYER_KINDS}")
@@ -116,6 +118,10 @@ def find_layers(
             kind: str | None = "LoRA"
         else:
             kind = kind_of_module(module)
+        if kind is None and EXPERT_KIND in wanted:  # fused MoE experts: one row per expert
+            layers += [l for l in module_expert_layers(name, module, index, base=base_sd)
+                       if selected(l.name) and evals_in_range(l.num_evals, min_evals)]
+            continue
         if kind is None or kind not in wanted or not selected(name):
             continue
         if kind == "LoRA":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..layers import BLOCK_PATTERN
-from ..options import ESDOptions, FitOptions, either
+from ..options import ESDOptions, FitOptions, as_farms, either
 from .assign import ASSIGN_FUNCS, assign_lrs
 
 __all__ = ["TempBalanceOptions", "PL_FITTINGS", "SCORE_METRICS", "GRANULARITIES", "BALANCE", "FLAT_POLICIES",
@@ -71,7 +71,8 @@ class TempBalanceOptions:
       then every group gets the untuned lr and no ESD is computed.
     - ``linear_map_equal``: 'mid' (tbfast) or 'reference' (numpy's upper end), see module docs.
     - ``xmin_bound``, ``dtype``, ``method``, ``fit_backend`` (`TempBalance` also takes it as
-      ``backend``, the documented alias): passed to `tbfast.layer_metrics`.
+      ``backend``, the documented alias), ``farms`` (FARMS alpha: True or a
+      `tbfast.options.FarmsOptions`): passed to `tbfast.layer_metrics`.
     - ``metrics_fn``: optional ``callable(net) -> table`` replacing `tbfast.layer_metrics`
       (anything with ``names``, optional ``status``, and columns by ``table[name]``).
     - ``asynchronous``: compute the ESD in the background. ``step`` snapshots the analysed
@@ -153,6 +154,7 @@ class TempBalanceOptions:
     wd_max_ratio: Optional[float] = None
     esd_of: str = "weight"
     history_size: int = 100
+    farms: Any = None  # FARMS ESD (tbfast.options.FarmsOptions, True: defaults), passed to ESDOptions
 
     def __post_init__(self) -> None:
         if self.pl_fitting not in PL_FITTINGS:
@@ -187,6 +189,7 @@ class TempBalanceOptions:
         if self.assign_func == "tb_sigmoid":  # tau / s checked by the function itself, on dummy scores
             assign_lrs("tb_sigmoid", np.array([1.0, 2.0]), 1.0, tau=self.tau, s=self.s)
         self._check_balancing()
+        as_farms(self.farms)  # a bad farms= is refused here (ESDOptions normalises it when the ESD runs)
 
     def _check_balancing(self) -> None:
         for label in ("refresh_every", "ramp_steps", "history_size"):
@@ -241,7 +244,7 @@ class TempBalanceOptions:
 
     def esd_options(self) -> ESDOptions:
         """How the ESD is computed (`tbfast.options.ESDOptions`)."""
-        return ESDOptions(method=self.method, dtype=self.dtype)
+        return ESDOptions(method=self.method, dtype=self.dtype, farms=self.farms)
 
     def fit_options(self) -> FitOptions:
         """The power-law fit (`tbfast.options.FitOptions`; validated when the ESD runs)."""

@@ -79,6 +79,7 @@ class TempBalance:
     async_lag = Option()
     refresh_every, ramp_steps, wd_min_ratio, wd_max_ratio, esd_of, history_size = Option(), Option(), Option(), Option(), Option(), Option()
     backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
+    farms = Option()  #: FARMS alpha (tbfast.options.FarmsOptions) instead of the whole matrix's
 
     def __init__(
         self,
@@ -121,6 +122,7 @@ class TempBalance:
         process_group: Any = None,
         refresh_every: int = 1, ramp_steps: int = 0, wd_min_ratio: Optional[float] = None,
         wd_max_ratio: Optional[float] = None, esd_of: str = "weight", history_size: int = 100,
+        farms: Any = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")

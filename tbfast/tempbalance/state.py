@@ -22,6 +22,7 @@ changing anything:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from ..layers import block_index
+from ..options import as_farms
 
 __all__ = ["SCHEDULE_OPTIONS", "fingerprint", "to_state", "load"]
 
@@ -42,7 +44,7 @@ SCHEDULE_OPTIONS = (
     "remove_last_layer", "eigs_thresh", "esd_metric_for_tb", "assign_func", "lr_min_ratio", "lr_max_ratio",
     "batchnorm", "batchnorm_type", "layernorm", "tau", "s", "granularity", "lr_slope", "normalize", "balance",
     "linear_map_equal", "block_pattern", "flat_policy", "xmin_bound",
-    "refresh_every", "ramp_steps", "wd_min_ratio", "wd_max_ratio", "esd_of",
+    "refresh_every", "ramp_steps", "wd_min_ratio", "wd_max_ratio", "esd_of", "farms",
 )
 _REQUIRED = ("step_count", "ratios", "scores", "tuned_layers")
 
@@ -63,6 +65,8 @@ def fingerprint(tb: Any) -> dict:
     """``{"layers": [[name, shape], ...], "options": {...}}`` of a TempBalance (no ESD needed)."""
     layers = [[n, list(m.weight.shape)] for n, m in tb.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     options = {k: _plain(getattr(tb.options, k)) for k in SCHEDULE_OPTIONS if hasattr(tb.options, k)}
+    farms = as_farms(tb.options.farms)  # True and FarmsOptions() are the same windows: one value
+    options["farms"] = None if farms is None else dataclasses.asdict(farms)
     if tb.options.asynchronous:  # which step's ESD is in use at each step (tbfast.tempbalance.background)
         options["async_lag"] = _plain(tb.options.async_lag)
     return {"layers": layers, "options": options}
