@@ -1,0 +1,45 @@
+"""TempBalance's exact LoRA ESD (the paper's setting): an owned base-spectrum cache, used automatically.
+
+``TempBalance(lora_cache=True)`` (the default) on a model with PEFT LoRA layers creates one
+`tbfast.lora.BaseSpectrumCache` for itself at the first ESD refresh (nothing process-wide: it
+lives and dies with the scheduler) and passes it to the ESD stage, where a LoRA layer takes the
+exact update path when its base weight is on the CPU and its Gram side ``n`` is at least
+`tbfast.lora.stage.BREAK_EVEN_N_OVER_R` times its adapter rank (below that, or on a GPU, the
+full eigensolve is the faster one). The first refresh builds the cache (one float64
+eigendecomposition with vectors per base weight); every later one is O(n^2 r) per layer.
+``lora_cache=<BaseSpectrumCache>``: that cache, for every LoRA layer; ``False``: the full path.
+The eigenvalues are those of the float64 eigensolve of the merged weights, so the option does
+not change the schedule beyond the default float32 path's rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["LoRAPath"]
+
+
+class LoRAPath:
+    """The ``lora_cache`` option of `tbfast.TempBalance` and the cache it owns (``cache``)."""
+
+    def __init__(self, option: Any = True) -> None:
+        from ..lora.cache import BaseSpectrumCache
+
+        if not isinstance(option, (bool, BaseSpectrumCache)):
+            raise TypeError(f"TempBalance: lora_cache must be True, False or a tbfast.lora.BaseSpectrumCache, "
+                            f"got {type(option).__name__}")
+        self.auto = option is True
+        self.cache: Any = option if isinstance(option, BaseSpectrumCache) else None
+        self.enabled = option is not False
+
+    def run_options(self, layers: list) -> dict[str, Any]:
+        """Keywords of `tbfast.pipeline.run` for ``layers``: empty without a LoRA layer or when off."""
+        if not self.enabled or not any(getattr(l, "lora", None) is not None for l in layers):
+            return {}
+        from ..lora.cache import BaseSpectrumCache
+        from ..lora.stage import BREAK_EVEN_N_OVER_R
+
+        if self.cache is None:
+            self.cache = BaseSpectrumCache()
+        return {"lora_cache": self.cache, "lora_min_ratio": BREAK_EVEN_N_OVER_R if self.auto else 0.0,
+                "lora_cpu_only": self.auto}
