@@ -223,3 +223,21 @@ def test_cli_lora_cache_file(tmp_path, capsys):
     bad.write_bytes(b"not a safetensors file")
     assert cli.main(with_cache(bad)) == cli.EXIT_ERROR
     assert "--lora-cache" in capsys.readouterr().err
+
+
+def test_backend_info_says_where_the_update_path_is_used():
+    info = tbfast.backend_info()["lora_update"]
+    assert info["break_even_n_over_r"] == 128.0
+    assert "lora_cache" in info["used_by"] and "TempBalance" in info["used_by"]
+    assert set(info["kernels"]) == {"cpu", "cuda"}
+
+
+def test_lora_esd_on_an_adapter_directory(tmp_path):
+    pm = lora_model()
+    W = {n.replace("base_model.model.", ""): w for n, w in merged(pm).items()}
+    adapter, base = save_adapter(pm, tmp_path)
+    res = tbfast.lora_esd(adapter, base=base)
+    assert res.esd_path == ["update"] * 3  # formerly "dense": the adapter's layers carry no module
+    for i, n in enumerate(res.spectra.names):
+        want = oracle_evals(W[n])
+        assert np.abs(res.spectra.eigenvalues(i).numpy() - want).max() <= 1e-12 * want[-1]

@@ -20,26 +20,24 @@ __all__ = ["LoRAPath"]
 
 
 class LoRAPath:
-    """The ``lora_cache`` option of `tbfast.TempBalance` and the cache it owns (``cache``)."""
+    """The cache `tbfast.TempBalance` uses for its ``lora_cache`` option (``cache``: None until a
+    refresh needed one; the user's own when ``lora_cache`` is a `BaseSpectrumCache`)."""
 
-    def __init__(self, option: Any = True) -> None:
-        from ..lora.cache import BaseSpectrumCache
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self._owned: Any = None
 
-        if not isinstance(option, (bool, BaseSpectrumCache)):
-            raise TypeError(f"TempBalance: lora_cache must be True, False or a tbfast.lora.BaseSpectrumCache, "
-                            f"got {type(option).__name__}")
-        self.auto = option is True
-        self.cache: Any = option if isinstance(option, BaseSpectrumCache) else None
-        self.enabled = option is not False
-
-    def run_options(self, layers: list) -> dict[str, Any]:
-        """Keywords of `tbfast.pipeline.run` for ``layers``: empty without a LoRA layer or when off."""
-        if not self.enabled or not any(getattr(l, "lora", None) is not None for l in layers):
+    def run_options(self, layers: list, option: Any) -> dict[str, Any]:
+        """Keywords of `tbfast.pipeline.run` for ``layers`` under ``option`` (True, False or a
+        cache): empty without a LoRA layer or when False."""
+        if option is False or not any(getattr(l, "lora", None) is not None for l in layers):
             return {}
         from ..lora.cache import BaseSpectrumCache
         from ..lora.stage import BREAK_EVEN_N_OVER_R
 
-        if self.cache is None:
-            self.cache = BaseSpectrumCache()
-        return {"lora_cache": self.cache, "lora_min_ratio": BREAK_EVEN_N_OVER_R if self.auto else 0.0,
-                "lora_cpu_only": self.auto}
+        if option is True and self._owned is None:
+            self._owned = BaseSpectrumCache()
+        self.cache = self._owned if option is True else option
+        auto = option is True
+        return {"lora_cache": self.cache, "lora_min_ratio": BREAK_EVEN_N_OVER_R if auto else 0.0,
+                "lora_cpu_only": auto}
