@@ -287,6 +287,8 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: ob
             check_output(args.csv, inputs, what="--csv")
         if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
             raise OutputRefusedError(f"--plot {args.plot}: exists and is not a directory")
+        if args.lora_cache == STDOUT:
+            raise OutputRefusedError("--lora-cache -: the cache is a file (a name), not standard output")
         if args.lora_cache:
             check_output(args.lora_cache, inputs, what="--lora-cache")
     except OutputRefusedError as e:

@@ -219,6 +219,7 @@ def test_cli_lora_cache_file(tmp_path, capsys):
     with_cache = lambda f: args[:5] + [str(f)] + args[6:10] + ["--no-progress"]  # noqa: E731
     assert cli.main(with_cache(base)) == cli.EXIT_USAGE
     assert "--lora-cache" in capsys.readouterr().err
+    assert cli.main(with_cache("-")) == cli.EXIT_USAGE
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     assert cli.main(with_cache(bad)) == cli.EXIT_ERROR
