@@ -82,8 +82,9 @@ def backend_info() -> dict[str, Any]:
                         "paths": "update (cached base spectrum + secular rank-one updates) | full",
                         "used_by": "tbfast.esd / layer_metrics / analyze with lora_cache=, CLI --lora-cache, "
                                    "TempBalance(lora_cache=True) on PEFT LoRA layers on the CPU with n >= "
-                                   f"{lora_stage.BREAK_EVEN_N_OVER_R:g} r; without a cache: full",
-                        "break_even_n_over_r": lora_stage.BREAK_EVEN_N_OVER_R},
+                                   "break_even_n_over_r[dtype] x r; without a cache: full",
+                        "break_even_n_over_r": {str(k).replace("torch.", ""): v
+                                                for k, v in lora_stage.BREAK_EVEN_N_OVER_R.items()}},
         "torch": {"version": torch.__version__, "cuda_version": torch.version.cuda,
                   "num_threads": torch.get_num_threads()},
         "devices": devices,

@@ -21,9 +21,11 @@ from .update import DEFAULT_CANCEL_LIMIT, LoRAItem, lora_eigenvalues
 
 __all__ = ["BREAK_EVEN_N_OVER_R", "UpdateValues", "lora_item", "update_path_values"]
 
-#: The ratio n / r above which the update path (warm cache) beats the default float32 eigensolve
-#: of the merged Gram (issue 23's measurement: break-even near n = 120 r against float64).
-BREAK_EVEN_N_OVER_R = 128.0
+#: The ratio n / r above which the update path (warm cache) beats the full eigensolve of the
+#: merged Gram, by the full path's precision: near n = 120 r against float64 (issue 23's
+#: prototype); against float32, between 256 (n = 2048, r = 8: 0.85x, slower) and 512 (n = 4096,
+#: r = 8: 2.2x, BENCHMARKS.md), measured on this busy 2-core CPU.
+BREAK_EVEN_N_OVER_R = {torch.float64: 128.0, torch.float32: 384.0}
 
 
 @dataclass

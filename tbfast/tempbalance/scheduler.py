@@ -189,7 +189,7 @@ class TempBalance:
         with torch.no_grad():
             if group is None:
                 lst = source_layers(self.analysed_layers(), *src) if layers is None else layers
-                return run(lst, esd, fit, **self.lora.run_options(lst, self.options.lora_cache)).metrics
+                return run(lst, esd, fit, **self.lora.run_options(lst, self.lora_cache, self.dtype)).metrics
             if layers is not None:
                 raise ValueError(_ASYNC_ON_GROUP)
             # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
