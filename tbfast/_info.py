@@ -15,6 +15,7 @@ from . import _backend
 from .ops import eig as eig_op
 from .ops import fit as fit_op
 from .ops import secular as secular_op
+from .lora import stage as lora_stage
 
 #: Every op in namespace ``tbfast``, as the op modules define them.
 OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES, *secular_op.OP_NAMES)
@@ -78,7 +79,12 @@ def backend_info() -> dict[str, Any]:
         "ops": {n: _backend.has_op(n) for n in OP_NAMES},
         "eig_op": eig_op.registration(),
         "lora_update": {"op": "tbfast::eigvalsh_update", "kernels": secular_op.implementations(),
-                        "paths": "update (cached base spectrum + secular rank-one updates) | full"},
+                        "paths": "update (cached base spectrum + secular rank-one updates) | full",
+                        "used_by": "tbfast.esd / layer_metrics / analyze with lora_cache=, CLI --lora-cache, "
+                                   "TempBalance(lora_cache=True) on PEFT LoRA layers on the CPU with n >= "
+                                   "break_even_n_over_r[dtype] x r; without a cache: full",
+                        "break_even_n_over_r": {str(k).replace("torch.", ""): v
+                                                for k, v in lora_stage.BREAK_EVEN_N_OVER_R.items()}},
         "torch": {"version": torch.__version__, "cuda_version": torch.version.cuda,
                   "num_threads": torch.get_num_threads()},
         "devices": devices,

@@ -115,7 +115,11 @@ def _frame(layers: list[Layer], m: ESDMetrics):
         "warning": list(m.warning),
         "status": list(m.status),
     }
-    return pd.DataFrame(data, columns=list(COLUMNS))
+    cols = list(COLUMNS)
+    if "esd_path" in m.extra:  # with a LoRA cache: which layers took the exact update path
+        data["esd_path"] = list(m.extra["esd_path"])
+        cols.append("esd_path")
+    return pd.DataFrame(data, columns=cols)
 
 
 def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -> Analysis:
@@ -124,6 +128,7 @@ def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -
     (WeightWatcher's defaults: ``fit="ks"``, ``min_evals=10``, ``max_evals=15000``,
     ``include_embedding=True``)."""
     _check_device(options.get("device"))
+    lora_cache = options.pop("lora_cache", None)
     opts = split_options(options, defaults=_DEFAULTS, where="tbfast.analyze")  # validated before any work
     esd_options, fit_options = opts[ESDOptions], opts[FitOptions]
     layers = build_layers(source, opts[LayerOptions], mapping="state_dict", require=True)
@@ -132,7 +137,9 @@ def analyze_spectra(source: Any, *, process_group: Any = None, **options: Any) -
 
     group = active_group(process_group, source)  # None: this rank alone unless the weights are sharded
     if group is None:
-        result = run(layers, esd_options, fit_options)
+        result = run(layers, esd_options, fit_options, lora_cache=lora_cache)
+    elif lora_cache is not None:
+        raise ValueError("lora_cache is not supported together with a process group (analyse on one rank)")
     else:  # each rank reads and analyses its share; every rank gets the whole table
         result = run_distributed(layers, esd_options, fit_options, group=group, with_spectra=True)
     return Analysis(details=_frame(result.spectra.layers, result.metrics), spectra=result.spectra,
@@ -165,6 +172,11 @@ def analyze(source: Any, *, plot_dir: str | os.PathLike | None = None, **options
     - ``backend`` (alias of ``fit_backend``: the fit kernels, ``auto``/``cpp``/``triton``/``torch``),
       ``eig_backend`` (the eigensolver, ``auto``/``cpp``/``cusolver``/``torch``); every field of
       `tbfast.options.ESDOptions` and `tbfast.options.FitOptions` is accepted;
+    - ``lora_cache``: a `tbfast.lora.BaseSpectrumCache`: PEFT LoRA layers (of a model, or of an
+      adapter directory with ``base=``) take the exact update path (float64; docs/ANALYZE.md) and
+      the table gets an ``esd_path`` column (``update`` / ``full``). Without it every layer takes
+      the full path: building a cache costs one eigendecomposition with vectors per base weight,
+      more than one eigensolve, so it pays off only when the cache is reused;
     - ``plot_dir``: also write per-layer ESD plots and an alpha overview there (needs matplotlib;
       never over a file the analysis reads: `tbfast.io.OutputRefusedError`);
     - ``process_group``: a torch.distributed group (e.g. ``torch.distributed.group.WORLD`` under

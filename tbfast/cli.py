@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--plot", metavar="DIR", help="write PNG plots: alpha_overview.png and one ESD per layer "
                    "(same rules as --csv for each file; a series: alpha_over_steps.png, alpha of every "
                    "layer against the step)")
+    a.add_argument("--lora-cache", metavar="FILE", help="exact LoRA ESD (PEFT adapter with --base): the base "
+                   "weights' spectra cache, read from FILE when it exists and written back to it (safetensors); "
+                   "LoRA layers then take the update path (column esd_path)")
     a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar over layers on stderr (default: when stderr is a terminal)")
     a.add_argument("--all-columns", action="store_true", help="print every column")
@@ -145,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
 def _format_table(df, all_columns: bool) -> str:
     import pandas as pd
 
-    cols = list(df.columns) if all_columns else [c for c in _TABLE_COLUMNS if c in df.columns]
+    cols = list(df.columns) if all_columns else [c for c in (*_TABLE_COLUMNS, "esd_path") if c in df.columns]
     if not all_columns and (df["status"] != STATUS_OK).any():
         cols.append("status")
     t = df[cols].rename(columns=_HEADERS)
@@ -274,12 +277,26 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: ob
             check_output(args.csv, inputs, what="--csv")
         if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
             raise OutputRefusedError(f"--plot {args.plot}: exists and is not a directory")
+        if args.lora_cache == STDOUT:
+            raise OutputRefusedError("--lora-cache -: the cache is a file (a name), not standard output")
+        if args.lora_cache:
+            check_output(args.lora_cache, inputs, what="--lora-cache")
     except OutputRefusedError as e:
         return _error(str(e), EXIT_USAGE)
+    lora_cache = None
+    if args.lora_cache:
+        from .lora import BaseSpectrumCache
+
+        try:
+            lora_cache = (BaseSpectrumCache.load(args.lora_cache) if os.path.isfile(args.lora_cache)
+                          else BaseSpectrumCache())
+        except (ValueError, OSError) as e:
+            return _error(f"--lora-cache {args.lora_cache}: {e}", EXIT_ERROR)
     t0 = time.perf_counter()
     try:
         # on a worker thread, so Ctrl-C ends the command at once even inside one long eigensolve
-        result = interruptible(analyze_spectra)(path, **analyze_options(args, progress), process_group=group)
+        result = interruptible(analyze_spectra)(path, **analyze_options(args, progress), process_group=group,
+                                                  **({"lora_cache": lora_cache} if lora_cache is not None else {}))
     except tuple(cls for cls, _ in codes) as e:
         return _error(str(e), next(code for cls, code in codes if isinstance(e, cls)))
     elapsed = time.perf_counter() - t0
@@ -288,6 +305,12 @@ def _analyze_run(args: argparse.Namespace, path: Path, progress: bool, group: ob
     written, code = _write_files(args, result, inputs, progress)
     if code != EXIT_OK:
         return code
+    if lora_cache is not None and group is None:
+        try:
+            lora_cache.save(args.lora_cache)
+        except OSError as e:
+            return _error(f"--lora-cache {args.lora_cache}: cannot write ({e})", EXIT_ERROR)
+        written.append(f"LoRA base-spectrum cache ({len(lora_cache)} layers): {args.lora_cache}")
     if args.csv == STDOUT:
         from .io import write_output
 

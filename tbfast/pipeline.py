@@ -74,22 +74,29 @@ def _fit_safe(spectra: Spectra) -> Spectra:
 
 
 def run(layers: list[Layer], esd_options: ESDOptions = ESDOptions(), fit_options: FitOptions = FitOptions(),
-        *, on_invalid: str = "raise") -> PipelineResult:
+        *, on_invalid: str = "raise", lora_cache: Any = None, lora_min_ratio: float = 0.0,
+        lora_cpu_only: bool = False) -> PipelineResult:
     """ESD, power-law fit and shape metrics of ``layers`` in one batched pass (one host sync).
 
     Layers whose weights hold NaN/Inf raise `NonFiniteWeightsError` naming them
     (``on_invalid='raise'``) or get a status (``'mark'``); other layers that cannot be fitted
-    (all-zero, too few eigenvalues) always get a status with the reason.
+    (all-zero, too few eigenvalues) always get a status with the reason. ``lora_cache`` (and
+    ``lora_min_ratio``, ``lora_cpu_only``): LoRA layers take the exact update path
+    (`tbfast.spectra.layer_spectra`); ``metrics.extra["esd_path"]`` then says each layer's path.
     """
     check_on_invalid(on_invalid)
     failure_flags: list = []
-    spectra = layer_spectra(layers, esd_options, failure_flags=failure_flags)
+    lora = {"lora_cache": lora_cache, "lora_min_ratio": lora_min_ratio, "lora_cpu_only": lora_cpu_only}
+    spectra = layer_spectra(layers, esd_options, failure_flags=failure_flags, **lora)
     pl = fit_power_law(_fit_safe(spectra), fit_options)
     m = compute_metrics(spectra, pl, sr_mid_pos=fit_options.sr_mid_pos, failure_flags=failure_flags)
     if m.extra.get("eig_failed"):
         # rare: the batched GPU solver flagged a matrix; redo the whole pass with torch's solver
         log.warning("batched eigensolver did not converge on some matrix; recomputing with torch.linalg.eigvalsh")
-        return run(layers, dataclasses.replace(esd_options, eig_backend="torch"), fit_options, on_invalid=on_invalid)
+        return run(layers, dataclasses.replace(esd_options, eig_backend="torch"), fit_options, on_invalid=on_invalid,
+                   **lora)
+    if spectra.esd_path is not None:
+        m.extra["esd_path"] = list(spectra.esd_path)
     if on_invalid == "raise":
         raise_nonfinite(m)
     return PipelineResult(spectra=spectra, fit=pl, metrics=m)
@@ -105,8 +112,11 @@ def layer_metrics(source: Any, *, on_invalid: str = "raise", **options: Any) -> 
     ``fit="median"``, ``xmin_pos=2.0``, ``filter_zeros=False``, ``evals_thresh=1e-5``,
     ``bins=100``, ``xmin_bound="reference"``, ``sr_mid_pos=None``, ``fit_backend="auto"``
     (alias ``backend``), ``refine_lower_edge=True``. ``on_invalid`` as for `run`.
+    ``lora_cache``: a `tbfast.lora.BaseSpectrumCache`: LoRA layers take the exact update path
+    (as for `tbfast.esd`) and ``metrics.extra["esd_path"]`` says which did.
     """
     check_on_invalid(on_invalid)
+    lora_cache = options.pop("lora_cache", None)
     opts, layer_options = take_options(options, where="tbfast.layer_metrics")
     layers = esd_layers(source, **layer_options)
-    return run(layers, opts[ESDOptions], opts[FitOptions], on_invalid=on_invalid).metrics
+    return run(layers, opts[ESDOptions], opts[FitOptions], on_invalid=on_invalid, lora_cache=lora_cache).metrics

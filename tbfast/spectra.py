@@ -45,6 +45,9 @@ class Spectra:
     # (or 1) except for layers whose weights are so large or small that their Gram matrix would
     # overflow or underflow: those are normalised by a power of two first (see _pow2_normalisers)
     eig_scale: torch.Tensor | None = None
+    #: per layer, with a LoRA cache (`layer_spectra`'s ``lora_cache``): ``"update"`` (exact LoRA
+    #: ESD, tbfast/lora) or ``"full"`` (an eigensolve); None without one
+    esd_path: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -306,12 +309,18 @@ def _layer_values(layers: list[Layer], method: str, dtype: torch.dtype, device: 
 
 
 def layer_spectra(layers: list[Layer], options: ESDOptions = ESDOptions(), *,
-                  failure_flags: list | None = None) -> Spectra:
+                  failure_flags: list | None = None, lora_cache: Any = None, lora_min_ratio: float = 0.0,
+                  lora_cpu_only: bool = False) -> Spectra:
     """The ESD stage on a list of `Layer`: every layer's eigenvalues as one `Spectra`, computed
     as ``options`` says. No host sync and no finiteness check (see `raise_on_nonfinite`).
     ``failure_flags``: a list that receives the GPU eigensolver's per-matrix failure flags
     (device bool tensors) instead of checking them here, so the caller checks them with its own
-    single host sync (see `tbfast.pipeline.run`)."""
+    single host sync (see `tbfast.pipeline.run`). ``lora_cache``: a
+    `tbfast.lora.BaseSpectrumCache`; LoRA layers then take the exact update path
+    (`tbfast.lora.stage`, with ``lora_min_ratio`` / ``lora_cpu_only``), the result is float64
+    and says each layer's ``esd_path``."""
+    if lora_cache is not None:
+        return _lora_spectra(layers, options, failure_flags, lora_cache, lora_min_ratio, lora_cpu_only)
     if not layers:
         raise NoLayersError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
     for l in layers:
@@ -330,6 +339,38 @@ def layer_spectra(layers: list[Layer], options: ESDOptions = ESDOptions(), *,
     return Spectra(values=values, offsets=offsets, layers=layers, eig_scale=eig_scale)
 
 
+def _lora_spectra(layers: list[Layer], options: ESDOptions, failure_flags: list | None, cache: Any,
+                  min_ratio: float, cpu_only: bool) -> Spectra:
+    """`layer_spectra` with a LoRA cache: the eligible LoRA layers by the update path (float64,
+    CPU), the others as ``options`` say; one float64 `Spectra` on the others' device (else
+    ``options.device``, else the CPU)."""
+    from .lora.cache import BaseSpectrumCache
+    from .lora.stage import update_path_values
+
+    if not isinstance(cache, BaseSpectrumCache):
+        raise TypeError(f"lora_cache must be a tbfast.lora.BaseSpectrumCache, got {type(cache).__name__}")
+    if not layers:
+        raise NoLayersError("no analysable layer found (nothing matched the layer types, filters and min_evals)")
+    with torch.no_grad():
+        upd = update_path_values(layers, cache, min_ratio=min_ratio, cpu_only=cpu_only)
+    per_layer: list[Any] = [None] * len(layers)
+    paths = ["full"] * len(layers)
+    for i, v, p in zip(upd.positions, upd.values, upd.paths):
+        per_layer[i], paths[i] = v, p
+    rest = [i for i in range(len(layers)) if per_layer[i] is None]
+    dev = options.device
+    if rest:
+        sp = layer_spectra([layers[i] for i in rest], options, failure_flags=failure_flags)
+        dev = sp.values.device
+        for j, i in enumerate(rest):
+            per_layer[i] = sp.eigenvalues(j)
+    dev = torch.device("cpu") if dev is None else torch.device(dev)
+    values = torch.cat([v.to(dev, torch.float64) for v in per_layer])
+    offsets = torch.zeros(len(layers) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([v.numel() for v in per_layer], dtype=torch.int64), 0)
+    return Spectra(values=values, offsets=offsets, layers=layers, esd_path=paths)
+
+
 def esd(
     source: Any,
     *,
@@ -344,6 +385,7 @@ def esd(
     check_finite: bool = True,
     failure_flags: list | None = None,
     eig_checks: list | None = None,
+    lora_cache: Any = None,
     **layer_options: Any,
 ) -> Spectra:
     """Empirical spectral densities of every layer of ``source`` as one ragged batch.
@@ -363,12 +405,17 @@ def esd(
     caller's autocast or TF32 settings (`exact_math`, `gram`); ``allow_tf32=True`` lets a CUDA
     float32 Gram follow the process's own matmul precision instead. ``farms``: True (or a
     `tbfast.options.FarmsOptions` / dict of its fields) pools each layer's ESD over FARMS
-    windows of one aspect ratio (`tbfast.layers.farms`); ``Spectra.layers`` are then the window layers.
+    windows of one aspect ratio (`tbfast.layers.farms`); ``Spectra.layers`` are then the window layers. ``lora_cache``: a
+    `tbfast.lora.BaseSpectrumCache`; PEFT LoRA layers (of a model, or of an adapter directory
+    with ``base=``) then take the exact update path, the result is float64 and
+    ``spectra.esd_path`` says each layer's path (docs/ARCHITECTURE.md, exact LoRA ESD). Without
+    one every layer takes the full path (a cache costs more than one eigensolve to build).
     """
     failure_flags = either("failure_flags", failure_flags, "eig_checks", eig_checks)
     options = ESDOptions(method=method, dtype=dtype, device=device, memory_budget=memory_budget,
                          progress=progress, eig_backend=eig_backend, allow_tf32=allow_tf32, farms=farms)
-    spectra = layer_spectra(esd_layers(source, **layer_options), options, failure_flags=failure_flags)
+    spectra = layer_spectra(esd_layers(source, **layer_options), options, failure_flags=failure_flags,
+                            lora_cache=lora_cache)
     if check_finite:
         raise_on_nonfinite(spectra)
     return spectra

@@ -268,7 +268,11 @@ def lora_layers(
             dt = delta_dtype(w.dtype, torch.float32)
             return merge_lora(mod, w, [(astore.load(a), astore.load(b), s, transpose)], dt).unsqueeze(0)
 
+        def parts(a=ab["A"], b=ab["B"], bname=bname, s=s, transpose=transpose):
+            return to_float(bstore.load(bname)), [(astore.load(a), astore.load(b), s, transpose)]
+
         layer.loader = loader
+        layer.lora = parts  # the exact LoRA ESD's factors (tbfast.lora.stage)
         layers.append(layer)
     if not layers:
         raise EmptyCheckpointError(f"{d}: no LoRA layer left after selection")

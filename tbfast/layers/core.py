@@ -58,6 +58,10 @@ class Layer:
     index: int = 0
     loader: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     module: nn.Module | None = field(default=None, repr=False, compare=False)
+    #: a LoRA layer's factors, read when needed: ``() -> (W0, [(A, B, s, transpose), ...])`` (the
+    #: base weight and the updates as `merge_lora` takes them); None for other layers. The exact
+    #: LoRA ESD (`tbfast.lora.stage`) reads it instead of the merged matrix.
+    lora: Callable[[], tuple[torch.Tensor, list]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_evals(self) -> int:

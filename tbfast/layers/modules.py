@@ -61,7 +61,9 @@ def _lora_layer(name: str, module: nn.Module, index: int, lora_scaling: bool) ->
         w0, updates = lora_parts(name, module, lora_scaling)  # read when the ESD needs it
         return merge_lora(name, w0, updates).unsqueeze(0)
 
-    return weight_layer(name, "LoRA", w.shape, index=index, loader=loader, module=module)
+    layer = weight_layer(name, "LoRA", w.shape, index=index, loader=loader, module=module)
+    layer.lora = lambda: lora_parts(name, module, lora_scaling)
+    return layer
 
 
 def _base_lookup(base: nn.Module | Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor] | None:

@@ -14,6 +14,7 @@ from ..layers.modules import is_lora_module, lora_parts
 from ..options import ESDOptions
 from ..spectra import Spectra, esd_layers, layer_spectra, raise_on_nonfinite
 from .cache import BaseSpectrumCache
+from .stage import lora_item
 from .update import DEFAULT_CANCEL_LIMIT, LoRAItem, lora_eigenvalues
 
 __all__ = ["LoRASpectra", "lora_esd", "lora_metrics", "LoRAMetrics"]
@@ -31,6 +32,8 @@ class LoRASpectra:
 
 
 def _lora_item(layer: Layer, lora_scaling: bool) -> LoRAItem | None:
+    if layer.lora is not None:  # PEFT modules and adapter directories with base= (tbfast.lora.stage)
+        return lora_item(layer)
     if layer.kind != "LoRA" or layer.module is None or not is_lora_module(layer.module):
         return None
     parts = lora_parts(layer.name, layer.module, lora_scaling)

@@ -66,7 +66,7 @@ class Snapshot:
 
 def _frozen(layer: Layer, mats: torch.Tensor) -> Layer:
     """``layer`` with its matrices replaced by the copy ``mats`` (no reference to the module)."""
-    return dataclasses.replace(layer, loader=lambda m=mats: m, module=None)
+    return dataclasses.replace(layer, loader=lambda m=mats: m, module=None, lora=None)
 
 
 def snapshot_layers(layers: Sequence[Layer], step: int, side_streams: Optional[dict] = None) -> Snapshot:

@@ -108,6 +108,8 @@ class TempBalanceOptions:
       the weight ('exp_avg', 'exp_avg_sq', 'momentum_buffer'; read from the optimizer given to
       ``step`` / ``apply``).
     - ``history_size``: how many refresh records `TempBalance.history` keeps.
+    - ``lora_cache``: the exact LoRA ESD on PEFT LoRA layers (`tbfast.tempbalance.lora_path`):
+      True (default: an owned cache, used where it is faster), False, or a `BaseSpectrumCache`.
     """
 
     # the original's options (SPEC section 6)
@@ -155,6 +157,7 @@ class TempBalanceOptions:
     esd_of: str = "weight"
     history_size: int = 100
     farms: Any = None  # FARMS ESD (tbfast.options.FarmsOptions, True: defaults), passed to ESDOptions
+    lora_cache: Any = True  # not a schedule option: the update path gives the float64 eigenvalues
 
     def __post_init__(self) -> None:
         if self.pl_fitting not in PL_FITTINGS:
@@ -208,6 +211,10 @@ class TempBalanceOptions:
         lo, hi = self.wd_range()
         if (self.wd_min_ratio is not None or self.wd_max_ratio is not None) and lo > hi:
             raise ValueError(f"wd_min_ratio must be <= wd_max_ratio, got {lo} > {hi}")
+        from ..lora.cache import BaseSpectrumCache
+        if not isinstance(self.lora_cache, (bool, BaseSpectrumCache)):
+            raise TypeError(f"lora_cache must be True, False or a tbfast.lora.BaseSpectrumCache, "
+                            f"got {type(self.lora_cache).__name__}")
         if self.esd_of not in ESD_SOURCES:
             raise ValueError(f"esd_of must be one of {ESD_SOURCES}, got {self.esd_of!r}")
         if self.esd_of != "weight" and (self.asynchronous or self.metrics_fn is not None):

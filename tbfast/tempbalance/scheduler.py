@@ -35,6 +35,7 @@ from . import state as _state
 from .background import ASYNC_ON_GROUP as _ASYNC_ON_GROUP, AsyncESD
 from .binding import Hold
 from .esd_source import source_layers
+from .lora_path import LoRAPath
 from .history import History, refresh_record
 from .ramp import Ramp
 from .report import schedule_table
@@ -59,7 +60,8 @@ class TempBalance:
     ``linear_map_equal``, ``block_pattern``, ``flat_policy``; ESD options ``xmin_bound``,
     ``dtype``, ``method``, ``fit_backend`` (alias ``backend``, not both), ``metrics_fn``,
     ``asynchronous``, ``async_lag``, ``process_group``; LLR / AlphaDecay-style ``refresh_every``,
-    ``ramp_steps``, ``wd_min_ratio``, ``wd_max_ratio``, ``esd_of``, ``history_size``.
+    ``ramp_steps``, ``wd_min_ratio``, ``wd_max_ratio``, ``esd_of``, ``history_size``; ``lora_cache``
+    (exact LoRA ESD, `tbfast.tempbalance.lora_path`).
     `tbfast.tempbalance.options.TempBalanceOptions` describes each one.
 
     Every option is an attribute (``tb.lr_min_ratio``, ...) backed by ``tb.options``, a frozen
@@ -76,6 +78,7 @@ class TempBalance:
     tau, s, granularity, lr_slope, normalize, balance, start_step = Option(), Option(), Option(), Option(), Option(), Option(), Option()
     linear_map_equal, block_pattern, flat_policy = Option(), Option(), Option()
     xmin_bound, dtype, method, fit_backend, asynchronous, process_group, metrics_fn = Option(), Option(), Option(), Option(), Option(), Option(), Option()
+    lora_cache = Option()
     async_lag = Option()
     refresh_every, ramp_steps, wd_min_ratio, wd_max_ratio, esd_of, history_size = Option(), Option(), Option(), Option(), Option(), Option()
     backend = Option("fit_backend")  #: the documented alias of ``fit_backend``
@@ -123,6 +126,7 @@ class TempBalance:
         refresh_every: int = 1, ramp_steps: int = 0, wd_min_ratio: Optional[float] = None,
         wd_max_ratio: Optional[float] = None, esd_of: str = "weight", history_size: int = 100,
         farms: Any = None,
+        lora_cache: Any = True,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"TempBalance expects an nn.Module, got {type(net).__name__}")
@@ -130,6 +134,7 @@ class TempBalance:
         options["fit_backend"] = pick_fit_backend(fit_backend, backend)
         self.options = TempBalanceOptions(**options)  #: the validated options (attributes read them)
         self.net = net
+        self.lora = LoRAPath()  #: exact LoRA ESD: its owned BaseSpectrumCache (tempbalance/lora_path.py)
         #: optimizer step whose weights produced the current schedule (None before the first ESD)
         self.schedule_step: Optional[int] = None
         self._async = AsyncESD()  # asynchronous=True: the background worker, a restored pending ESD
@@ -185,7 +190,8 @@ class TempBalance:
         src = (self.esd_of if self.active else "weight", self._hold.last(), self.conv_norm)
         with torch.no_grad():
             if group is None:
-                return run(source_layers(self.analysed_layers(), *src) if layers is None else layers, esd, fit).metrics
+                lst = source_layers(self.analysed_layers(), *src) if layers is None else layers
+                return run(lst, esd, fit, **self.lora.run_options(lst, self.lora_cache, self.dtype)).metrics
             if layers is not None:
                 raise ValueError(_ASYNC_ON_GROUP)
             # each rank analyses its share of the layers (docs/DISTRIBUTED.md)
