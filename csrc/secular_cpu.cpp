@@ -40,6 +40,7 @@ namespace secular {
 
 constexpr double kEps = std::numeric_limits<double>::epsilon() / 2;  // unit roundoff
 constexpr int kMaxIter = 200;
+constexpr double kStepStop = 1e-10;  // relative model step after which a root is accepted
 // Below this many roots a loop runs on the calling thread: a parallel region per update costs a
 // thread wake-up (and, on a busy machine, a wait for a descheduled thread) that small K never repays.
 constexpr int64_t kMinParallelRoots = 512;
@@ -202,7 +203,9 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
     if (!(tn > lo && tn < hi)) tn = lo + (hi - lo) / 2;  // also catches NaN
     const double moved = std::fabs(tn - t);
     t = tn;
-    if (moved <= 2 * kEps * std::fabs(t)) break;
+    // The model step converges quadratically near the root: after a step below kStepStop |t| the
+    // next one would be below kStepStop^2 |t| (under the rounding of f), so one evaluation is saved.
+    if (moved <= kStepStop * std::fabs(t)) break;
     if (it == kMaxIter - 1) return false;
   }
   *origin = o;
@@ -210,8 +213,21 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
   return true;
 }
 
+// prod_{i0 <= i < i1} ((dorg_i - dj) + tau_i) / (dd_i - dj): one side of the Gu-Eisenstat product
+// (SIMD lanes keep partial products; the factors of one side are all below or all above 1 and
+// telescope, so no partial product under- or overflows).
+TBFAST_HOT_CLONES double ratio_product(const double* dorg, const double* tau, const double* dd, int64_t i0, int64_t i1,
+                                       double dj) {
+  double p = 1.0;
+#pragma omp simd reduction(* : p)
+  for (int64_t i = i0; i < i1; ++i) p *= ((dorg[i] - dj) + tau[i]) / (dd[i] - dj);
+  return p;
+}
+
 // One root's eigenvector v_j = zh_j / ((dd_j - base) - ti) (into vp) and the products
-// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each).
+// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each). The products run four
+// rows at a time (four independent SIMD accumulators: one load of v serves four rows and the
+// additions do not wait on each other).
 TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, const double* zh, double base,
                                        double ti, const double* sub, double* vp, double* out) {
   double nrm = 0;
@@ -222,12 +238,40 @@ TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, 
     nrm += x * x;
   }
   const double inv = 1.0 / std::sqrt(nrm);
-  for (int64_t v = 0; v < nv; ++v) {
-    const double* sv = sub + v * K;
-    double acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < K; ++j) acc += vp[j] * sv[j];
-    out[v] = acc * inv;
+  int64_t v = 0;
+  for (; v + 4 <= nv; v += 4) {
+    const double *s0 = sub + v * K, *s1 = s0 + K, *s2 = s1 + K, *s3 = s2 + K;
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t j = 0; j < K; ++j) {
+      const double x = vp[j];
+      a0 += x * s0[j];
+      a1 += x * s1[j];
+      a2 += x * s2[j];
+      a3 += x * s3[j];
+    }
+    out[v] = a0 * inv;
+    out[v + 1] = a1 * inv;
+    out[v + 2] = a2 * inv;
+    out[v + 3] = a3 * inv;
+  }
+  for (; v + 2 <= nv; v += 2) {
+    const double *s0 = sub + v * K, *s1 = s0 + K;
+    double a0 = 0, a1 = 0;
+#pragma omp simd reduction(+ : a0, a1)
+    for (int64_t j = 0; j < K; ++j) {
+      a0 += vp[j] * s0[j];
+      a1 += vp[j] * s1[j];
+    }
+    out[v] = a0 * inv;
+    out[v + 1] = a1 * inv;
+  }
+  for (; v < nv; ++v) {
+    const double* s0 = sub + v * K;
+    double a0 = 0;
+#pragma omp simd reduction(+ : a0)
+    for (int64_t j = 0; j < K; ++j) a0 += vp[j] * s0[j];
+    out[v] = a0 * inv;
   }
 }
 
@@ -284,13 +328,13 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
       if (!ok[i]) return false;
     // Gu-Eisenstat: the z for which the computed roots are exact
     std::vector<double> zh(K);
+    std::vector<double> dorg(K);  // each root's pole, contiguous for the SIMD product
+    for (int64_t i = 0; i < K; ++i) dorg[i] = dd[org[i]];
     parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
-      double p[4] = {((dd[org[j]] - dd[j]) + tau[j]) / rho, 1.0, 1.0, 1.0};  // four partial products
-      for (int64_t i = 0; i < K; ++i) {
-        if (i == j) continue;
-        p[i & 3] *= ((dd[org[i]] - dd[j]) + tau[i]) / (dd[i] - dd[j]);
-      }
-      const double prod = (p[0] * p[1]) * (p[2] * p[3]);
+      const double dj = dd[j];
+      const double lo = ratio_product(dorg.data(), tau.data(), dd.data(), 0, j, dj);
+      const double hi = ratio_product(dorg.data(), tau.data(), dd.data(), j + 1, K, dj);
+      const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);
       zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
     });
     // the remaining vectors in the new basis: y'_i = v_i . y / ||v_i||, v_i[j] = zh_j / (dd_j - x_i)
