@@ -275,6 +275,60 @@ TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, 
   }
 }
 
+// cauchy_products for two roots at once (v0, v1 into vp0, vp1; products into out0, out1): each
+// load of a row of sub serves both roots, two rows at a time (eight SIMD accumulators).
+TBFAST_HOT_CLONES void cauchy_products_pair(int64_t K, int64_t nv, const double* dd, const double* zh, double base0,
+                                            double t0, double base1, double t1, const double* sub, double* vp0,
+                                            double* vp1, double* out0, double* out1) {
+  double n0 = 0, n1 = 0;
+#pragma omp simd reduction(+ : n0, n1)
+  for (int64_t j = 0; j < K; ++j) {
+    const double x0 = zh[j] / ((dd[j] - base0) - t0), x1 = zh[j] / ((dd[j] - base1) - t1);
+    vp0[j] = x0;
+    vp1[j] = x1;
+    n0 += x0 * x0;
+    n1 += x1 * x1;
+  }
+  const double inv0 = 1.0 / std::sqrt(n0), inv1 = 1.0 / std::sqrt(n1);
+  int64_t v = 0;
+  for (; v + 4 <= nv; v += 4) {
+    const double *s0 = sub + v * K, *s1 = s0 + K, *s2 = s1 + K, *s3 = s2 + K;
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+    for (int64_t j = 0; j < K; ++j) {
+      const double x = vp0[j], y = vp1[j];
+      const double u0 = s0[j], u1 = s1[j], u2 = s2[j], u3 = s3[j];
+      a0 += x * u0;
+      a1 += x * u1;
+      a2 += x * u2;
+      a3 += x * u3;
+      b0 += y * u0;
+      b1 += y * u1;
+      b2 += y * u2;
+      b3 += y * u3;
+    }
+    out0[v] = a0 * inv0;
+    out0[v + 1] = a1 * inv0;
+    out0[v + 2] = a2 * inv0;
+    out0[v + 3] = a3 * inv0;
+    out1[v] = b0 * inv1;
+    out1[v + 1] = b1 * inv1;
+    out1[v + 2] = b2 * inv1;
+    out1[v + 3] = b3 * inv1;
+  }
+  for (; v < nv; ++v) {
+    const double* s0 = sub + v * K;
+    double a0 = 0, b0 = 0;
+#pragma omp simd reduction(+ : a0, b0)
+    for (int64_t j = 0; j < K; ++j) {
+      a0 += vp0[j] * s0[j];
+      b0 += vp1[j] * s0[j];
+    }
+    out0[v] = a0 * inv0;
+    out1[v] = b0 * inv1;
+  }
+}
+
 // diag(d) + rho z z^T (rho > 0, ||z|| = 1, d ascending; n entries) replaces d by its eigenvalues
 // (ascending) and carries the nv vectors ys[v] (length n each) into the new eigenbasis, in place.
 bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, double rho,
@@ -342,11 +396,16 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
       std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
       for (int64_t v = 0; v < nv; ++v)
         for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
-      parallel_for_dynamic(K, 16, work_of(K, K * (nv + 2)), [&](int64_t i) {
+      parallel_for_dynamic((K + 1) / 2, 8, work_of(K, K * (nv + 2)), [&](int64_t pair) {
         thread_local std::vector<double> vi;
-        vi.resize(K);
-        const double base = dd[org[i]], ti = tau[i];
-        cauchy_products(K, nv, dd.data(), zh.data(), base, ti, sub.data(), vi.data(), out.data() + i * nv);
+        vi.resize(2 * K);
+        const int64_t i = 2 * pair;
+        if (i + 1 < K) {
+          cauchy_products_pair(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], dd[org[i + 1]], tau[i + 1], sub.data(),
+                               vi.data(), vi.data() + K, out.data() + i * nv, out.data() + (i + 1) * nv);
+        } else {
+          cauchy_products(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], sub.data(), vi.data(), out.data() + i * nv);
+        }
       });
       for (int64_t a = 0; a < K; ++a)
         for (int64_t v = 0; v < nv; ++v) ys[v][idx[a]] = out[a * nv + v];
