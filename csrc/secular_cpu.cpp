@@ -38,6 +38,7 @@ namespace secular {
 
 constexpr double kEps = std::numeric_limits<double>::epsilon() / 2;  // unit roundoff
 constexpr int kMaxIter = 200;
+constexpr double kStepStop = 1e-10;  // relative model step after which a root is accepted
 // Below this many roots a loop runs on the calling thread: a parallel region per update costs a
 // thread wake-up (and, on a busy machine, a wait for a descheduled thread) that small K never repays.
 constexpr int64_t kMinParallelRoots = 512;
@@ -200,7 +201,9 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
     if (!(tn > lo && tn < hi)) tn = lo + (hi - lo) / 2;  // also catches NaN
     const double moved = std::fabs(tn - t);
     t = tn;
-    if (moved <= 2 * kEps * std::fabs(t)) break;
+    // The model step converges quadratically near the root: after a step below kStepStop |t| the
+    // next one would be below kStepStop^2 |t| (under the rounding of f), so one evaluation is saved.
+    if (moved <= kStepStop * std::fabs(t)) break;
     if (it == kMaxIter - 1) return false;
   }
   *origin = o;
@@ -208,8 +211,21 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
   return true;
 }
 
+// prod_{i0 <= i < i1} ((dorg_i - dj) + tau_i) / (dd_i - dj): one side of the Gu-Eisenstat product
+// (SIMD lanes keep partial products; the factors of one side are all below or all above 1 and
+// telescope, so no partial product under- or overflows).
+TBFAST_HOT_CLONES double ratio_product(const double* dorg, const double* tau, const double* dd, int64_t i0, int64_t i1,
+                                       double dj) {
+  double p = 1.0;
+#pragma omp simd reduction(* : p)
+  for (int64_t i = i0; i < i1; ++i) p *= ((dorg[i] - dj) + tau[i]) / (dd[i] - dj);
+  return p;
+}
+
 // One root's eigenvector v_j = zh_j / ((dd_j - base) - ti) (into vp) and the products
-// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each).
+// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each). The products run four
+// rows at a time (four independent SIMD accumulators: one load of v serves four rows and the
+// additions do not wait on each other).
 TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, const double* zh, double base,
                                        double ti, const double* sub, double* vp, double* out) {
   double nrm = 0;
@@ -220,12 +236,94 @@ TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, 
     nrm += x * x;
   }
   const double inv = 1.0 / std::sqrt(nrm);
-  for (int64_t v = 0; v < nv; ++v) {
-    const double* sv = sub + v * K;
-    double acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < K; ++j) acc += vp[j] * sv[j];
-    out[v] = acc * inv;
+  int64_t v = 0;
+  for (; v + 4 <= nv; v += 4) {
+    const double *s0 = sub + v * K, *s1 = s0 + K, *s2 = s1 + K, *s3 = s2 + K;
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t j = 0; j < K; ++j) {
+      const double x = vp[j];
+      a0 += x * s0[j];
+      a1 += x * s1[j];
+      a2 += x * s2[j];
+      a3 += x * s3[j];
+    }
+    out[v] = a0 * inv;
+    out[v + 1] = a1 * inv;
+    out[v + 2] = a2 * inv;
+    out[v + 3] = a3 * inv;
+  }
+  for (; v + 2 <= nv; v += 2) {
+    const double *s0 = sub + v * K, *s1 = s0 + K;
+    double a0 = 0, a1 = 0;
+#pragma omp simd reduction(+ : a0, a1)
+    for (int64_t j = 0; j < K; ++j) {
+      a0 += vp[j] * s0[j];
+      a1 += vp[j] * s1[j];
+    }
+    out[v] = a0 * inv;
+    out[v + 1] = a1 * inv;
+  }
+  for (; v < nv; ++v) {
+    const double* s0 = sub + v * K;
+    double a0 = 0;
+#pragma omp simd reduction(+ : a0)
+    for (int64_t j = 0; j < K; ++j) a0 += vp[j] * s0[j];
+    out[v] = a0 * inv;
+  }
+}
+
+// cauchy_products for two roots at once (v0, v1 into vp0, vp1; products into out0, out1): each
+// load of a row of sub serves both roots, two rows at a time (eight SIMD accumulators).
+TBFAST_HOT_CLONES void cauchy_products_pair(int64_t K, int64_t nv, const double* dd, const double* zh, double base0,
+                                            double t0, double base1, double t1, const double* sub, double* vp0,
+                                            double* vp1, double* out0, double* out1) {
+  double n0 = 0, n1 = 0;
+#pragma omp simd reduction(+ : n0, n1)
+  for (int64_t j = 0; j < K; ++j) {
+    const double x0 = zh[j] / ((dd[j] - base0) - t0), x1 = zh[j] / ((dd[j] - base1) - t1);
+    vp0[j] = x0;
+    vp1[j] = x1;
+    n0 += x0 * x0;
+    n1 += x1 * x1;
+  }
+  const double inv0 = 1.0 / std::sqrt(n0), inv1 = 1.0 / std::sqrt(n1);
+  int64_t v = 0;
+  for (; v + 4 <= nv; v += 4) {
+    const double *s0 = sub + v * K, *s1 = s0 + K, *s2 = s1 + K, *s3 = s2 + K;
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+    for (int64_t j = 0; j < K; ++j) {
+      const double x = vp0[j], y = vp1[j];
+      const double u0 = s0[j], u1 = s1[j], u2 = s2[j], u3 = s3[j];
+      a0 += x * u0;
+      a1 += x * u1;
+      a2 += x * u2;
+      a3 += x * u3;
+      b0 += y * u0;
+      b1 += y * u1;
+      b2 += y * u2;
+      b3 += y * u3;
+    }
+    out0[v] = a0 * inv0;
+    out0[v + 1] = a1 * inv0;
+    out0[v + 2] = a2 * inv0;
+    out0[v + 3] = a3 * inv0;
+    out1[v] = b0 * inv1;
+    out1[v + 1] = b1 * inv1;
+    out1[v + 2] = b2 * inv1;
+    out1[v + 3] = b3 * inv1;
+  }
+  for (; v < nv; ++v) {
+    const double* s0 = sub + v * K;
+    double a0 = 0, b0 = 0;
+#pragma omp simd reduction(+ : a0, b0)
+    for (int64_t j = 0; j < K; ++j) {
+      a0 += vp0[j] * s0[j];
+      b0 += vp1[j] * s0[j];
+    }
+    out0[v] = a0 * inv0;
+    out1[v] = b0 * inv1;
   }
 }
 
@@ -282,13 +380,13 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
       if (!ok[i]) return false;
     // Gu-Eisenstat: the z for which the computed roots are exact
     std::vector<double> zh(K);
+    std::vector<double> dorg(K);  // each root's pole, contiguous for the SIMD product
+    for (int64_t i = 0; i < K; ++i) dorg[i] = dd[org[i]];
     parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
-      double p[4] = {((dd[org[j]] - dd[j]) + tau[j]) / rho, 1.0, 1.0, 1.0};  // four partial products
-      for (int64_t i = 0; i < K; ++i) {
-        if (i == j) continue;
-        p[i & 3] *= ((dd[org[i]] - dd[j]) + tau[i]) / (dd[i] - dd[j]);
-      }
-      const double prod = (p[0] * p[1]) * (p[2] * p[3]);
+      const double dj = dd[j];
+      const double lo = ratio_product(dorg.data(), tau.data(), dd.data(), 0, j, dj);
+      const double hi = ratio_product(dorg.data(), tau.data(), dd.data(), j + 1, K, dj);
+      const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);
       zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
     });
     // the remaining vectors in the new basis: y'_i = v_i . y / ||v_i||, v_i[j] = zh_j / (dd_j - x_i)
@@ -296,11 +394,16 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
       std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
       for (int64_t v = 0; v < nv; ++v)
         for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
-      parallel_for_dynamic(K, 16, work_of(K, K * (nv + 2)), [&](int64_t i) {
+      parallel_for_dynamic((K + 1) / 2, 8, work_of(K, K * (nv + 2)), [&](int64_t pair) {
         thread_local std::vector<double> vi;
-        vi.resize(K);
-        const double base = dd[org[i]], ti = tau[i];
-        cauchy_products(K, nv, dd.data(), zh.data(), base, ti, sub.data(), vi.data(), out.data() + i * nv);
+        vi.resize(2 * K);
+        const int64_t i = 2 * pair;
+        if (i + 1 < K) {
+          cauchy_products_pair(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], dd[org[i + 1]], tau[i + 1], sub.data(),
+                               vi.data(), vi.data() + K, out.data() + i * nv, out.data() + (i + 1) * nv);
+        } else {
+          cauchy_products(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], sub.data(), vi.data(), out.data() + i * nv);
+        }
       });
       for (int64_t a = 0; a < K; ++a)
         for (int64_t v = 0; v < nv; ++v) ys[v][idx[a]] = out[a * nv + v];

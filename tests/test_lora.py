@@ -87,6 +87,21 @@ def test_update_path_matches_the_merged_gram(kind, r, shape):
     assert_exact(w, merged_eigvalsh(w0, updates))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(600, 96), (80, 700)], ids=["tall", "wide"])
+def test_update_path_with_more_base_rows_than_one_block(shape, dtype):
+    # update_system forms M0^T B a block of M0's rows at a time (in float64 from the weight's own
+    # dtype): several blocks, both Gram sides, a non-float32 base
+    rows, cols = shape
+    assert max(rows, cols) > 2 * lora_update._ROW_BLOCK
+    w0 = base_weight("student", rows, cols, seed=5).to(dtype)
+    A, B = lora_factors(rows, cols, 8, seed=5, scale=0.5)
+    updates = [(A, B, 2.0, False)]
+    (w, path), = lora_eigenvalues([LoRAItem("l", w0, updates)], BaseSpectrumCache())
+    assert path == "update"
+    assert_exact(w, merged_eigvalsh(w0, updates))
+
+
 def test_rank_64_and_two_adapters_and_fan_in_fan_out():
     rows, cols = 256, 200
     w0 = base_weight("student", rows, cols, seed=5)

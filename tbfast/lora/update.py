@@ -32,6 +32,8 @@ logger = logging.getLogger("tbfast.lora")
 
 #: Largest ``(lambda_max(G0) + ||C||) / lambda_max(G')`` that takes the update path.
 DEFAULT_CANCEL_LIMIT = 32.0
+#: Rows of the base weight converted to float64 at a time in :func:`update_system`.
+_ROW_BLOCK = 256
 #: The values of a layer's ``esd_path``.
 PATHS = ("update", "full")
 
@@ -47,9 +49,10 @@ class LoRAItem:
     updates: Sequence[Update]
 
 
-def _factors(item: LoRAItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(M0, Bm, Am)`` in float64 on the Gram side: ``M' = M0 + Bm @ Am``."""
-    w0 = item.w0.detach().to("cpu", torch.float64)  # the update path runs on the CPU
+def _factors(item: LoRAItem, *, base_float64: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(M0, Bm, Am)`` on the Gram side: ``M' = M0 + Bm @ Am``; ``Bm``, ``Am`` float64, ``M0``
+    float64 or (``base_float64=False``) in the weight's own dtype."""
+    w0 = item.w0.detach().to("cpu", torch.float64 if base_float64 else None)  # the update path runs on the CPU
     rows, cols = w0.shape
     Bs, As = [], []
     for A, B, s, transpose in item.updates:
@@ -61,8 +64,8 @@ def _factors(item: LoRAItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                              f"the base weight's shape {(rows, cols)}")
         Bs.append(B * s)
         As.append(A)
-    B = torch.cat(Bs, dim=1) if Bs else w0.new_zeros((rows, 0))
-    A = torch.cat(As, dim=0) if As else w0.new_zeros((0, cols))
+    B = torch.cat(Bs, dim=1) if Bs else w0.new_zeros((rows, 0), dtype=torch.float64)
+    A = torch.cat(As, dim=0) if As else w0.new_zeros((0, cols), dtype=torch.float64)
     if cols <= rows:
         return w0, B, A
     return w0.T, A.T, B.T
@@ -70,9 +73,15 @@ def _factors(item: LoRAItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def update_system(item: LoRAItem, base: BaseSpectrum) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d, Z, C)`` with ``V^T M'^T M' V = diag(d) + Z C Z^T`` (float64; Z is n x 2R)."""
-    M0, Bm, Am = _factors(item)
+    M0, Bm, Am = _factors(item, base_float64=False)
     R = Bm.shape[1]
-    U = torch.cat([Am.T, M0.T @ Bm], dim=1)
+    # M0^T Bm = (Bm^T M0)^T in float64, a block of M0's rows at a time: streams M0 by rows and
+    # never holds all of it in float64 (4096 x 4096, r = 8, 1 thread: 0.02 s vs 0.17 s for
+    # M0.double().T @ Bm)
+    BtM = Bm.new_zeros((R, M0.shape[1]))
+    for k in range(0, M0.shape[0], _ROW_BLOCK):
+        BtM += Bm[k:k + _ROW_BLOCK].T @ M0[k:k + _ROW_BLOCK].to(torch.float64)
+    U = torch.cat([Am.T, BtM.T], dim=1)
     C = Bm.new_zeros((2 * R, 2 * R))
     C[:R, :R] = Bm.T @ Bm
     C[:R, R:] = torch.eye(R, dtype=C.dtype)
@@ -81,7 +90,7 @@ def update_system(item: LoRAItem, base: BaseSpectrum) -> tuple[torch.Tensor, tor
     Ct = Rf @ C @ Rf.T
     Ct = (Ct + Ct.T) / 2
     V = base.evecs.to(torch.float64)
-    return base.evals.to(torch.float64), V.T @ Q, Ct
+    return base.evals.to(torch.float64), (Q.T @ V).T.contiguous(), Ct  # Q^T V: ~3x faster than V^T Q
 
 
 def full_eigenvalues(item: LoRAItem) -> torch.Tensor:
