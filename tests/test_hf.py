@@ -19,8 +19,9 @@ from tbfast.integrations import hf  # noqa: E402
 
 
 def _trainer_resume_refused() -> str | None:
-    """Why this transformers cannot resume a Trainer checkpoint on this torch, or None: since
-    4.50 it refuses ``torch.load`` (optimizer/RNG states) on torch < 2.6 (CVE-2025-32434)."""
+    """Why this transformers cannot resume a Trainer checkpoint on this torch, or None: recent
+    releases (4.57.6 here) refuse ``torch.load`` (optimizer/RNG states) on torch < 2.6
+    (CVE-2025-32434)."""
     check = getattr(getattr(transformers.utils, "import_utils", None), "check_torch_load_is_safe", None)
     if check is None:
         return None
