@@ -23,7 +23,7 @@ tb_testroot() {
   local src=$1 dest=$2
   rm -rf "$dest"
   mkdir -p "$dest"
-  cp -r "$src/tests" "$src/csrc" "$src/examples" "$dest/"
+  cp -r "$src/tests" "$src/csrc" "$src/examples" "$src/docs" "$dest/"  # docs/: tests compare documented behaviour
   cp "$src/README.md" "$src/pyproject.toml" "$dest/"
   rm -rf "$dest/tests/__pycache__"
 }

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import _backend
+from .kernels import triton_fit_available
 from .ops import eig as eig_op
 from .ops import fit as fit_op
 from .ops import secular as secular_op
@@ -31,6 +32,8 @@ def _triton_info() -> dict[str, Any]:
         return info
     info["available"] = True
     info["version"] = getattr(triton, "__version__", None)
+    ok, why = triton_fit_available()
+    info["fit_kernels"] = {"usable": ok, "reason": why}  # e.g. "triton 3.0.0 is older than ..."
     return info
 
 
@@ -59,7 +62,7 @@ def backend_info() -> dict[str, Any]:
     compiler), ``lapack`` (whether ?syevd was found for the CPU eigensolver), ``ops`` (the
     registered torch.ops.tbfast names), ``eig_op`` (the kernels the dispatcher holds for
     ``tbfast::eigvalsh_batched``, per dispatch key), ``torch`` (version, threads), ``devices`` (cpu, cuda and
-    its device name), ``triton`` (available, version, TRITON_INTERPRET), ``cusolver``.
+    its device name), ``triton`` (available, version, TRITON_INTERPRET, fit_kernels: usable and why), ``cusolver``.
     """
     ext = _backend.extension_details()
     lapack = _backend.lapack_info()
@@ -71,7 +74,7 @@ def backend_info() -> dict[str, Any]:
     active = {"cpu": {"eigensolver": eig["cpu"], "fits": "C++ kernels" if fits_cpp else "torch reference"}}
     if devices["cuda"]:
         active["cuda"] = {"eigensolver": eig["cuda"],
-                          "fits": "Triton kernels" if triton["available"] else "torch reference"}
+                          "fits": "Triton kernels" if triton_fit_available()[0] else "torch reference"}
     return {
         "active": active,
         "extension": ext,

@@ -44,6 +44,23 @@ def busy() -> bool:
     return not all(done.is_set() for done in _abandoned)
 
 
+def _default_device(torch):
+    """The caller's default device, ``with torch.device(...)`` blocks included: torch 2.4's
+    ``get_default_device`` sees only ``set_default_device``, so look for the innermost device
+    mode on the torch-function mode stack first."""
+    if not hasattr(torch, "get_default_device"):
+        return None
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        for mode in reversed(_get_current_function_mode_stack()):
+            if isinstance(mode, DeviceContext):
+                return mode.device
+    except (ImportError, AttributeError):  # private API moved: the public answer below
+        pass
+    return torch.get_default_device()
+
+
 def _torch_state() -> Callable[[], Any]:
     """Capture the caller's thread-local torch state (grad mode, inference mode, default device,
     CUDA device and stream) and return a function that restores it in another thread."""
@@ -52,7 +69,7 @@ def _torch_state() -> Callable[[], Any]:
         return contextlib.nullcontext
     grad = torch.is_grad_enabled()
     inference = torch.is_inference_mode_enabled()
-    default_device = torch.get_default_device() if hasattr(torch, "get_default_device") else None
+    default_device = _default_device(torch)
     cuda_device = stream = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_device = torch.cuda.current_device()

@@ -235,3 +235,63 @@ def test_namespace_holds_only_tensor_ops_and_loader_is_plain():
     assert isinstance(last_error, str)
     with pytest.raises(TypeError):
         ext.cusolver_load(3)
+
+
+@pytest.mark.parametrize("version,supported", [
+    ("3.0.0", False), ("3.1.0", False), ("2.3.1", False), ("3.2.0", True), ("3.9.0", True),
+    ("3.10.0+git1a2b", True),  # numeric, not string, comparison: 3.10 > 3.2
+])
+def test_triton_version_floor(version, supported, monkeypatch):
+    """Triton fit kernels need triton >= 3.2 (3.0, pinned by torch 2.4, fails the kernel tests)."""
+    from tbfast.kernels import triton_fit
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter's numpy check aside
+    problem = triton_fit.version_problem(version)
+    if supported:
+        assert problem is None
+    else:
+        assert problem is not None and f"triton {version}" in problem and "triton 3.2" in problem
+
+
+def test_old_triton_is_never_picked_and_refused_explicitly(monkeypatch, caplog):
+    """On triton 3.0: backend 'auto' falls back to the torch reference, backend_info says why, an
+    explicit backend='triton' is a one-line BackendUnavailableError naming both versions."""
+    pytest.importorskip("triton")
+    from tbfast.errors import BackendUnavailableError
+    from tbfast.kernels import triton_fit, triton_fit_available
+    from tbfast.ops import fit as fit_op
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # would make a supported triton usable on CPU
+    monkeypatch.setattr(triton_fit, "installed_version", lambda: "3.0.0")
+    ok, why = triton_fit_available()
+    assert not ok and "triton 3.0.0" in why and "3.2" in why
+    fit_op._cuda_backend.cache_clear()
+    try:
+        assert fit_op._cuda_backend() == "torch"
+    finally:
+        fit_op._cuda_backend.cache_clear()
+    with pytest.raises(BackendUnavailableError) as err:
+        fit_op.hill_fit(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([0]),
+                        torch.tensor([3]), 2.0, backend="triton")
+    msg = str(err.value)
+    assert "\n" not in msg and "triton 3.0.0" in msg and "triton 3.2" in msg
+    info = _info.backend_info()["triton"]
+    assert info["fit_kernels"]["usable"] is False and "triton 3.0.0" in info["fit_kernels"]["reason"]
+    # the same calls on a supported version: usable under the interpreter
+    monkeypatch.setattr(triton_fit, "installed_version", lambda: "3.9.0")
+    monkeypatch.setattr(triton_fit, "_dist_version", lambda name: "2.3.0")  # numpy < 2.4
+    assert triton_fit_available()[0]
+    assert _info.backend_info()["triton"]["fit_kernels"]["usable"] is True
+
+
+def test_triton_interpreter_numpy_gate(monkeypatch):
+    """Under TRITON_INTERPRET=1, triton < 3.7 with numpy >= 2.4 is refused with the reason."""
+    from tbfast.kernels import triton_fit
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_fit, "_dist_version", lambda name: "2.4.6")
+    problem = triton_fit.version_problem("3.6.0")
+    assert problem is not None and "triton 3.6.0" in problem and "numpy 2.4.6" in problem
+    assert triton_fit.version_problem("3.7.0") is None
+    monkeypatch.setattr(triton_fit, "_dist_version", lambda name: "2.3.5")
+    assert triton_fit.version_problem("3.2.0") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels: numpy is not involved
+    monkeypatch.setattr(triton_fit, "_dist_version", lambda name: "2.4.6")
+    assert triton_fit.version_problem("3.2.0") is None

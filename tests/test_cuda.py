@@ -240,7 +240,13 @@ def test_loader_failure_paths_in_subprocess(tmp_path):
     not_a_lib = tmp_path / "libcusolver.so.99"
     not_a_lib.write_text("not an ELF file")
     old = _compile_fake(tmp_path, "libcusolver_old", with_syev=False, version=11600)
-    new = _compile_fake(tmp_path, "libcusolver_new", with_syev=True, version=12001)
+    # the usable fake reports the libcusolver major of the running torch's CUDA (CUDA 12 ships
+    # libcusolver 11, CUDA 13 ships 12; the loader refuses any other major), at least 11.7.1
+    # (the first with XsyevBatched); a CPU torch has no CUDA to match: 12.0.1
+    major = cs.required_cusolver_major(torch.version.cuda)
+    new_version = 12001 if major is None else max(major * 1000 + 1, 11701)
+    new_version_str = f"{new_version // 1000}.{new_version % 1000 // 100}.{new_version % 100}"
+    new = _compile_fake(tmp_path, "libcusolver_new", with_syev=True, version=new_version)
     script = textwrap.dedent(f"""
         import json, torch, tbfast._C
         ops = tbfast._C
@@ -265,7 +271,8 @@ def test_loader_failure_paths_in_subprocess(tmp_path):
     assert "cusolverDnXsyevBatched" in out["old"] and "11600" in out["old"] and "11.7.1" in out["old"]
     loaded, path, version, last_error = out["after_failures"]
     assert (loaded, path, version) == (False, "", -1) and "11.7.1" in last_error
-    assert out["status"] == {"loaded": True, "path": new, "version": 12001, "version_str": "12.0.1", "reason": None}
+    assert out["status"] == {"loaded": True, "path": new, "version": new_version, "version_str": new_version_str,
+                             "reason": None}
     assert out["again"] == ""
 
 

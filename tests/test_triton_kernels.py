@@ -27,6 +27,10 @@ pytest.importorskip("triton")
 
 from tbfast.kernels import triton_fit  # noqa: E402
 
+if triton_fit.version_problem() is not None:  # e.g. triton 3.0, pinned by torch 2.4
+    pytest.skip(f"Triton fit kernels unsupported here: {triton_fit.version_problem()}",
+                allow_module_level=True)
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: inf/NaN in masked lanes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -50,6 +50,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -58,12 +59,60 @@ import torch
 triton = None
 tl = None
 
-__all__ = ["triton_available", "hill_fit_triton", "ks_scan_triton"]
+__all__ = ["triton_available", "version_problem", "hill_fit_triton", "ks_scan_triton"]
 
 HILL_BLOCK = 1024
 KS_BLOCK_I = 16
 KS_BLOCK_J = 128
 ARGMIN_BLOCK = 256
+
+
+#: Oldest triton the fit kernels are supported on: tests/test_triton_kernels.py passes on triton
+#: 3.2 and later (interpreter, CPU); under triton 3.0 and 3.1 (pinned by torch 2.4 and 2.5) the
+#: kernels fail there (docs/install-checks/triton_versions.md).
+MIN_TRITON = (3, 2)
+#: Under TRITON_INTERPRET=1, triton before 3.7 converts 1-element arrays with int(), which
+#: numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+INTERPRET_NUMPY24_TRITON = (3, 7)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"3.0.0+git1a2b"`` -> ``(3, 0, 0)`` (leading numeric fields only)."""
+    parts = []
+    for field in version.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", field)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def installed_version() -> str | None:
+    """The installed triton's version (package metadata; triton is not imported), or None."""
+    return _dist_version("triton")
+
+
+def version_problem(version: str | None = None) -> str | None:
+    """Why triton ``version`` (default: the installed one) cannot run the fit kernels, or None."""
+    version = installed_version() if version is None else version
+    if version is None:
+        return None
+    if _version_tuple(version) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"triton {version} is older than triton {need}, the oldest the Triton fit kernels support"
+    if _interpreting() and _version_tuple(version) < INTERPRET_NUMPY24_TRITON:
+        numpy = _dist_version("numpy")
+        if numpy is not None and _version_tuple(numpy) >= (2, 4):
+            return (f"the interpreter of triton {version} fails under numpy {numpy} (needs numpy < 2.4 "
+                    f"or triton >= {'.'.join(map(str, INTERPRET_NUMPY24_TRITON))}; TRITON_INTERPRET=1)")
+    return None
 
 
 def _interpreting() -> bool:
@@ -73,15 +122,15 @@ def _interpreting() -> bool:
 def triton_available() -> tuple[bool, str]:
     """Whether the Triton fit kernels can run here, and why (for ``backend_info``).
 
-    True on a CUDA machine with triton importable, or under ``TRITON_INTERPRET=1`` (CPU
-    tensors, for tests).
+    True on a CUDA machine with a supported triton (>= :data:`MIN_TRITON`) importable, or under
+    ``TRITON_INTERPRET=1`` (CPU tensors, for tests).
     """
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
-    try:
-        version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        version = "?"
+    version = installed_version() or "?"
+    problem = version_problem(version) if version != "?" else None
+    if problem is not None:
+        return False, problem
     if _interpreting():
         return True, f"triton {version} interpreter (TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():

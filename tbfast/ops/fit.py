@@ -22,8 +22,9 @@ Where each part lives:
   would need a second copy here for installs without it. csrc/fit_cpu.cpp only registers CPU
   kernels (``TORCH_LIBRARY_IMPL(tbfast, CPU)``); the dispatcher matches them to these schemas.
 - CPU kernel: C++ when ``tbfast._C`` loads, else the torch reference (`tbfast.kernels.ref`).
-- CUDA kernel: Triton (`tbfast.kernels.triton_fit`) when triton is usable, else the torch
-  reference; chosen on the first CUDA call.
+- CUDA kernel: Triton (`tbfast.kernels.triton_fit`) when a supported triton (>= 3.2) is usable,
+  else the torch reference; chosen on the first CUDA call. An explicit ``backend="triton"`` on an
+  older triton raises BackendUnavailableError naming both versions.
 - Other devices: the torch reference (CompositeExplicitAutograd; CPU and CUDA keep the above).
 - Fake kernel: output shapes and dtypes only, for FakeTensor / torch.compile.
 - Autograd: not differentiable. The Autograd key falls through, so outputs never require grad
@@ -144,6 +145,9 @@ def _cpp() -> tuple[Callable[..., FitOut], Callable[..., FitOut]]:
 
 def _triton() -> tuple[Callable[..., FitOut], Callable[..., FitOut]]:
     from ..kernels import triton_fit
+    problem = triton_fit.version_problem()
+    if problem is not None:
+        raise BackendUnavailableError(f"Triton fit kernels requested but {problem}")
     return triton_fit.hill_fit_triton, triton_fit.ks_scan_triton
 
 
