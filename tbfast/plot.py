@@ -36,7 +36,8 @@ _TYPE_COLORS = {"Linear": "tab:blue", "Embedding": "tab:green", "Conv2d": "tab:o
                 "Conv1d": "tab:purple", "LoRA": "tab:red", "matrix": "tab:gray"}
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global state); one-line ImportError without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -62,7 +63,7 @@ class _ESDFigure:
     """
 
     def __init__(self) -> None:
-        fig = _figure(11, 4.2)
+        fig = new_figure(11, 4.2)
         ax, ax2 = fig.subplots(1, 2)
         fig.subplots_adjust(left=0.08, right=0.985, bottom=0.13, top=0.92, wspace=0.28)
         for a in (ax, ax2):
@@ -190,7 +191,7 @@ def plot_alpha_overview(details: Any, path: str | os.PathLike | None = None, *, 
     n = len(details)
     if n == 0:
         raise ValueError("no layers to plot")
-    fig = _figure(max(8.0, min(0.22 * n + 2, 40.0)), 4.8)
+    fig = new_figure(max(8.0, min(0.22 * n + 2, 40.0)), 4.8)
     ax = fig.subplots()
     alpha = np.asarray(details["alpha"], dtype=np.float64)
     ok = np.asarray(details["status"] == STATUS_OK) if "status" in details else np.isfinite(alpha)

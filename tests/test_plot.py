@@ -116,11 +116,11 @@ def test_plot_analysis_reuses_one_figure_and_matches_fresh_plots(tmp_path, monke
             (1, "b", float("nan"), float("nan"), float("nan"), "too few eigenvalues to fit (1)", "Linear"),
             (2, "c", 3.4, float(c[400]), 0.08, "ok", "Linear")]
     built = []
-    real_figure = plot_mod._figure
-    monkeypatch.setattr(plot_mod, "_figure", lambda *s: built.append(s) or real_figure(*s))
+    real_figure = plot_mod.new_figure
+    monkeypatch.setattr(plot_mod, "new_figure", lambda *s: built.append(s) or real_figure(*s))
     paths = plot_analysis(_fake_analysis([a, b, c], rows), tmp_path / "run")
     assert len(built) == 2  # the overview and one ESD figure for all three layers
-    monkeypatch.setattr(plot_mod, "_figure", real_figure)
+    monkeypatch.setattr(plot_mod, "new_figure", real_figure)
     for e, row, p in zip([a, b, c], rows, paths[1:]):
         assert p.name == esd_filename(row[0], row[1])
         fresh = tmp_path / f"fresh_{row[1]}.png"

@@ -10,21 +10,11 @@ import numpy as np
 
 from ..errors import STATUS_OK
 from ..io.output import FileId, write_output
+from ..plot import new_figure
 
 __all__ = ["plot_alpha_series"]
 
 _LEGEND_MAX = 12  # up to this many layers get a legend entry each; more are coloured by depth
-
-
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ImportError("tbfast plots need matplotlib: pip install 'tbfast[plot]'") from exc
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def plot_alpha_series(table: Any, path: str | os.PathLike | None = None, *, column: str = "alpha",
@@ -45,7 +35,7 @@ def plot_alpha_series(table: Any, path: str | os.PathLike | None = None, *, colu
     piv = t.pivot_table(index="step", columns="name", values=column, aggfunc="first", dropna=False)
     piv = piv.reindex(columns=names).sort_index()
     x = piv.index.to_numpy(dtype=float)
-    fig = _figure(10, 5.5)
+    fig = new_figure(10, 5.5)
     ax = fig.add_subplot(1, 1, 1)
     if column == "alpha":
         ax.axhspan(2, 6, color="tab:green", alpha=0.08, label="2 <= alpha <= 6")
