@@ -35,13 +35,13 @@ def mlp():
 class CyclingTable:
     """metrics_fn: the next alpha set at every call (independent of tbfast's ESD)."""
 
-    def __init__(self, model, calls=0):
+    def __init__(self, model, sets=ALPHA_SETS, calls=0):
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        self.calls = calls
+        self.sets, self.calls = sets, calls
         self.alpha = None
 
     def __call__(self, net):
-        self.alpha = list(ALPHA_SETS[self.calls % len(ALPHA_SETS)])
+        self.alpha = list(self.sets[self.calls % len(self.sets)])
         self.calls += 1
         return self
 

@@ -2,7 +2,8 @@
 
 Oracles: torch's own hook registries (process-wide and per optimizer) must stay empty / return
 to empty; an untuned twin optimizer with the same scheduler gives the scheduler's lr; the
-factors are ``tb_linear_map`` of the alphas handed to TempBalance, written plainly below.
+factors are ``tb_linear_map`` of the alphas handed to TempBalance, written plainly in
+`test_lr_schedulers.CyclingTable.factors`.
 """
 import gc
 import math
@@ -15,6 +16,7 @@ from torch.optim import lr_scheduler as lrs
 from torch.optim import optimizer as torch_optimizer
 
 from tbfast import TempBalance
+from test_lr_schedulers import CyclingTable  # metrics_fn: scripted alphas, factors by the tb_linear_map formula
 
 LR = 0.1
 
@@ -23,32 +25,6 @@ def mlp(seed=0, width=16):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width),
                          nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3))
-
-
-class Alphas:
-    """metrics_fn: fixed alphas per call (cycling through ``sets``), independent of tbfast's ESD."""
-
-    def __init__(self, model, sets):
-        self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        self.sets, self.calls, self.alpha = sets, 0, None
-
-    def __call__(self, net):
-        self.alpha = list(self.sets[self.calls % len(self.sets)])
-        self.calls += 1
-        return self
-
-    def __getitem__(self, key):
-        if key == "alpha":
-            return self.alpha
-        if key == "num_evals":
-            return [100] * len(self.names)
-        raise KeyError(key)
-
-    def factors(self):
-        """tb_linear_map onto [0.5, 1.5] of the tuned (middle) alphas, then the untuned group."""
-        tuned = self.alpha[1:-1]
-        lo, hi = min(tuned), max(tuned)
-        return [0.5 + (a - lo) / (hi - lo) for a in tuned] + [1.0]
 
 
 SETS_A = [[2.0, 2.5, 4.0, 6.0, 3.0], [5.0, 6.0, 2.0, 3.0, 4.0]]
@@ -76,7 +52,7 @@ def no_tempbalance_keys(opt):
 
 def setup(seed=0, sets=SETS_A, sched=lambda o: lrs.ExponentialLR(o, 0.9)):
     model = mlp(seed)
-    table = Alphas(model, sets)
+    table = CyclingTable(model, sets)
     tb = TempBalance(model, metrics_fn=table)
     groups, _ = tb.build_optimizer_param_group(LR)
     opt = torch.optim.SGD(groups, lr=LR)
@@ -219,7 +195,7 @@ def test_pickled_scheduler_binds_on_its_own():
     import pickle
 
     model = mlp()
-    tb = TempBalance(model, metrics_fn=Alphas(model, SETS_A))
+    tb = TempBalance(model, metrics_fn=CyclingTable(model, SETS_A))
     tb2 = pickle.loads(pickle.dumps(tb))
     groups, _ = tb2.build_optimizer_param_group(LR)
     opt = torch.optim.SGD(groups, lr=LR)
@@ -236,7 +212,7 @@ def test_bound_up_front_every_step_uses_scheduler_lr_times_factor(name):
     """tb.bind(opt) right after building optimizer and scheduler: every step (plain SGD, so the
     update is lr x grad) uses the untuned twin's lr x the current factor; ESD every 4 steps. (OneCycleLR
     cycles SGD's momentum, so it is checked on the lrs only, in test_lr_schedulers.)"""
-    from test_lr_schedulers import SCHEDULERS, CyclingTable, step_scheduler, untuned_twin
+    from test_lr_schedulers import SCHEDULERS, step_scheduler, untuned_twin
 
     factory, how = SCHEDULERS[name]
     model = mlp().double()
@@ -277,7 +253,7 @@ def _scheduler_names():
 @pytest.mark.parametrize("name", _scheduler_names())
 def test_bound_up_front_lr_is_scheduler_lr_times_factor(name):
     """The 15 schedules of test_lr_schedulers with tb.bind(opt) before the first step."""
-    from test_lr_schedulers import SCHEDULERS, CyclingTable, step_scheduler, train_step, untuned_twin
+    from test_lr_schedulers import SCHEDULERS, step_scheduler, train_step, untuned_twin
 
     factory, how = SCHEDULERS[name]
     model = mlp()
