@@ -1,5 +1,5 @@
 // Python module init for tbfast._C and its plain (non-op) functions: build_info, lapack_info,
-// cusolver_load, cusolver_status.
+// cpu_features, cusolver_load, cusolver_status.
 //
 // Importing tbfast._C loads this shared library; the ops themselves register through the
 // TBFAST_LIBRARY_FRAGMENT / TBFAST_LIBRARY_IMPL static initialisers in the other csrc files
@@ -10,12 +10,13 @@
 #include <string>
 
 #include "cusolver_runtime.h"
+#include "secular_simd.h"
 #include "tbfast_parallel.h"
 
 // The ABI of tbfast._C: which op schemas and plain functions it defines. tbfast/_backend.py
 // refuses to load an extension whose build_info() "abi" differs from its EXTENSION_ABI.
 // Bump both whenever a schema, a kernel registration or a plain function changes.
-#define TBFAST_ABI 3
+#define TBFAST_ABI 4
 
 #ifndef TBFAST_TORCH_VERSION
 #define TBFAST_TORCH_VERSION "unknown"
@@ -74,6 +75,14 @@ PyObject* py_lapack_info(PyObject*, PyObject*) {
   return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
 }
 
+// cpu_features() -> JSON: which vector variant the secular kernel (tbfast::eigvalsh_update) runs.
+PyObject* py_cpu_features(PyObject*, PyObject*) {
+  namespace simd = tbfast::secular::simd;
+  const std::string s = std::string("{\"avx512f\": ") + (simd::avx512_supported() ? "true" : "false") +
+                        ", \"secular_simd\": \"" + simd::active_name() + "\"}";
+  return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
+}
+
 // cusolver_load(path: str) -> str: "" when libcusolver is (already) loaded, else why not.
 PyObject* py_cusolver_load(PyObject*, PyObject* args) {
   const char* path = nullptr;
@@ -107,6 +116,8 @@ PyObject* py_cusolver_status(PyObject*, PyObject*) {
 PyMethodDef tbfast_c_methods[] = {
     {"build_info", py_build_info, METH_NOARGS, "JSON: how this extension was built"},
     {"lapack_info", py_lapack_info, METH_NOARGS, "JSON: where the LAPACK ?syevd symbols come from"},
+    {"cpu_features", py_cpu_features, METH_NOARGS,
+     "JSON: the CPU features the kernels use and the secular kernel's active vector variant"},
     {"cusolver_load", py_cusolver_load, METH_VARARGS,
      "cusolver_load(path) -> str: dlopen libcusolver (\"\" tries the usual sonames); \"\" on success, else why not"},
     {"cusolver_status", py_cusolver_status, METH_NOARGS,

@@ -31,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: The ABI of tbfast._C this checkout expects (``TBFAST_ABI`` in csrc/module.cpp; bump both).
-EXTENSION_ABI = 3
+EXTENSION_ABI = 4
 REBUILD_HINT = "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
 
 _lock = threading.Lock()
@@ -255,6 +255,12 @@ def extension_details() -> dict[str, Any]:
     return {"loaded": loaded, "path": getattr(_module, "__file__", None), "reason": _reason,
             "build": _json_info("build_info") if loaded else None, "torch_mismatch": _version_error,
             "build_status": build_status()}
+
+
+def cpu_features() -> dict[str, Any] | None:
+    """The CPU features the compiled kernels use and the secular kernel's active vector variant
+    (``"avx512"`` or ``"portable"``; None when the extension is not loaded)."""
+    return _json_info("cpu_features")
 
 
 def lapack_info() -> dict[str, Any] | None:

@@ -82,6 +82,7 @@ def backend_info() -> dict[str, Any]:
         "ops": {n: _backend.has_op(n) for n in OP_NAMES},
         "eig_op": eig_op.registration(),
         "lora_update": {"op": "tbfast::eigvalsh_update", "kernels": secular_op.implementations(),
+                        "cpu_simd": (_backend.cpu_features() or {}).get("secular_simd"),
                         "paths": "update (cached base spectrum + secular rank-one updates) | full",
                         "used_by": "tbfast.esd / layer_metrics / analyze with lora_cache=, CLI --lora-cache, "
                                    "TempBalance(lora_cache=True) on PEFT LoRA layers on the CPU with n >= "

@@ -62,6 +62,17 @@ def case(kind: str, L: int = 2, n: int = 40, k: int = 6, seed: int = 0):
     return d, Z, C
 
 
+@pytest.fixture(params=["auto", "portable"])
+def simd(request, monkeypatch):
+    """The C++ kernel's vector variant: ``auto`` (AVX-512 where the CPU has it) or ``portable``
+    (TBFAST_SECULAR_SIMD=portable: the AVX2 / baseline loops); read by the kernel at every call."""
+    if request.param == "portable":
+        monkeypatch.setenv("TBFAST_SECULAR_SIMD", "portable")
+    else:
+        monkeypatch.delenv("TBFAST_SECULAR_SIMD", raising=False)
+    return request.param
+
+
 KINDS = ["random", "cluster", "blocks", "zeros", "tiny", "zero_z", "negative", "huge", "unsorted"]
 
 
@@ -113,7 +124,7 @@ def test_compiles_without_graph_break():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_eigenvalues_match_dense_float64(kind, backend):
+def test_eigenvalues_match_dense_float64(kind, backend, simd):
     d, Z, C = case(kind)
     w, st = secular.eigvalsh_update(d, Z, C, backend=backend)
     assert st.tolist() == [secular.OK] * d.shape[0]
@@ -123,7 +134,7 @@ def test_eigenvalues_match_dense_float64(kind, backend):
 
 @needs_cpp
 @pytest.mark.parametrize("k", [1, 16, 32])
-def test_cpp_larger_rank_and_size(k):
+def test_cpp_larger_rank_and_size(k, simd):
     d, Z, C = case("random", L=1, n=160, k=k, seed=k)
     d[0, :60] = 0.0  # a rank-deficient part
     w, st = secular.eigvalsh_update(d, Z, C, backend="cpp")
@@ -132,6 +143,45 @@ def test_cpp_larger_rank_and_size(k):
 
 
 @needs_cpp
+@pytest.mark.parametrize("k", [3, 16])
+def test_cpp_parallel_sizes_with_a_gram_spectrum(k, simd):
+    """n = 1030 (the root loops run in parallel; 1030 is no multiple of 4 or 8, so every vector
+    loop has a tail) with the spectrum of a real Gram (Marchenko-Pastur-like, a few zeros)."""
+    g = torch.Generator().manual_seed(k)
+    n = 1030
+    X = torch.randn(n, n - 6, generator=g, dtype=torch.float64) / n ** 0.5
+    d = torch.linalg.eigvalsh(X @ X.T).clamp_min(0).unsqueeze(0)  # 6 (near-)zero eigenvalues
+    Z = torch.randn(1, n, k, generator=g, dtype=torch.float64)
+    C = torch.randn(1, k, k, generator=g, dtype=torch.float64) * 0.01
+    C = (C + C.mT) / 2
+    w, st = secular.eigvalsh_update(d, Z, C, backend="cpp")
+    assert st.tolist() == [0]
+    assert torch.all(w[:, 1:] >= w[:, :-1])
+    assert_matches_oracle(w, d, Z, C)
+
+
+@needs_cpp
+def test_cpu_features_report_the_active_variant(monkeypatch):
+    """backend_info()["lora_update"]["cpu_simd"] names the variant the kernel runs: "avx512" exactly
+    when the CPU lists avx512f (oracle: /proc/cpuinfo), "portable" when switched off."""
+    import tbfast
+
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this platform")
+    import platform
+
+    has = "avx512f" in flags and platform.machine() in ("x86_64", "AMD64")
+    monkeypatch.delenv("TBFAST_SECULAR_SIMD", raising=False)
+    assert _backend.cpu_features()["avx512f"] is has
+    assert tbfast.backend_info()["lora_update"]["cpu_simd"] == ("avx512" if has else "portable")
+    monkeypatch.setenv("TBFAST_SECULAR_SIMD", "portable")
+    assert tbfast.backend_info()["lora_update"]["cpu_simd"] == "portable"
+
+
+@needs_cpp
+@pytest.mark.usefixtures("simd")
 def test_relative_accuracy_of_the_top_eigenvalues():
     """Graded spectrum (1e-6 .. 1e2): the top half is known to high relative accuracy."""
     g = torch.Generator().manual_seed(3)

@@ -1,0 +1,44 @@
+// AVX-512 variants of the hot loops of the secular-equation kernel (csrc/secular_cpu.cpp).
+//
+// The portable loops (OpenMP simd, compiled for AVX2 and baseline x86-64) spend most of their
+// time in divisions, whose throughput per element does not improve with wider vectors. These
+// variants replace each division by a reciprocal: the 14-bit hardware estimate (vrcp14pd)
+// refined by two Newton steps (r <- r + r (1 - x r), error 2^-14 -> 2^-28 -> 2^-56 before
+// rounding), so a reciprocal is within about one ulp of 1/x and costs five vector operations
+// instead of a division. Every use is a sum or product of same-sign terms whose error analysis
+// already allows a few ulps per term.
+//
+// Chosen at run time, per call: on a CPU with AVX-512F unless TBFAST_SECULAR_SIMD=portable is set
+// in the environment (tests use it to check both paths against the same oracle).
+#pragma once
+
+#include <cstdint>
+
+namespace tbfast {
+namespace secular {
+namespace simd {
+
+// True when this build has the AVX-512 variants and the CPU (and OS) can run them.
+bool avx512_supported();
+// avx512_supported() and not switched off by TBFAST_SECULAR_SIMD=portable.
+bool use_avx512();
+// "avx512" or "portable": what use_avx512() picks now.
+const char* active_name();
+
+// sum_{j0<=j<j1} w_j / ((dd_j - base) - t) into *sum and the sum of the squared-denominator terms
+// (the derivative) into *dsum.
+void secular_part_avx512(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
+                         double* sum, double* dsum);
+
+// prod_{i0<=i<i1} ((dorg_i - dj) + tau_i) / (dd_i - dj).
+double ratio_product_avx512(const double* dorg, const double* tau, const double* dd, int64_t i0, int64_t i1,
+                            double dj);
+
+// Four roots' eigenvectors v_r = zh / ((dd - base_r) - t_r) (into vp, K entries per root) and
+// their normalized products with the nv rows of sub (K entries each) into out[r][0..nv).
+void cauchy_products_quad_avx512(int64_t K, int64_t nv, const double* dd, const double* zh, const double* base,
+                                 const double* t, const double* sub, double* vp, double* const* out);
+
+}  // namespace simd
+}  // namespace secular
+}  // namespace tbfast
