@@ -100,7 +100,10 @@ def _timed(fn, repeats: int) -> tuple[float, Any]:
 
 
 def break_even(rank: int, sizes: tuple[int, ...], seed: int = 0) -> list[dict[str, float]]:
-    """Update (warm cache) vs float64 Gram + eigensolve on square ``n x n`` layers of rank ``rank``."""
+    """Update (warm cache) vs the full paths on square ``n x n`` layers of rank ``rank``: float64
+    Gram + eigensolve, and tbfast's default (merge, float32 Gram + eigensolve). Medians of three
+    timings up to n = 1024, one above."""
+    import tbfast  # noqa: PLC0415
     from ..lora import BaseSpectrumCache, LoRAItem, lora_eigenvalues  # noqa: PLC0415
 
     rows = []
@@ -112,23 +115,26 @@ def break_even(rank: int, sizes: tuple[int, ...], seed: int = 0) -> list[dict[st
         item = LoRAItem("l", w0, [(A, B, 2.0, False)])
         cache = BaseSpectrumCache(memory_budget=None)
         cache.lookup("l", w0)
-        t_upd, _ = _timed(lambda: lora_eigenvalues([item], cache), 1)
+        reps = 3 if n <= 1024 else 1
+        t_upd, _ = _timed(lambda: lora_eigenvalues([item], cache), reps)
 
-        def full() -> torch.Tensor:
+        def full64() -> torch.Tensor:
             W = w0.double() + 2.0 * B.double() @ A.double()
             return torch.linalg.eigvalsh(W.T @ W)
-        t_full, _ = _timed(full, 1)
+        t_full, _ = _timed(full64, reps)
+        t32, _ = _timed(lambda: tbfast.esd({"l": w0 + 2.0 * (B @ A)}), reps)
         rows.append({"n": n, "r": rank, "n_over_r": n / rank, "update_s": t_upd, "fp64_gram_eig_s": t_full,
-                     "speedup": t_full / t_upd})
+                     "speedup": t_full / t_upd, "default_fp32_s": t32, "speedup_vs_fp32": t32 / t_upd})
     return rows
 
 
-def break_even_point(rows: list[dict[str, float]]) -> float | None:
-    """The smallest measured n/r from which the update is faster at every larger measured n
-    (one noisy fast point at a small n does not count); None if the largest n is not faster."""
+def break_even_point(rows: list[dict[str, float]], key: str = "speedup") -> float | None:
+    """The smallest measured n/r from which the update is faster (``rows[key] >= 1``) at every
+    larger measured n (one noisy fast point at a small n does not count); None if the largest n is
+    not faster."""
     point = None
     for r in sorted(rows, key=lambda r: r["n"], reverse=True):
-        if r["speedup"] < 1.0:
+        if r[key] < 1.0:
             break
         point = r["n_over_r"]
     return point
@@ -164,6 +170,8 @@ def run_lora_benchmark(scale: float = 1.0, rank: int = 8, repeats: int = 1, orac
                          "fp64": _errors(sp64, want)}
     res["break_even"] = break_even(rank, sweep, seed)
     res["break_even_n_over_r"] = break_even_point(res["break_even"])
+    res["break_even_n_over_r_vs_fp32"] = break_even_point(res["break_even"], "speedup_vs_fp32")
+    res["threads"] = torch.get_num_threads()
     if scale != 1.0:  # the update is O(n^2 r), the eigensolves O(n^3): projections, labelled
         res["projected_full_block"] = {"update_s": t_upd / scale ** 2, "default_fp32_s": t32 / scale ** 3,
                                        "fp64_s": t64 / scale ** 3, "note": "projected from the scaled run "
@@ -186,8 +194,14 @@ def format_lora(res: dict[str, Any]) -> str:
         lines.append(f"| {label} | {t:.3f} | {t / res['update_s']:.2f}x | "
                      f"{e.get('max_err_over_lambda_max', float('nan')):.1e} | {e.get('max_rel_err_top_half', float('nan')):.1e} |")
     lines += ["", f"cache build {res['cache_build_s']:.2f} s ({res['cache_bytes'] / 2**20:.0f} MiB); "
-              f"break-even n/r = {res['break_even_n_over_r']}", "",
-              "| n | r | update s | fp64 Gram+eig s | speedup |", "|---|---|---|---|---|"]
+              f"break-even n/r = {res['break_even_n_over_r']} against float64, "
+              f"{res.get('break_even_n_over_r_vs_fp32')} against the default float32 path", "",
+              "| n | r | update s | fp64 Gram+eig s | speedup | default fp32 s | speedup |", "|---|---|---|---|---|---|---|"]
     for r in res["break_even"]:
-        lines.append(f"| {r['n']} | {r['r']} | {r['update_s']:.4f} | {r['fp64_gram_eig_s']:.4f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['n']} | {r['r']} | {r['update_s']:.4f} | {r['fp64_gram_eig_s']:.4f} | {r['speedup']:.2f}x | "
+                     f"{r.get('default_fp32_s', float('nan')):.4f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x |")
+    proj = res.get("projected_llama7b_32_blocks")
+    if proj:
+        lines += ["", "LLaMA-7B (32 blocks) refresh, projected from this block: " + ", ".join(
+            f"{k.removesuffix('_s')} {v:.1f} s" for k, v in proj.items() if k.endswith("_s"))]
     return "\n".join(lines)
