@@ -31,6 +31,16 @@ METRIC_COLUMNS = (
 _LIST_COLUMNS = ("names", "kinds", "shapes", "blocks", "warning", "status")
 
 
+def _select_rows(value: Any, idx: list[int], t: torch.Tensor, rows: int) -> Any:
+    """``value`` at the rows ``idx`` when it holds one entry per row (a list, tuple or tensor of
+    length ``rows``); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        return value[t]
+    if isinstance(value, (list, tuple)) and len(value) == rows:
+        return type(value)(value[i] for i in idx)
+    return value
+
+
 @dataclass
 class ESDMetrics:
     """One row per layer. Numeric columns are host tensors (float64; ``num_evals`` and
@@ -88,6 +98,8 @@ class ESDMetrics:
                 kw[f.name] = v[t]
             elif isinstance(v, list):
                 kw[f.name] = [v[i] for i in idx]
+            elif f.name == "extra":  # per-layer entries (one per row, e.g. esd_path) follow the rows
+                kw[f.name] = {k: _select_rows(x, idx, t, len(self)) for k, x in v.items()}
             else:
                 kw[f.name] = v
         return ESDMetrics(**kw)

@@ -73,3 +73,21 @@ def test_ks_fit_property_any_shape(rows, cols, seed):
     a, d, k = ks_fit(sp[0].numpy())
     assert int(got.xmin_index[0]) == k
     assert float(got.D[0]) == pytest.approx(d, rel=1e-9, abs=1e-12)
+
+
+def test_select_reindexes_per_layer_extra_entries():
+    """`ESDMetrics.select` takes each per-layer entry of ``extra`` (e.g. a LoRA table's esd_path)
+    at the selected rows, in their order; entries that are not per layer are kept as they are."""
+    g = torch.Generator().manual_seed(0)
+    layers = {f"l{i}": torch.randn(40 + 8 * i, 32, generator=g) for i in range(4)}
+    m = tbfast.layer_metrics(layers)
+    paths = ["update", "full", "update", "full"]
+    m.extra["esd_path"] = list(paths)
+    m.extra["marker"] = torch.arange(len(m)) * 10
+    m.extra["note"] = "kept"
+    sub = m.select([2, 0, 3])
+    assert sub.names == ["l2", "l0", "l3"]
+    assert sub.extra["esd_path"] == [paths[2], paths[0], paths[3]]
+    assert sub.extra["marker"].tolist() == [20, 0, 30]
+    assert sub.extra["note"] == "kept"
+    assert m.extra["esd_path"] == paths  # the source table is unchanged
