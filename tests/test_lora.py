@@ -362,3 +362,24 @@ def test_nonfinite_lora_factor_is_reported_by_layer_name():
         pm.base_model.model.v.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeightsError, match="base_model.model.v"):
         tbfast.lora_esd(pm)
+
+
+def test_weight_checksum_is_sha256_of_the_bytes_and_sees_every_change():
+    """`weight_checksum`: dtype, shape and SHA-256 of the weight's bytes (oracle: hashlib on the
+    bytes, written here); a change of any element, the dtype or the shape changes it."""
+    import hashlib
+
+    from tbfast.lora.cache import weight_checksum
+
+    w = torch.randn(30, 70, generator=torch.Generator().manual_seed(0))
+    assert weight_checksum(w) == f"torch.float32|30x70|{hashlib.sha256(w.numpy().tobytes()).hexdigest()}"
+    assert weight_checksum(w.T) == f"torch.float32|70x30|{hashlib.sha256(w.T.contiguous().numpy().tobytes()).hexdigest()}"
+    seen = {weight_checksum(w)}
+    for flat_index in (0, 700, 2099):
+        v = w.clone()
+        v.view(-1)[flat_index] += 1e-3
+        seen.add(weight_checksum(v))
+    seen.add(weight_checksum(w.double()))
+    seen.add(weight_checksum(w.reshape(70, 30)))
+    assert len(seen) == 6
+    assert weight_checksum(w[:0]) == f"torch.float32|0x70|{hashlib.sha256(b'').hexdigest()}"
