@@ -21,11 +21,12 @@ from .update import DEFAULT_CANCEL_LIMIT, LoRAItem, lora_eigenvalues
 
 __all__ = ["BREAK_EVEN_N_OVER_R", "UpdateValues", "lora_item", "update_path_values"]
 
-#: The ratio n / r above which the update path (warm cache) beats the full eigensolve of the
-#: merged Gram, by the full path's precision: near n = 120 r against float64 (issue 23's
-#: prototype); against float32, between 256 (n = 2048, r = 8: 0.85x, slower) and 512 (n = 4096,
-#: r = 8: 2.2x, BENCHMARKS.md), measured on this busy 2-core CPU.
-BREAK_EVEN_N_OVER_R = {torch.float64: 128.0, torch.float32: 384.0}
+#: The ratio n / r from which the update path (warm cache) beats the full eigensolve of the merged
+#: Gram, by the full path's precision. Measured (benchmarks/lora_break_even.py, r = 8, one thread,
+#: process CPU time, 2-core Intel Xeon with AVX-512, 2026-12-06; results in
+#: benchmarks/results/2026-12-06_cpu1_lora_break_even.json): against float64 0.99x at n/r = 64,
+#: 1.7x at 96; against the default float32 path 0.83x at n/r = 96, 1.18x at 128, 1.9x at 256.
+BREAK_EVEN_N_OVER_R = {torch.float64: 96.0, torch.float32: 128.0}
 
 
 @dataclass
