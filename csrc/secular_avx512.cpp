@@ -40,6 +40,13 @@ TBFAST_AVX512 inline __m512d recip(__m512d x) {
   return r;
 }
 
+// ((dorg_i - dj) + tau_i) / (dd_i - dj) for the eight i from i.
+TBFAST_AVX512 inline __m512d ratio_factor(const double* dorg, const double* tau, const double* dd, int64_t i,
+                                          __m512d vj) {
+  const __m512d num = _mm512_add_pd(_mm512_sub_pd(_mm512_loadu_pd(dorg + i), vj), _mm512_loadu_pd(tau + i));
+  return _mm512_mul_pd(num, recip(_mm512_sub_pd(_mm512_loadu_pd(dd + i), vj)));
+}
+
 TBFAST_AVX512 inline __mmask8 tail_mask(int64_t left) {
   return static_cast<__mmask8>((1u << left) - 1u);
 }
@@ -77,18 +84,14 @@ TBFAST_AVX512 void secular_part_avx512(const double* dd, const double* w, int64_
 TBFAST_AVX512 double ratio_product_avx512(const double* dorg, const double* tau, const double* dd, int64_t i0,
                                           int64_t i1, double dj) {
   const __m512d vj = _mm512_set1_pd(dj);
-  const auto factor = [&](int64_t i) TBFAST_AVX512 {
-    const __m512d num = _mm512_add_pd(_mm512_sub_pd(_mm512_loadu_pd(dorg + i), vj), _mm512_loadu_pd(tau + i));
-    return _mm512_mul_pd(num, recip(_mm512_sub_pd(_mm512_loadu_pd(dd + i), vj)));
-  };
   // four independent partial products (a multiplication's latency, not its throughput, bounds one)
   __m512d p0 = _mm512_set1_pd(1.0), p1 = p0, p2 = p0, p3 = p0;
   int64_t i = i0;
   for (; i + 32 <= i1; i += 32) {
-    p0 = _mm512_mul_pd(p0, factor(i));
-    p1 = _mm512_mul_pd(p1, factor(i + 8));
-    p2 = _mm512_mul_pd(p2, factor(i + 16));
-    p3 = _mm512_mul_pd(p3, factor(i + 24));
+    p0 = _mm512_mul_pd(p0, ratio_factor(dorg, tau, dd, i, vj));
+    p1 = _mm512_mul_pd(p1, ratio_factor(dorg, tau, dd, i + 8, vj));
+    p2 = _mm512_mul_pd(p2, ratio_factor(dorg, tau, dd, i + 16, vj));
+    p3 = _mm512_mul_pd(p3, ratio_factor(dorg, tau, dd, i + 24, vj));
   }
   for (; i < i1; i += 8) {
     const int64_t left = i1 - i;
