@@ -188,7 +188,10 @@ def test_no_module_writes_a_process_wide_torch_flag():
         if rel.split("/")[0] in allowed:
             continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
-            if setters.search(line.split("#")[0]):
+            code = line.split("#")[0]
+            if rel == "_interrupt.py" and re.search(r"^\s*signal\.signal\(signal\.SIGINT,", code):
+                continue  # import_guard: only in the `tbfast` command, restored after the import
+            if setters.search(code):
                 bad.append(f"{rel}:{n}: {line.strip()}")
     assert not bad, bad
 

@@ -224,3 +224,53 @@ def test_interrupt_tests_pass_when_sigint_is_ignored_by_the_parent():
                        cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert "3 passed" in p.stdout, p.stdout[-2000:]
+
+
+def test_import_guard_raises_a_swallowed_ctrl_c():
+    """`import_guard` (around ``import tbfast``'s imports): torch 2.4's C module drops the
+    KeyboardInterrupt of a SIGINT that arrives while libtorch loads (it surfaces in torch's own
+    numpy import, whose errors torch ignores). Simulated here with a real SIGINT to this process
+    inside a block that swallows it: the guard still ends in KeyboardInterrupt, drops the block's
+    warnings, and leaves Python's default handler in place."""
+    import warnings
+
+    from tbfast._interrupt import import_guard
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    swallowed = []
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with import_guard(active=True):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs here at the latest
+            except KeyboardInterrupt:
+                swallowed.append(True)  # what torch 2.4 does
+            warnings.warn("Failed to initialize NumPy", UserWarning)
+    assert swallowed == [True] and shown == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # an error the interruption caused (numpy half-imported) becomes the KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as info:
+        with import_guard(active=True):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            raise ImportError("cannot import name 'multiarray'")
+    assert isinstance(info.value.__cause__, ImportError)
+
+    # no Ctrl-C: errors pass unchanged, warnings are shown once the block ends
+    with pytest.raises(ImportError), import_guard(active=True):
+        raise ImportError("no module named x")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with import_guard(active=True):
+            warnings.warn("harmless", UserWarning)
+    assert [str(w.message) for w in shown] == ["harmless"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # outside the `tbfast` command (this pytest process) it installs nothing
+    with import_guard():
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
