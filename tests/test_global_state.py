@@ -299,15 +299,16 @@ def test_hf_callback_inside_autocast_matches_outside():
         cb = TempBalanceCallback(tb, esd_interval=1, log_table=False)
         args = SimpleNamespace(gradient_accumulation_steps=1, get_warmup_steps=lambda steps: 0)
         state = SimpleNamespace(global_step=0, max_steps=4, num_train_epochs=1, stateful_callbacks={})
+        control = SimpleNamespace(should_save=False)  # the TrainerControl fields the callback reads
         with ctx:
-            cb.on_train_begin(args, state, None, optimizer=opt)
+            cb.on_train_begin(args, state, control, optimizer=opt)
             lrs = [g["lr"] for g in opt.param_groups]
             for step in (1, 2):
                 with torch.autocast("cpu", enabled=False):  # a training step outside the ESD
                     for p in model.parameters():
                         p.data.mul_(1.0 + 0.01 * step)
                 state.global_step = step
-                cb.on_step_end(args, state, None, optimizer=opt)
+                cb.on_step_end(args, state, control, optimizer=opt)
                 lrs += [g["lr"] for g in opt.param_groups]
         assert cb.esd_steps == [0, 1, 2]
         return lrs
