@@ -67,7 +67,7 @@ def user_precision(kind: str, value):
     the test leaves no trace (torch refuses legacy reads once the two APIs disagree).
     ``kind``: 'legacy' (allow_tf32), 'top' or 'cuda.matmul' (fp32_precision)."""
     if kind != "legacy" and not HAS_NEW_API:
-        pytest.skip(f"the fp32_precision API (torch.backends.*.fp32_precision) is new in torch 2.9; this is torch {torch.__version__}")
+        pytest.skip(f"torch.backends.*.fp32_precision is new in torch 2.9; this is torch {torch.__version__}")
     legacy = torch.backends.cuda.matmul.allow_tf32 if kind == "legacy" else None
     saved = _precision_flags() if kind != "legacy" else None
     try:
