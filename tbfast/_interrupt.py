@@ -12,8 +12,9 @@ Only the command line (`tbfast.cli`) uses this: library calls (`tbfast.analyze`,
 the caller's own thread, with the caller's autocast, precision and default-device state, and a
 Ctrl-C raises KeyboardInterrupt there when the native call in flight returns (docs/ANALYZE.md).
 The only handler installed here is `import_guard`'s, in the ``tbfast`` command only, for the
-duration of ``import tbfast``'s own imports (torch's among them); a library import installs none. This module stays free of heavy imports: `exit_if_cli` runs when a
-Ctrl-C interrupts ``import tbfast`` (and torch) in the ``tbfast`` command.
+duration of ``import tbfast``'s own imports (torch's among them); a library import installs
+none. This module stays free of heavy imports: `exit_if_cli` runs when a Ctrl-C interrupts
+``import tbfast`` (and torch) in the ``tbfast`` command.
 """
 
 from __future__ import annotations
@@ -198,11 +199,12 @@ def import_guard(active: bool | None = None) -> Iterator[None]:
     handler at the first bytecode after them, which is that numpy import: the KeyboardInterrupt is
     lost (``import torch`` completes, with a "Failed to initialize NumPy" warning) or leaves numpy
     half-imported (an ImportError later). So, in the command, where SIGINT has Python's default
-    handler and this is the main thread, a handler that behaves the same (raises KeyboardInterrupt) and also notes the
-    signal is installed for the block, and the default one restored after it. If a SIGINT came, the
-    block ends in KeyboardInterrupt: raised after the block if it was swallowed, chained to any other
-    exception it caused, and the warnings raised inside the block (side effects of the
-    interruption) are dropped; otherwise those warnings are shown as usual when the block ends.
+    handler and this is the main thread, a handler that behaves the same (raises
+    KeyboardInterrupt) and also notes the signal is installed for the block, and the default one
+    restored after it. If a SIGINT came, the block ends in KeyboardInterrupt: raised after the
+    block if it was swallowed, chained to any other exception it caused, and the warnings raised
+    inside the block (side effects of the interruption) are dropped; otherwise those warnings are
+    shown as usual when the block ends, whether it ends normally or with an error.
     """
     import signal
 
@@ -221,13 +223,12 @@ def import_guard(active: bool | None = None) -> Iterator[None]:
         seen.append(signum)
         raise KeyboardInterrupt
 
+    caught: list[warnings.WarningMessage] = []
     signal.signal(signal.SIGINT, noted)
     try:
         with warnings.catch_warnings(record=True) as caught:
             try:
                 yield
-            except KeyboardInterrupt:
-                raise
             except Exception as exc:
                 if seen:
                     raise KeyboardInterrupt from exc
@@ -237,8 +238,9 @@ def import_guard(active: bool | None = None) -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGINT) is noted:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-    for w in caught:  # no Ctrl-C: the block's warnings, as they would have been shown
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        if not seen:  # no Ctrl-C: the block's warnings, as they would have been shown
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def exit_if_cli(message: str) -> None:

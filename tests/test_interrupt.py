@@ -264,9 +264,13 @@ def test_import_guard_raises_a_swallowed_ctrl_c():
             raise ImportError("cannot import name 'multiarray'")
     assert isinstance(info.value.__cause__, ImportError)
 
-    # no Ctrl-C: errors pass unchanged, warnings are shown once the block ends
-    with pytest.raises(ImportError), import_guard(active=True):
-        raise ImportError("no module named x")
+    # no Ctrl-C: errors pass unchanged, warnings are shown once the block ends (with an error too)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(ImportError), import_guard(active=True):
+            warnings.warn("before the error", UserWarning)
+            raise ImportError("no module named x")
+    assert [str(w.message) for w in shown] == ["before the error"]
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         with import_guard(active=True):
