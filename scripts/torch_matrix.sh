@@ -13,7 +13,8 @@
 # Environment: PYTHON (default python3), MATRIX_DIR (default /tmp/tbfast-torch-matrix);
 # for a quicker run: MATRIX_TESTS (pytest arguments instead of the whole suite), MATRIX_EXTRAS=""
 # (install pytest + hypothesis instead of the [test] extras), VENV_REUSE (reuse a venv that already
-# holds torch==V, one version only; the row then says so).
+# holds torch==V, one version only; the row then says so). Below torch 2.6 the constraints also
+# pin transformers<5 (transformers 5 needs torch >= 2.6); the row says so.
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 . "$SRC/scripts/_install_lib.sh"
@@ -59,7 +60,13 @@ for V in "$@"; do
     echo "| $V | $("$VENV/bin/python" -V | cut -d' ' -f2) | - | - | - | - | - | - | - | torch==$V could not be installed (see pip-torch.log) |" >>"$RESULTS"
     continue
   fi
-  tb_log "torch $V: build the sdist into a wheel and install it with [test]"
+  # transformers 5 turns its torch support off below torch 2.6 ("PyTorch >= 2.6 is required"), and
+  # pip would pick it for the [test] extras: constrain it to 4.x there (INSTALL.md says the same)
+  if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6))'; then
+    echo "transformers<5" >>"$D/constraints.txt"
+    notes="$notes transformers<5 (torch < 2.6);"
+  fi
+  tb_log "torch $V: build the sdist into a wheel and install it with [test] (constraints: $(tr '\n' ' ' <"$D/constraints.txt"))"
   tw=$(date +%s)
   EXTRAS=${MATRIX_EXTRAS-test}
   if [ -z "$EXTRAS" ]; then

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 
+from ._interrupt import import_guard as _import_guard
+
 try:
-    from ._info import backend_info
-    from .analyze import analyze, summary
-    from .analysis import analyze_series
-    from .layers import Layer, block_index, find_layers, layers_from_matrices
-    from .lora import BaseSpectrumCache
-    from .lora.esd import lora_esd
-    from .metrics import ESDMetrics, compute_metrics
-    from .pipeline import layer_metrics
-    from .powerlaw import PowerLawFit, fit_power_law
-    from .spectra import Spectra, esd
-    from .watcher import WeightWatcher
+    with _import_guard():  # a Ctrl-C meanwhile ends in KeyboardInterrupt, even where torch 2.4 drops it
+        from ._info import backend_info
+        from .analyze import analyze, summary
+        from .analysis import analyze_series
+        from .layers import Layer, block_index, find_layers, layers_from_matrices
+        from .lora import BaseSpectrumCache
+        from .lora.esd import lora_esd
+        from .metrics import ESDMetrics, compute_metrics
+        from .pipeline import layer_metrics
+        from .powerlaw import PowerLawFit, fit_power_law
+        from .spectra import Spectra, esd
+        from .watcher import WeightWatcher
 except KeyboardInterrupt:  # Ctrl-C while torch loads: one line and exit 130 in the `tbfast` command only
     from ._interrupt import exit_if_cli
 

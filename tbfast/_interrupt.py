@@ -11,8 +11,10 @@ be cancelled: it finishes in the background (a daemon thread) and its result is 
 Only the command line (`tbfast.cli`) uses this: library calls (`tbfast.analyze`, ...) compute on
 the caller's own thread, with the caller's autocast, precision and default-device state, and a
 Ctrl-C raises KeyboardInterrupt there when the native call in flight returns (docs/ANALYZE.md).
-Nothing here installs a handler or hook. This module stays free of heavy imports: `exit_if_cli`
-runs when a Ctrl-C interrupts ``import tbfast`` (and torch) in the ``tbfast`` command.
+The only handler installed here is `import_guard`'s, in the ``tbfast`` command only, for the
+duration of ``import tbfast``'s own imports (torch's among them); a library import installs
+none. This module stays free of heavy imports: `exit_if_cli` runs when a Ctrl-C interrupts
+``import tbfast`` (and torch) in the ``tbfast`` command.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import os
 import sys
 import threading
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-__all__ = ["interruptible", "busy", "exit_interrupted", "exit_if_cli", "started_as_cli", "EXIT_INTERRUPTED"]
+__all__ = ["interruptible", "busy", "exit_interrupted", "exit_if_cli", "started_as_cli", "import_guard",
+           "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +188,65 @@ def started_as_cli() -> bool:
     return bool(sys.argv) and os.path.basename(sys.argv[0]) == "tbfast"
 
 
+@contextlib.contextmanager
+def import_guard(active: bool | None = None) -> Iterator[None]:
+    """Around ``import tbfast``'s imports in the ``tbfast`` command (``active``, by default
+    `started_as_cli`; elsewhere it does nothing): a Ctrl-C that arrives meanwhile always ends them
+    with a KeyboardInterrupt, even where the importing code swallows it.
+
+    torch 2.4's C module (``torch._C``) imports numpy while it initialises and drops any exception
+    from that import. A SIGINT that arrives while libtorch's shared libraries load runs Python's
+    handler at the first bytecode after them, which is that numpy import: the KeyboardInterrupt is
+    lost (``import torch`` completes, with a "Failed to initialize NumPy" warning) or leaves numpy
+    half-imported (an ImportError later). So, in the command, where SIGINT has Python's default
+    handler and this is the main thread, a handler that behaves the same (raises
+    KeyboardInterrupt) and also notes the signal is installed for the block, and the default one
+    restored after it. If a SIGINT came, the block ends in KeyboardInterrupt: raised after the
+    block if it was swallowed, chained to any other exception it caused, and the warnings raised
+    inside the block (side effects of the interruption) are dropped; otherwise those warnings are
+    shown as usual when the block ends, whether it ends normally or with an error.
+    """
+    import signal
+
+    try:
+        guard = ((started_as_cli() if active is None else active)
+                 and threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    except (ValueError, AttributeError):
+        guard = False
+    if not guard:
+        yield
+        return
+    seen: list[int] = []
+
+    def noted(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    caught: list[warnings.WarningMessage] = []
+    signal.signal(signal.SIGINT, noted)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            except Exception as exc:
+                if seen:
+                    raise KeyboardInterrupt from exc
+                raise
+        if seen:
+            raise KeyboardInterrupt
+    finally:
+        if signal.getsignal(signal.SIGINT) is noted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not seen:  # no Ctrl-C: the block's warnings, as they would have been shown
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 def exit_if_cli(message: str) -> None:
     """In the ``tbfast`` command only (`started_as_cli`): `exit_interrupted` with ``message``.
     Elsewhere (a library import) it returns and the caller re-raises the KeyboardInterrupt.
     Used where no ``try`` of `tbfast.cli.main` can catch it yet: Ctrl-C while ``import tbfast``
-    loads torch. No handler or hook is installed for this."""
+    loads torch (see `import_guard`)."""
     if started_as_cli():
         exit_interrupted(message)

@@ -67,7 +67,7 @@ def user_precision(kind: str, value):
     the test leaves no trace (torch refuses legacy reads once the two APIs disagree).
     ``kind``: 'legacy' (allow_tf32), 'top' or 'cuda.matmul' (fp32_precision)."""
     if kind != "legacy" and not HAS_NEW_API:
-        pytest.skip("torch has no fp32_precision API")
+        pytest.skip(f"torch.backends.*.fp32_precision is new in torch 2.9; this is torch {torch.__version__}")
     legacy = torch.backends.cuda.matmul.allow_tf32 if kind == "legacy" else None
     saved = _precision_flags() if kind != "legacy" else None
     try:
@@ -188,7 +188,10 @@ def test_no_module_writes_a_process_wide_torch_flag():
         if rel.split("/")[0] in allowed:
             continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
-            if setters.search(line.split("#")[0]):
+            code = line.split("#")[0]
+            if rel == "_interrupt.py" and re.search(r"^\s*signal\.signal\(signal\.SIGINT,", code):
+                continue  # import_guard: only in the `tbfast` command, restored after the import
+            if setters.search(code):
                 bad.append(f"{rel}:{n}: {line.strip()}")
     assert not bad, bad
 
@@ -296,15 +299,16 @@ def test_hf_callback_inside_autocast_matches_outside():
         cb = TempBalanceCallback(tb, esd_interval=1, log_table=False)
         args = SimpleNamespace(gradient_accumulation_steps=1, get_warmup_steps=lambda steps: 0)
         state = SimpleNamespace(global_step=0, max_steps=4, num_train_epochs=1, stateful_callbacks={})
+        control = SimpleNamespace(should_save=False)  # the TrainerControl fields the callback reads
         with ctx:
-            cb.on_train_begin(args, state, None, optimizer=opt)
+            cb.on_train_begin(args, state, control, optimizer=opt)
             lrs = [g["lr"] for g in opt.param_groups]
             for step in (1, 2):
                 with torch.autocast("cpu", enabled=False):  # a training step outside the ESD
                     for p in model.parameters():
                         p.data.mul_(1.0 + 0.01 * step)
                 state.global_step = step
-                cb.on_step_end(args, state, None, optimizer=opt)
+                cb.on_step_end(args, state, control, optimizer=opt)
                 lrs += [g["lr"] for g in opt.param_groups]
         assert cb.esd_steps == [0, 1, 2]
         return lrs

@@ -137,11 +137,14 @@ def test_cli_ctrl_c_inside_one_long_eigensolve(big_ckpt, tmp_path):
 
 @pytest.fixture(scope="module")
 def mid_ckpt(tmp_path_factory) -> Path:
-    """Two layers whose eigensolves take about a second each: the library test's Ctrl-C waits
-    for the one in flight (there is no worker thread to abandon)."""
+    """Two layers whose eigensolves take seconds: the library test's Ctrl-C waits for the one in
+    flight (there is no worker thread to abandon). At 1500 x 1500 both were solved in one batched
+    call of 0.45 s on the idle Intel Xeon test machine (torch 2.4.1), so the SIGINT sent 0.3 s
+    after "SOLVING" could arrive after the analysis had finished; 2500 x 2500 is about 4.6 times
+    that work."""
     f = tmp_path_factory.mktemp("mid") / "mid.safetensors"
     g = torch.Generator().manual_seed(0)
-    safetensors_torch.save_file({f"l{i}.weight": torch.randn(1500, 1500, generator=g) for i in range(2)}, str(f))
+    safetensors_torch.save_file({f"l{i}.weight": torch.randn(2500, 2500, generator=g) for i in range(2)}, str(f))
     return f
 
 
@@ -224,3 +227,57 @@ def test_interrupt_tests_pass_when_sigint_is_ignored_by_the_parent():
                        cwd=str(ROOT))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert "3 passed" in p.stdout, p.stdout[-2000:]
+
+
+def test_import_guard_raises_a_swallowed_ctrl_c():
+    """`import_guard` (around ``import tbfast``'s imports): torch 2.4's C module drops the
+    KeyboardInterrupt of a SIGINT that arrives while libtorch loads (it surfaces in torch's own
+    numpy import, whose errors torch ignores). Simulated here with a real SIGINT to this process
+    inside a block that swallows it: the guard still ends in KeyboardInterrupt, drops the block's
+    warnings, and leaves Python's default handler in place."""
+    import warnings
+
+    from tbfast._interrupt import import_guard
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    swallowed = []
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with import_guard(active=True):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs here at the latest
+            except KeyboardInterrupt:
+                swallowed.append(True)  # what torch 2.4 does
+            warnings.warn("Failed to initialize NumPy", UserWarning)
+    assert swallowed == [True] and shown == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # an error the interruption caused (numpy half-imported) becomes the KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as info:
+        with import_guard(active=True):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            raise ImportError("cannot import name 'multiarray'")
+    assert isinstance(info.value.__cause__, ImportError)
+
+    # no Ctrl-C: errors pass unchanged, warnings are shown once the block ends (with an error too)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(ImportError), import_guard(active=True):
+            warnings.warn("before the error", UserWarning)
+            raise ImportError("no module named x")
+    assert [str(w.message) for w in shown] == ["before the error"]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with import_guard(active=True):
+            warnings.warn("harmless", UserWarning)
+    assert [str(w.message) for w in shown] == ["harmless"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # outside the `tbfast` command (this pytest process) it installs nothing
+    with import_guard():
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

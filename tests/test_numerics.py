@@ -145,7 +145,11 @@ def test_fix_finger_resnet18_w025_convs_match_fp64_svd():
     (alpha - 1)^2 / n * sum_j |d ln lambda_j| under relative eigenvalue errors d ln lambda_j; float32
     eigenvalues of a 128x128 Gram carry ~1e-6 relative error at the top of the spectrum, i.e.
     (16.9^2 / 19) * 19 * ~1e-6 ~ 3e-4 in alpha: 1e-4 absolute is out of float32's reach there
-    whatever the window. That layer is checked for the same xmin index and 1e-5 relative alpha."""
+    whatever the window. That layer is checked for the same xmin index and alpha within that
+    first-order bound, with |d ln lambda_j| <= 32 u (u = 2^-24, float32's unit roundoff; measured:
+    at most 1.1e-6 = 19 u on this tail): about 5.7e-4. It was 1e-5 relative (1.8e-4) before, which
+    the Intel Xeon test machine misses (2.06e-4 off, torch 2.4.1 and 2.13 alike) and an AMD EPYC
+    one met."""
     net = resnet18_w025_layer4()
     m = tbfast.layer_metrics(net, fit="fix-finger")
     assert m.status == ["ok"] * 4
@@ -157,7 +161,8 @@ def test_fix_finger_resnet18_w025_convs_match_fp64_svd():
             assert abs(float(m.alpha[i]) - a) < 1e-4, (i, float(m.alpha[i]), a)
         else:
             assert a > 15 and len(e) - k < 20  # the ill-conditioned fit described above
-            assert float(m.alpha[i]) == pytest.approx(a, rel=1e-5)
+            bound = (a - 1) ** 2 * 32 * 2.0 ** -24  # (alpha - 1)^2 / n * n tail eigenvalues * 32 u
+            assert abs(float(m.alpha[i]) - a) < bound, (float(m.alpha[i]), a, bound)
 
 
 def _zero_spectra() -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
@@ -239,7 +244,13 @@ def _alphas(w: torch.Tensor, **kw) -> dict[str, tuple[float, str]]:
 @pytest.mark.parametrize("seed", [1])
 def test_alpha_is_scale_invariant_in_float32(seed):
     """256x128 Student-t W: median, KS and fix-finger alphas of W * s equal those of W within 1e-5
-    in float32, status ok, for s in 1e-30, 1e-20, 1e18, 1e30; lambda_max = s^2 * lambda_max(W)."""
+    in float32, status ok, for s in 1e-30, 1e-20, 1e18, 1e30; lambda_max = s^2 * lambda_max(W).
+
+    W * s is rounded to float32 (s is not a power of two), which moves each eigenvalue by a few
+    units of float32's roundoff u = 2^-24, and a Hill alpha by up to (alpha - 1)^2 * max |d ln
+    lambda| (test_fix_finger_resnet18_w025_convs_match_fp64_svd): the tolerance is the larger of
+    1e-5 and (alpha - 1)^2 * 32 u (2.1e-5 for the KS alpha 4.3; it moved by 1.08e-5 at s = 1e-20
+    on the Intel Xeon test machine, torch 2.13)."""
     w = heavy_tailed(256, 128, seed=seed)
     base = _alphas(w)
     e = svd_eigs(w)
@@ -248,7 +259,8 @@ def test_alpha_is_scale_invariant_in_float32(seed):
         got = _alphas(ws)
         for fit, (a, st) in got.items():
             assert st == "ok", (s, fit, st)
-            assert abs(a - base[fit][0]) < 1e-5, (s, fit, a, base[fit][0])
+            tol = max(1e-5, (base[fit][0] - 1) ** 2 * 32 * 2.0 ** -24)
+            assert abs(a - base[fit][0]) < tol, (s, fit, a, base[fit][0], tol)
         m = tbfast.layer_metrics({"w": ws}, fit="median")
         assert float(m.spectral_norm[0]) == pytest.approx(e[-1] * s * s, rel=1e-5)
         assert float(m.norm[0]) == pytest.approx(e.sum() * s * s, rel=1e-5)
