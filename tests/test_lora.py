@@ -364,22 +364,35 @@ def test_nonfinite_lora_factor_is_reported_by_layer_name():
         tbfast.lora_esd(pm)
 
 
-def test_weight_checksum_is_sha256_of_the_bytes_and_sees_every_change():
-    """`weight_checksum`: dtype, shape and SHA-256 of the weight's bytes (oracle: hashlib on the
-    bytes, written here); a change of any element, the dtype or the shape changes it."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_checksum_is_sha256_of_the_pieces_and_sees_every_change(monkeypatch, threads):
+    """`weight_checksum`: dtype, shape and SHA-256 of the SHA-256 digests of the bytes' pieces
+    (oracle: hashlib on the bytes, written here), the same on one thread and two; a change in any
+    piece, of the dtype or of the shape changes it; no thread is left behind."""
     import hashlib
+    import threading
 
-    from tbfast.lora.cache import weight_checksum
+    from tbfast.lora import cache as cache_mod
 
-    w = torch.randn(30, 70, generator=torch.Generator().manual_seed(0))
-    assert weight_checksum(w) == f"torch.float32|30x70|{hashlib.sha256(w.numpy().tobytes()).hexdigest()}"
-    assert weight_checksum(w.T) == f"torch.float32|70x30|{hashlib.sha256(w.T.contiguous().numpy().tobytes()).hexdigest()}"
-    seen = {weight_checksum(w)}
-    for flat_index in (0, 700, 2099):
-        v = w.clone()
-        v.view(-1)[flat_index] += 1e-3
-        seen.add(weight_checksum(v))
-    seen.add(weight_checksum(w.double()))
-    seen.add(weight_checksum(w.reshape(70, 30)))
-    assert len(seen) == 6
-    assert weight_checksum(w[:0]) == f"torch.float32|0x70|{hashlib.sha256(b'').hexdigest()}"
+    monkeypatch.setattr(cache_mod, "CHECKSUM_PIECE", 1000)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        before = threading.active_count()
+        w = torch.randn(30, 70, generator=torch.Generator().manual_seed(0))  # 8400 bytes: 9 pieces
+        raw = w.numpy().tobytes()
+        digests = b"".join(hashlib.sha256(raw[i:i + 1000]).digest() for i in range(0, len(raw), 1000))
+        assert cache_mod.weight_checksum(w) == f"torch.float32|30x70|{hashlib.sha256(digests).hexdigest()}"
+        seen = {cache_mod.weight_checksum(w)}
+        for flat_index in (0, 700, 2099):  # the first, a middle and the last piece
+            v = w.clone()
+            v.view(-1)[flat_index] += 1e-3
+            seen.add(cache_mod.weight_checksum(v))
+        seen.add(cache_mod.weight_checksum(w.double()))
+        seen.add(cache_mod.weight_checksum(w.reshape(70, 30)))
+        assert len(seen) == 6
+        empty = hashlib.sha256(hashlib.sha256(b"").digest()).hexdigest()
+        assert cache_mod.weight_checksum(w[:0]) == f"torch.float32|0x70|{empty}"
+        assert threading.active_count() == before
+    finally:
+        torch.set_num_threads(old)

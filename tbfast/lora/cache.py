@@ -4,7 +4,7 @@
 Gram is ``n x n`` with ``n = min(rows, cols)``. An entry holds ``l0`` (ascending) and ``V``,
 float64 by default (float32 on request: half the memory, eigenvalues then known to about
 ``1e-7 * lambda_max`` only), and a checksum of the base weight (`weight_checksum`: SHA-256 of
-its bytes, its dtype and shape): a base weight that changed is recomputed, never used stale. Entries are kept while they
+its bytes in 16 MiB pieces, its dtype and shape): a base weight that changed is recomputed, never used stale. Entries are kept while they
 fit ``memory_budget`` bytes; a weight whose entry does not fit gets None (its layer takes the
 full eigensolve). `BaseSpectrumCache.save` / `load` write and read a safetensors file (no code
 runs on load) so many adapters or checkpoints of one base reuse one cache.
@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,38 @@ def gram_side(w: torch.Tensor) -> torch.Tensor:
     return w if w.shape[1] <= w.shape[0] else w.T
 
 
+#: Bytes per checksum piece: `weight_checksum` hashes the SHA-256 digests of the pieces (a fixed
+#: size, so the checksum does not depend on how many threads hash them).
+CHECKSUM_PIECE = 16 << 20
+
+
 def weight_checksum(w: torch.Tensor) -> str:
-    """A checksum of a weight's dtype, shape and bytes (SHA-256 of the bytes: a changed base weight,
-    even a forged one, changes it; with the SHA extensions of current CPUs SHA-256 runs at about
-    1.1 GB/s here, faster than the CRC-32 + Adler-32 pair it replaced: 0.15 s for an 11008 x 4096
-    float32 weight; hashlib releases the GIL meanwhile)."""
+    """A checksum of a weight's dtype, shape and bytes: SHA-256 of the SHA-256 digests of its
+    pieces of `CHECKSUM_PIECE` bytes (a changed base weight, even a forged one, changes it). With
+    the SHA extensions of current CPUs SHA-256 runs at about 1.1 GB/s per core, faster than the
+    CRC-32 + Adler-32 pair it replaced; hashlib releases the GIL, so the pieces of a weight of
+    several pieces are hashed on up to ``torch.get_num_threads()`` threads, started here and
+    joined before returning (an 11008 x 4096 float32 weight: 0.17 s on one thread, 0.09 s on two)."""
     flat = w.detach().to("cpu").contiguous().reshape(-1)
     buf = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-    return f"{w.dtype}|{'x'.join(map(str, w.shape))}|{hashlib.sha256(buf).hexdigest()}"
+    starts = range(0, max(len(buf), 1), CHECKSUM_PIECE)
+    digests = [b""] * len(starts)
+
+    def hash_pieces(first: int, step: int) -> None:
+        for i in range(first, len(starts), step):
+            digests[i] = hashlib.sha256(buf[starts[i]:starts[i] + CHECKSUM_PIECE]).digest()
+
+    workers = min(len(starts), torch.get_num_threads())
+    threads = [threading.Thread(target=hash_pieces, args=(k, workers), name="tbfast-checksum", daemon=True)
+               for k in range(1, workers)]
+    for t in threads:
+        t.start()
+    try:
+        hash_pieces(0, max(workers, 1))
+    finally:
+        for t in threads:
+            t.join()
+    return f"{w.dtype}|{'x'.join(map(str, w.shape))}|{hashlib.sha256(b''.join(digests)).hexdigest()}"
 
 
 @dataclass(frozen=True)
