@@ -397,20 +397,21 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
     });
     for (int64_t i = 0; i < K; ++i)
       if (!ok[i]) return false;
-    // Gu-Eisenstat: the z for which the computed roots are exact
-    std::vector<double> zh(K);
-    std::vector<double> dorg(K);  // each root's pole, contiguous for the SIMD product
-    for (int64_t i = 0; i < K; ++i) dorg[i] = dd[org[i]];
-    parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
-      const double dj = dd[j];
-      const auto product = wide ? simd::ratio_product_avx512 : ratio_product;
-      const double lo = product(dorg.data(), tau.data(), dd.data(), 0, j, dj);
-      const double hi = product(dorg.data(), tau.data(), dd.data(), j + 1, K, dj);
-      const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);
-      zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
-    });
     // the remaining vectors in the new basis: y'_i = v_i . y / ||v_i||, v_i[j] = zh_j / (dd_j - x_i)
+    // (the last term carries none: its eigenvectors, and so zh, are not needed)
     if (nv > 0) {
+      // Gu-Eisenstat: the z for which the computed roots are exact
+      std::vector<double> zh(K);
+      std::vector<double> dorg(K);  // each root's pole, contiguous for the SIMD product
+      for (int64_t i = 0; i < K; ++i) dorg[i] = dd[org[i]];
+      parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
+        const double dj = dd[j];
+        const auto product = wide ? simd::ratio_product_avx512 : ratio_product;
+        const double lo = product(dorg.data(), tau.data(), dd.data(), 0, j, dj);
+        const double hi = product(dorg.data(), tau.data(), dd.data(), j + 1, K, dj);
+        const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);
+        zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
+      });
       std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
       for (int64_t v = 0; v < nv; ++v)
         for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
