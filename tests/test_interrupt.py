@@ -239,6 +239,21 @@ def test_import_guard_raises_a_swallowed_ctrl_c():
 
     from tbfast._interrupt import import_guard
 
+    # the guard acts only where SIGINT has Python's default handler (the `tbfast` command started
+    # from a terminal); a test run started in the background has SIGINT ignored, so the test
+    # installs the default handler itself for its duration and restores what it found
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with import_guard(active=True):  # SIGINT ignored: nothing to guard, nothing installed
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _import_guard_cases(import_guard, warnings)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _import_guard_cases(import_guard, warnings) -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     swallowed = []
     with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(record=True) as shown:
