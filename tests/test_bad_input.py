@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracle import without_fallback_notice
 
 import tbfast
-from tbfast import cli
+from tbfast import _backend, cli
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pd = pytest.importorskip("pandas")
@@ -49,7 +50,7 @@ def _adapter(d: Path, r: int, cfg: dict) -> Path:
 
 
 def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in without_fallback_notice(err, _backend.extension_loaded()).splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]

@@ -96,7 +96,12 @@ def test_farms_alpha_matches_per_window_svd_oracle(fit):
         ev = _oracle_evals(W)
         want = _hill(ev) if fit == "median" else _ks(ev)
         assert int(m.num_evals[i]) == len(ev), name
-        assert abs(float(m.alpha[i]) - want) < 1e-4, (name, float(m.alpha[i]), want)
+        # float32 windows: a Hill alpha moves by up to (alpha - 1)^2 * max|d ln lambda| under relative
+        # eigenvalue errors (tests/test_numerics.py::test_fix_finger_resnet18_w025_convs_match_fp64_svd),
+        # 32 u of float32 here; 1e-4 where that is smaller (layer b's KS alpha is 14.6: 3.5e-4; the
+        # pure-torch KS path was 1.6e-4 off on the Intel Xeon test machine)
+        tol = max(1e-4, (want - 1) ** 2 * 32 * 2.0 ** -24)
+        assert abs(float(m.alpha[i]) - want) < tol, (name, float(m.alpha[i]), want, tol)
         assert abs(float(m.spectral_norm[i]) - ev[-1]) < 1e-5 * ev[-1]
 
 
