@@ -14,6 +14,7 @@ import torch
 
 torch.set_num_threads(1)
 import tbfast  # noqa: E402
+from tbfast.bench.lora import break_even_point  # noqa: E402
 from tbfast.lora import BaseSpectrumCache, LoRAItem, lora_eigenvalues  # noqa: E402
 
 
@@ -51,16 +52,10 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def point(key):
-        p = None
-        for row in sorted(rows, key=lambda x: x["n"], reverse=True):
-            if row[key] < 1.0:
-                break
-            p = row["n_over_r"]
-        return p
     res = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__, "threads": 1,
            "cpu_simd": tbfast.backend_info()["lora_update"]["cpu_simd"], "rows": rows,
-           "break_even_n_over_r_vs_fp32": point("speedup_vs_fp32"), "break_even_n_over_r_vs_fp64": point("speedup_vs_fp64")}
+           "break_even_n_over_r_vs_fp32": break_even_point(rows, "speedup_vs_fp32"),
+           "break_even_n_over_r_vs_fp64": break_even_point(rows, "speedup_vs_fp64")}
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
     if args.out:
         with open(args.out, "w") as f:

@@ -47,8 +47,9 @@ TBFAST_AVX512 inline __m512d ratio_factor(const double* dorg, const double* tau,
   return _mm512_mul_pd(num, recip(_mm512_sub_pd(_mm512_loadu_pd(dd + i), vj)));
 }
 
-TBFAST_AVX512 inline __mmask8 tail_mask(int64_t left) {
-  return static_cast<__mmask8>((1u << left) - 1u);
+// The lanes of an 8-wide step with `left` elements still to go (all eight when left >= 8).
+TBFAST_AVX512 inline __mmask8 lane_mask(int64_t left) {
+  return left >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << left) - 1u);
 }
 
 }  // namespace
@@ -69,8 +70,7 @@ TBFAST_AVX512 void secular_part_avx512(const double* dd, const double* w, int64_
     q1 = _mm512_fmadd_pd(a1, r1, q1);
   }
   for (; j < j1; j += 8) {
-    const int64_t left = j1 - j;
-    const __mmask8 m = left >= 8 ? static_cast<__mmask8>(0xFF) : tail_mask(left);
+    const __mmask8 m = lane_mask(j1 - j);
     const __m512d x = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(m, dd + j), vb), vt);
     const __m512d r = recip(x);
     const __m512d a = _mm512_mul_pd(_mm512_maskz_loadu_pd(m, w + j), r);
@@ -94,8 +94,7 @@ TBFAST_AVX512 double ratio_product_avx512(const double* dorg, const double* tau,
     p3 = _mm512_mul_pd(p3, ratio_factor(dorg, tau, dd, i + 24, vj));
   }
   for (; i < i1; i += 8) {
-    const int64_t left = i1 - i;
-    const __mmask8 m = left >= 8 ? static_cast<__mmask8>(0xFF) : tail_mask(left);
+    const __mmask8 m = lane_mask(i1 - i);
     const __m512d num = _mm512_add_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(m, dorg + i), vj),
                                       _mm512_maskz_loadu_pd(m, tau + i));
     const __m512d den = _mm512_sub_pd(_mm512_maskz_loadu_pd(m, dd + i), vj);
@@ -114,8 +113,7 @@ TBFAST_AVX512 void cauchy_products_quad_avx512(int64_t K, int64_t nv, const doub
     nr[r] = _mm512_setzero_pd();
   }
   for (int64_t j = 0; j < K; j += 8) {
-    const int64_t left = K - j;
-    const __mmask8 m = left >= 8 ? static_cast<__mmask8>(0xFF) : tail_mask(left);
+    const __mmask8 m = lane_mask(K - j);
     const __m512d d = _mm512_maskz_loadu_pd(m, dd + j), z = _mm512_maskz_loadu_pd(m, zh + j);
     for (int r = 0; r < 4; ++r) {
       const __m512d x = _mm512_maskz_mul_pd(m, z, recip(_mm512_sub_pd(_mm512_sub_pd(d, b[r]), u[r])));
@@ -134,8 +132,7 @@ TBFAST_AVX512 void cauchy_products_quad_avx512(int64_t K, int64_t nv, const doub
     for (int q = 0; q < 4; ++q)
       for (int r = 0; r < 4; ++r) a[q][r] = _mm512_setzero_pd();
     for (int64_t j = 0; j < K; j += 8) {
-      const int64_t left = K - j;
-      const __mmask8 m = left >= 8 ? static_cast<__mmask8>(0xFF) : tail_mask(left);
+      const __mmask8 m = lane_mask(K - j);
       const __m512d x0 = _mm512_maskz_loadu_pd(m, v0 + j), x1 = _mm512_maskz_loadu_pd(m, v1 + j);
       const __m512d x2 = _mm512_maskz_loadu_pd(m, v2 + j), x3 = _mm512_maskz_loadu_pd(m, v3 + j);
       for (int q = 0; q < 4; ++q) {
@@ -153,8 +150,7 @@ TBFAST_AVX512 void cauchy_products_quad_avx512(int64_t K, int64_t nv, const doub
     const double* s = sub + v * K;
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < K; j += 8) {
-      const int64_t left = K - j;
-      const __mmask8 m = left >= 8 ? static_cast<__mmask8>(0xFF) : tail_mask(left);
+      const __mmask8 m = lane_mask(K - j);
       const __m512d w = _mm512_maskz_loadu_pd(m, s + j);
       a0 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, v0 + j), w, a0);
       a1 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, v1 + j), w, a1);

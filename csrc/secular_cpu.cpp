@@ -404,9 +404,9 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
       std::vector<double> zh(K);
       std::vector<double> dorg(K);  // each root's pole, contiguous for the SIMD product
       for (int64_t i = 0; i < K; ++i) dorg[i] = dd[org[i]];
+      const auto product = wide ? simd::ratio_product_avx512 : ratio_product;
       parallel_for_dynamic(K, 16, work_of(K, K), [&](int64_t j) {
         const double dj = dd[j];
-        const auto product = wide ? simd::ratio_product_avx512 : ratio_product;
         const double lo = product(dorg.data(), tau.data(), dd.data(), 0, j, dj);
         const double hi = product(dorg.data(), tau.data(), dd.data(), j + 1, K, dj);
         const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);

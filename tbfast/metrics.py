@@ -94,14 +94,10 @@ class ESDMetrics:
         kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                kw[f.name] = v[t]
-            elif isinstance(v, list):
-                kw[f.name] = [v[i] for i in idx]
-            elif f.name == "extra":  # per-layer entries (one per row, e.g. esd_path) follow the rows
+            if f.name == "extra":  # per-layer entries (one per row, e.g. esd_path) follow the rows
                 kw[f.name] = {k: _select_rows(x, idx, t, len(self)) for k, x in v.items()}
-            else:
-                kw[f.name] = v
+            else:  # the columns; `fit` stays
+                kw[f.name] = _select_rows(v, idx, t, len(self))
         return ESDMetrics(**kw)
 
     def to_dict(self) -> dict[str, list]:

@@ -65,7 +65,7 @@ def weight_checksum(w: torch.Tensor) -> str:
     for t in threads:
         t.start()
     try:
-        hash_pieces(0, max(workers, 1))
+        hash_pieces(0, workers)
     finally:
         for t in threads:
             t.join()
