@@ -16,7 +16,7 @@
 // The ABI of tbfast._C: which op schemas and plain functions it defines. tbfast/_backend.py
 // refuses to load an extension whose build_info() "abi" differs from its EXTENSION_ABI.
 // Bump both whenever a schema, a kernel registration or a plain function changes.
-#define TBFAST_ABI 4
+#define TBFAST_ABI 5
 
 #ifndef TBFAST_TORCH_VERSION
 #define TBFAST_TORCH_VERSION "unknown"
@@ -61,7 +61,8 @@ const char* build_info() {
 }  // namespace
 
 namespace tbfast {
-std::string lapack_info();  // eig_cpu.cpp
+std::string lapack_info();    // eig_cpu.cpp
+const char* digest_variant();  // digest_cpu.cpp
 }
 
 namespace {
@@ -75,11 +76,13 @@ PyObject* py_lapack_info(PyObject*, PyObject*) {
   return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
 }
 
-// cpu_features() -> JSON: which vector variant the secular kernel (tbfast::eigvalsh_update) runs.
+// cpu_features() -> JSON: which vector variants the secular kernel (tbfast::eigvalsh_update) and the
+// digest kernel (tbfast::weight_digest) run.
 PyObject* py_cpu_features(PyObject*, PyObject*) {
   namespace simd = tbfast::secular::simd;
   const std::string s = std::string("{\"avx512f\": ") + (simd::avx512_supported() ? "true" : "false") +
-                        ", \"secular_simd\": \"" + simd::active_name() + "\"}";
+                        ", \"secular_simd\": \"" + simd::active_name() +
+                        "\", \"digest_simd\": \"" + tbfast::digest_variant() + "\"}";
   return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
 }
 
@@ -117,7 +120,7 @@ PyMethodDef tbfast_c_methods[] = {
     {"build_info", py_build_info, METH_NOARGS, "JSON: how this extension was built"},
     {"lapack_info", py_lapack_info, METH_NOARGS, "JSON: where the LAPACK ?syevd symbols come from"},
     {"cpu_features", py_cpu_features, METH_NOARGS,
-     "JSON: the CPU features the kernels use and the secular kernel's active vector variant"},
+     "JSON: the CPU features the kernels use and the secular and digest kernels' active vector variants"},
     {"cusolver_load", py_cusolver_load, METH_VARARGS,
      "cusolver_load(path) -> str: dlopen libcusolver (\"\" tries the usual sonames); \"\" on success, else why not"},
     {"cusolver_status", py_cusolver_status, METH_NOARGS,

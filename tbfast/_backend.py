@@ -31,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: The ABI of tbfast._C this checkout expects (``TBFAST_ABI`` in csrc/module.cpp; bump both).
-EXTENSION_ABI = 4
+EXTENSION_ABI = 5
 REBUILD_HINT = "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
 
 _lock = threading.Lock()
@@ -258,8 +258,10 @@ def extension_details() -> dict[str, Any]:
 
 
 def cpu_features() -> dict[str, Any] | None:
-    """The CPU features the compiled kernels use and the secular kernel's active vector variant
-    (``"avx512"`` or ``"portable"``; None when the extension is not loaded)."""
+    """The CPU features the compiled kernels use and the active vector variants of the secular
+    kernel (``secular_simd``: ``"avx512"`` or ``"portable"``) and of the digest kernel
+    (``digest_simd``: ``"avx512"``, ``"avx2"`` or ``"portable"``); None when the extension is not
+    loaded."""
     return _json_info("cpu_features")
 
 

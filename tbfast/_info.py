@@ -13,13 +13,14 @@ import torch
 
 from . import _backend
 from .kernels import triton_fit_available
+from .ops import digest as digest_op
 from .ops import eig as eig_op
 from .ops import fit as fit_op
 from .ops import secular as secular_op
 from .lora import stage as lora_stage
 
 #: Every op in namespace ``tbfast``, as the op modules define them.
-OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES, *secular_op.OP_NAMES)
+OP_NAMES = (*eig_op.OP_NAMES, *fit_op.OP_NAMES, *secular_op.OP_NAMES, *digest_op.OP_NAMES)
 
 
 def _triton_info() -> dict[str, Any]:
@@ -62,7 +63,9 @@ def backend_info() -> dict[str, Any]:
     compiler), ``lapack`` (whether ?syevd was found for the CPU eigensolver), ``ops`` (the
     registered torch.ops.tbfast names), ``eig_op`` (the kernels the dispatcher holds for
     ``tbfast::eigvalsh_batched``, per dispatch key), ``torch`` (version, threads), ``devices`` (cpu, cuda and
-    its device name), ``triton`` (available, version, TRITON_INTERPRET, fit_kernels: usable and why), ``cusolver``.
+    its device name), ``triton`` (available, version, TRITON_INTERPRET, fit_kernels: usable and why), ``cusolver``,
+    ``lora_update`` (the exact LoRA ESD refresh: its op, kernels, and ``checksum``: the
+    ``tbfast::weight_digest`` kernel that checks the base weights on the CPU).
     """
     ext = _backend.extension_details()
     lapack = _backend.lapack_info()
@@ -83,6 +86,8 @@ def backend_info() -> dict[str, Any]:
         "eig_op": eig_op.registration(),
         "lora_update": {"op": "tbfast::eigvalsh_update", "kernels": secular_op.implementations(),
                         "cpu_simd": (_backend.cpu_features() or {}).get("secular_simd"),
+                        "checksum": digest_op.implementations()["cpu"],
+                        "checksum_kernels": digest_op.implementations(),
                         "paths": "update (cached base spectrum + secular rank-one updates) | full",
                         "used_by": "tbfast.esd / layer_metrics / analyze with lora_cache=, CLI --lora-cache, "
                                    "TempBalance(lora_cache=True) on PEFT LoRA layers on the CPU with n >= "

@@ -155,3 +155,39 @@ def without_fallback_notice(err: str, extension_loaded: bool) -> str:
     if extension_loaded:
         return err
     return "".join(line for line in err.splitlines(keepends=True) if not line.startswith(FALLBACK_NOTICE))
+
+
+# ------------------------------------------------------------ weight_digest (tbfast/ops/digest.py)
+
+_U64 = (1 << 64) - 1
+DIGEST_KEYS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+
+
+def splitmix64_finalizer(z: int) -> int:
+    """The splitmix64 finalizer on Python ints, reduced mod 2^64 after every product."""
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _U64
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def oracle_digest(data: bytes) -> tuple[int, int]:
+    """(H_0, H_1) of the digest definition, word by word in plain Python: the bytes zero-padded to
+    a multiple of 8, little-endian words x_i, S_c = sum mix(x_i ^ ((i + 1) K_c)) mod 2^64,
+    H_c = mix(S_c ^ (L K_c))."""
+    L = len(data)
+    padded = data + bytes(-L % 8)
+    out = []
+    for key in DIGEST_KEYS:
+        s = 0
+        for i in range(len(padded) // 8):
+            x = int.from_bytes(padded[8 * i:8 * i + 8], "little")
+            s = (s + splitmix64_finalizer(x ^ (((i + 1) * key) & _U64))) & _U64
+        out.append(splitmix64_finalizer(s ^ ((L * key) & _U64)))
+    return out[0], out[1]
+
+
+def oracle_digest_hex(data: bytes) -> str:
+    h0, h1 = oracle_digest(data)
+    return f"{h0:016x}{h1:016x}"

@@ -227,7 +227,7 @@ def test_namespace_holds_only_tensor_ops_and_loader_is_plain():
     the cuSOLVER loader is two plain functions of tbfast._C."""
     ops = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("tbfast::")}
     assert ops == {"tbfast::eigvalsh_batched", "tbfast::cusolver_eigvalsh", "tbfast::hill_fit", "tbfast::ks_scan",
-                   "tbfast::eigvalsh_update"}
+                   "tbfast::eigvalsh_update", "tbfast::weight_digest"}
     assert ops == {f"tbfast::{n}" for n in _info.OP_NAMES}
     ext = _backend.extension_module()
     loaded, path, version, last_error = ext.cusolver_status()

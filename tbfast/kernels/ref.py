@@ -1,4 +1,4 @@
-"""Plain-torch reference implementations of the fit kernels (ARCHITECTURE.md op contracts).
+"""Plain-torch reference implementations of the op kernels (ARCHITECTURE.md op contracts).
 
 They define what the C++ and Triton kernels must return, serve as the fallback when neither is
 available, and are what the tests compare the fast kernels with. Arithmetic is float64.
@@ -11,7 +11,8 @@ import math
 
 import torch
 
-__all__ = ["hill_fit_ref", "ks_scan_ref", "eigvalsh_batched_ref", "eigvalsh_update_ref", "segment_ids"]
+__all__ = ["hill_fit_ref", "ks_scan_ref", "eigvalsh_batched_ref", "eigvalsh_update_ref", "weight_digest_ref",
+           "segment_ids"]
 
 _CANDIDATE_BLOCK = 512  # candidates per chunk of the (candidate x tail) matrix in ks_scan_ref
 
@@ -133,3 +134,50 @@ def eigvalsh_update_ref(d: torch.Tensor, Z: torch.Tensor, C: torch.Tensor) -> tu
     w = torch.where(finite[:, None], w, torch.full_like(w, math.nan))
     status = torch.where(finite, 0, 2).to(torch.int32)
     return w, status
+
+
+# weight_digest (tbfast/ops/digest.py): the splitmix64 finalizer and the lane keys as int64 (two's
+# complement); int64 products and sums wrap mod 2^64 like the uint64 ones, and a logical right
+# shift by k is the arithmetic one masked to its 64 - k low bits.
+_DIGEST_KEYS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+_DIGEST_PIECE = 1 << 20  # words per piece: the reference holds a few 8 MiB temporaries at a time
+
+
+def _s64(u: int) -> int:
+    """The int64 (two's complement) holding the 64-bit unsigned ``u``."""
+    u &= (1 << 64) - 1
+    return u - (1 << 64) if u >> 63 else u
+
+
+_MIX_C1, _MIX_C2 = _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finalizer on an int64 tensor, in place."""
+    z.bitwise_xor_((z >> 30) & ((1 << 34) - 1))
+    z.mul_(_MIX_C1)
+    z.bitwise_xor_((z >> 27) & ((1 << 37) - 1))
+    z.mul_(_MIX_C2)
+    return z.bitwise_xor_((z >> 31) & ((1 << 33) - 1))
+
+
+def weight_digest_ref(data: torch.Tensor) -> torch.Tensor:
+    """Reference of ``tbfast::weight_digest``: ``(H_0, H_1)`` int64 of the 1-D uint8 ``data`` (the
+    definition: tbfast/ops/digest.py), on ``data``'s device, in pieces of 8 MiB; no host sync."""
+    L = data.numel()
+    words, rem = divmod(L, 8)
+    dev = data.device
+    sums = [torch.zeros((), dtype=torch.int64, device=dev) for _ in _DIGEST_KEYS]
+    padded = words + (1 if rem else 0)
+    for a in range(0, padded, _DIGEST_PIECE):
+        b = min(a + _DIGEST_PIECE, padded)
+        piece = data[8 * a:8 * min(b, words)]
+        if b > words:  # the last word, zero-padded
+            piece = torch.cat([piece, data[8 * words:], torch.zeros(8 - rem, dtype=torch.uint8, device=dev)])
+        elif piece.storage_offset() % 8:  # a byte view off the 8-byte grid: view(int64) needs it on
+            piece = piece.clone()
+        x = piece.view(torch.int64)
+        pos = torch.arange(a + 1, a + 1 + x.numel(), dtype=torch.int64, device=dev)
+        for c, key in enumerate(_DIGEST_KEYS):
+            sums[c] = sums[c] + _mix_(torch.mul(pos, _s64(key)).bitwise_xor_(x)).sum()
+    return torch.stack([_mix_(s.bitwise_xor(_s64(L * key))) for s, key in zip(sums, _DIGEST_KEYS)])

@@ -14,7 +14,8 @@ Conventions (shared by every op module here):
 Modules: `tbfast.ops.eig` (``eigvalsh_batched``: batched symmetric eigenvalues; ``cusolver_eigvalsh``),
 `tbfast.ops.cusolver` (finding libcusolver, size policy), `tbfast.ops.fit` (``hill_fit``,
 ``ks_scan``: the power-law fits), `tbfast.ops.secular` (``eigvalsh_update``: eigenvalues of a
-low-rank update of a diagonal matrix, the exact LoRA ESD refresh).
+low-rank update of a diagonal matrix, the exact LoRA ESD refresh), `tbfast.ops.digest`
+(``weight_digest``: a 128-bit digest of a tensor's bytes, the LoRA base-weight check).
 Importing this package registers every op.
 """
 
@@ -22,4 +23,5 @@ from __future__ import annotations
 
 from . import eig  # noqa: F401  (registers torch.ops.tbfast.eigvalsh_batched / cusolver_eigvalsh)
 from . import fit  # noqa: F401  (registers torch.ops.tbfast.hill_fit / ks_scan)
+from . import digest  # noqa: F401  (registers torch.ops.tbfast.weight_digest)
 from . import secular  # noqa: F401  (registers torch.ops.tbfast.eigvalsh_update)
