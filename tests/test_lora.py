@@ -365,10 +365,40 @@ def test_nonfinite_lora_factor_is_reported_by_layer_name():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_weight_checksum_is_sha256_of_the_pieces_and_sees_every_change(monkeypatch, threads):
-    """`weight_checksum`: dtype, shape and SHA-256 of the SHA-256 digests of the bytes' pieces
-    (oracle: hashlib on the bytes, written here), the same on one thread and two; a change in any
-    piece, of the dtype or of the shape changes it; no thread is left behind."""
+def test_weight_checksum_is_the_digest_and_sees_every_change(threads):
+    """`weight_checksum`: dtype, shape and the 128-bit digest of the bytes (oracle: the definition
+    in plain Python, tests/oracle.py), the same on one thread and two; a change of any byte, of
+    the dtype or of the shape changes it."""
+    from oracle import oracle_digest_hex
+
+    from tbfast.lora import cache as cache_mod
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = torch.randn(30, 70, generator=torch.Generator().manual_seed(0))
+        raw = w.numpy().tobytes()
+        assert cache_mod.weight_checksum(w) == f"torch.float32|30x70|d128:{oracle_digest_hex(raw)}"
+        seen = {cache_mod.weight_checksum(w)}
+        for flat_index in (0, 700, 2099):  # the first, a middle and the last word
+            v = w.clone()
+            v.view(-1)[flat_index] += 1e-3
+            seen.add(cache_mod.weight_checksum(v))
+        seen.add(cache_mod.weight_checksum(w.double()))
+        seen.add(cache_mod.weight_checksum(w.reshape(70, 30)))
+        seen.add(cache_mod.weight_checksum(w.T))  # the transpose's bytes in row-major order
+        assert len(seen) == 7
+        assert cache_mod.weight_checksum(w[:0]) == f"torch.float32|0x70|d128:{oracle_digest_hex(b'')}"
+        assert not cache_mod.is_sha256_checksum(cache_mod.weight_checksum(w))
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_legacy_sha256_checksum_is_sha256_of_the_pieces(monkeypatch, threads):
+    """`sha256_checksum` (the form of cache files written before the digest, kept to verify them):
+    dtype, shape and SHA-256 of the SHA-256 digests of the bytes' pieces (oracle: hashlib on the
+    bytes, written here), the same on one thread and two; no thread is left behind."""
     import hashlib
     import threading
 
@@ -382,17 +412,61 @@ def test_weight_checksum_is_sha256_of_the_pieces_and_sees_every_change(monkeypat
         w = torch.randn(30, 70, generator=torch.Generator().manual_seed(0))  # 8400 bytes: 9 pieces
         raw = w.numpy().tobytes()
         digests = b"".join(hashlib.sha256(raw[i:i + 1000]).digest() for i in range(0, len(raw), 1000))
-        assert cache_mod.weight_checksum(w) == f"torch.float32|30x70|{hashlib.sha256(digests).hexdigest()}"
-        seen = {cache_mod.weight_checksum(w)}
-        for flat_index in (0, 700, 2099):  # the first, a middle and the last piece
-            v = w.clone()
-            v.view(-1)[flat_index] += 1e-3
-            seen.add(cache_mod.weight_checksum(v))
-        seen.add(cache_mod.weight_checksum(w.double()))
-        seen.add(cache_mod.weight_checksum(w.reshape(70, 30)))
-        assert len(seen) == 6
+        want = f"torch.float32|30x70|{hashlib.sha256(digests).hexdigest()}"
+        assert cache_mod.sha256_checksum(w) == want and cache_mod.is_sha256_checksum(want)
+        v = w.clone()
+        v.view(-1)[2099] += 1e-3
+        assert cache_mod.sha256_checksum(v) != want
         empty = hashlib.sha256(hashlib.sha256(b"").digest()).hexdigest()
-        assert cache_mod.weight_checksum(w[:0]) == f"torch.float32|0x70|{empty}"
+        assert cache_mod.sha256_checksum(w[:0]) == f"torch.float32|0x70|{empty}"
         assert threading.active_count() == before
     finally:
         torch.set_num_threads(old)
+
+
+def _legacy_cache_file(path, items) -> None:
+    """A cache file as tbfast wrote it before the digest: format tbfast-base-spectrum-1, each
+    entry's checksum "{dtype}|{rows}x{cols}|" + SHA-256 of the SHA-256 of the weight's bytes (one
+    piece: under 16 MiB), written here from the old definition; eigenpairs of the float64 Gram."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+    tensors, index = {}, {}
+    for i, (name, w0) in enumerate(items):
+        m = w0.double() if w0.shape[1] <= w0.shape[0] else w0.double().T
+        evals, evecs = torch.linalg.eigh(m.T @ m)
+        tensors[f"{i}.evals"], tensors[f"{i}.evecs"] = evals.contiguous(), evecs.contiguous()
+        sha = hashlib.sha256(hashlib.sha256(w0.numpy().tobytes()).digest()).hexdigest()
+        index[str(i)] = {"name": name, "checksum": f"{w0.dtype}|{w0.shape[0]}x{w0.shape[1]}|{sha}",
+                         "shape": list(w0.shape)}
+    save_file(tensors, str(path), metadata={"format": "tbfast-base-spectrum-1", "entries": json.dumps(index)})
+
+
+def test_cache_file_with_legacy_checksums_is_used_and_rekeyed(tmp_path, caplog):
+    """Entries of an old file are verified once with SHA-256 and re-keyed to the digest: no
+    eigendecomposition is recomputed; a saved copy carries the new form; a base weight that
+    changed since the file was written is recomputed."""
+    from tbfast.lora.cache import weight_checksum
+    w_same = base_weight("student", 80, 64, seed=0)
+    w_changed = base_weight("gaussian", 48, 72, seed=1)
+    _legacy_cache_file(tmp_path / "old.safetensors", [("same", w_same), ("changed", w_changed)])
+    cache = BaseSpectrumCache.load(tmp_path / "old.safetensors")
+    stored = cache.entry("same").evecs
+    w_changed = w_changed.clone()
+    w_changed[0, 0] += 1.0
+    items = [LoRAItem(n, w, [lora_factors(*w.shape, 4, seed=2) + (1.0, False)])
+             for n, w in (("same", w_same), ("changed", w_changed))]
+    with caplog.at_level(logging.INFO, logger="tbfast.lora"):
+        out = lora_eigenvalues(items, cache)
+    assert cache.builds == 1  # only the changed weight
+    assert cache.entry("same").evecs is stored  # the file's eigenvectors, not recomputed
+    assert any("legacy SHA-256 checksum verified" in r.getMessage() for r in caplog.records)
+    for item, (w, path) in zip(items, out):
+        assert path == "update"
+        assert cache.entry(item.name).checksum == weight_checksum(item.w0)
+        assert_exact(w, merged_eigvalsh(item.w0, item.updates))
+    lora_eigenvalues(items, cache)  # re-keyed: the next refresh matches at once
+    assert cache.builds == 1
+    again = BaseSpectrumCache.load(cache.save(tmp_path / "new.safetensors"))
+    assert [again.entry(n).checksum for n in ("same", "changed")] == [weight_checksum(w_same), weight_checksum(w_changed)]

@@ -3,9 +3,13 @@
 ``M0`` is the base weight on its Gram side (``W0`` when ``cols <= rows``, else ``W0^T``), so the
 Gram is ``n x n`` with ``n = min(rows, cols)``. An entry holds ``l0`` (ascending) and ``V``,
 float64 by default (float32 on request: half the memory, eigenvalues then known to about
-``1e-7 * lambda_max`` only), and a checksum of the base weight (`weight_checksum`: SHA-256 of
-its bytes in 16 MiB pieces, its dtype and shape): a base weight that changed is recomputed, never used stale. Entries are kept while they
-fit ``memory_budget`` bytes; a weight whose entry does not fit gets None (its layer takes the
+``1e-7 * lambda_max`` only), and a checksum of the base weight (`weight_checksum`: its dtype,
+shape and the 128-bit digest ``tbfast::weight_digest`` of its bytes, tbfast/ops/digest.py,
+computed on the weight's device at every lookup): a base weight that changed is recomputed,
+never used stale. Entries of files written before the digest carry the legacy SHA-256 form
+(`sha256_checksum`); `BaseSpectrumCache.lookup` verifies such an entry once with SHA-256 and
+re-keys it to the digest (a mismatch recomputes). Entries are kept while they fit
+``memory_budget`` bytes; a weight whose entry does not fit gets None (its layer takes the
 full eigensolve). `BaseSpectrumCache.save` / `load` write and read a safetensors file (no code
 runs on load) so many adapters or checkpoints of one base reuse one cache.
 """
@@ -16,14 +20,17 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-__all__ = ["BaseSpectrum", "BaseSpectrumCache", "weight_checksum", "gram_side", "DEFAULT_CACHE_BUDGET",
-           "CACHE_FORMAT"]
+from ..ops.digest import digest_hex
+
+__all__ = ["BaseSpectrum", "BaseSpectrumCache", "weight_checksum", "sha256_checksum", "is_sha256_checksum",
+           "gram_side", "DEFAULT_CACHE_BUDGET", "CACHE_FORMAT"]
 
 logger = logging.getLogger("tbfast.lora")
 
@@ -38,18 +45,36 @@ def gram_side(w: torch.Tensor) -> torch.Tensor:
     return w if w.shape[1] <= w.shape[0] else w.T
 
 
-#: Bytes per checksum piece: `weight_checksum` hashes the SHA-256 digests of the pieces (a fixed
-#: size, so the checksum does not depend on how many threads hash them).
-CHECKSUM_PIECE = 16 << 20
+def _prefix(w: torch.Tensor) -> str:
+    return f"{w.dtype}|{'x'.join(map(str, w.shape))}|"
 
 
 def weight_checksum(w: torch.Tensor) -> str:
-    """A checksum of a weight's dtype, shape and bytes: SHA-256 of the SHA-256 digests of its
-    pieces of `CHECKSUM_PIECE` bytes (a changed base weight, even a forged one, changes it). With
-    the SHA extensions of current CPUs SHA-256 runs at about 1.1 GB/s per core, faster than the
-    CRC-32 + Adler-32 pair it replaced; hashlib releases the GIL, so the pieces of a weight of
-    several pieces are hashed on up to ``torch.get_num_threads()`` threads, started here and
-    joined before returning (an 11008 x 4096 float32 weight: 0.17 s on one thread, 0.09 s on two)."""
+    """A checksum of a weight's dtype, shape and bytes: ``"{dtype}|{shape}|d128:{32 hex}"`` with
+    the digest of `tbfast.ops.digest` (``tbfast::weight_digest``), computed on the weight's device
+    (no host copy of a GPU weight). The C++ CPU kernel is memory-bandwidth bound (an 11008 x 4096
+    float32 weight: about 0.02 s on one or two threads of an AVX-512 Xeon, where the SHA-256 of
+    `sha256_checksum` took 0.16 s / 0.08 s). A check against accidental change, not forgery."""
+    return f"{_prefix(w)}d128:{digest_hex(w)}"
+
+
+#: Bytes per piece of the legacy checksum: `sha256_checksum` hashes the SHA-256 digests of the
+#: pieces (a fixed size, so the checksum does not depend on how many threads hash them).
+CHECKSUM_PIECE = 16 << 20
+_SHA256_FORM = re.compile(r"[^|]*\|[0-9x]*\|[0-9a-f]{64}")
+
+
+def is_sha256_checksum(checksum: str) -> bool:
+    """True when ``checksum`` has the legacy form of `sha256_checksum` (cache files written
+    before `weight_checksum` used the digest)."""
+    return _SHA256_FORM.fullmatch(checksum) is not None
+
+
+def sha256_checksum(w: torch.Tensor) -> str:
+    """The legacy checksum (``"{dtype}|{shape}|{64 hex}"``): SHA-256 of the SHA-256 digests of the
+    weight's pieces of `CHECKSUM_PIECE` bytes, hashed on up to ``torch.get_num_threads()``
+    threads (hashlib releases the GIL; about 1.1 GB/s per core). Kept to verify cache entries
+    saved with it, once each (`BaseSpectrumCache.lookup`)."""
     flat = w.detach().to("cpu").contiguous().reshape(-1)
     buf = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
     starts = range(0, max(len(buf), 1), CHECKSUM_PIECE)
@@ -69,7 +94,7 @@ def weight_checksum(w: torch.Tensor) -> str:
     finally:
         for t in threads:
             t.join()
-    return f"{w.dtype}|{'x'.join(map(str, w.shape))}|{hashlib.sha256(b''.join(digests)).hexdigest()}"
+    return f"{_prefix(w)}{hashlib.sha256(b''.join(digests)).hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -132,12 +157,18 @@ class BaseSpectrumCache:
     def lookup(self, name: str, weight: torch.Tensor, *, checksum: str | None = None) -> BaseSpectrum | None:
         """The base spectrum of ``weight`` (2-D) under ``name``: the stored one when its checksum
         matches, else computed now (one float64 eigendecomposition of the Gram) and stored. None
-        when it does not fit the memory budget (the caller takes the full path)."""
+        when it does not fit the memory budget (the caller takes the full path). An entry with a
+        legacy SHA-256 checksum (a file saved before the digest) is verified with
+        `sha256_checksum` once and re-keyed to ``checksum`` / `weight_checksum`."""
         if weight.dim() != 2:
             raise ValueError(f"layer {name!r}: base weight must be 2-D, got shape {tuple(weight.shape)}")
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         cs = weight_checksum(weight) if checksum is None else checksum
         old = self._entries.get(name)
+        if old is not None and old.checksum != cs and old.shape == shape and is_sha256_checksum(old.checksum):
+            if sha256_checksum(weight) == old.checksum:
+                logger.info("layer %r: legacy SHA-256 checksum verified; entry re-keyed to %s", name, cs)
+                old = self._entries[name] = replace(old, checksum=cs)
         if old is not None:
             if old.checksum == cs and old.shape == shape:
                 return old
