@@ -195,9 +195,10 @@ run_step env 30 env_info
 run_step build 200 build
 run_step backends 60 report_backends
 # one pytest process: the CUDA-marked tests (cuSOLVER, whole GPU pipeline, TF32 / autocast independence of
-# the ESD: test_global_state) and the Triton kernels on the GPU
+# the ESD: test_global_state), the Triton kernels and the weight_digest torch reference on the GPU
 run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_ops_eig.py tests/test_ops.py tests/test_gpu_pipeline.py tests/test_triton_kernels.py \
-  tests/test_async.py::test_cuda_async_step_makes_no_host_sync tests/test_global_state.py -q -rs \
+  tests/test_async.py::test_cuda_async_step_makes_no_host_sync tests/test_global_state.py \
+  tests/test_ops_digest.py::test_cuda_weight_is_digested_on_the_gpu -q -rs \
   --junitxml="$OUTDIR/junit_gpu.xml" -p no:cacheprovider
 run_step bench ${TBFAST_CHECK_BENCH_LIMIT:-120} bench
 run_step eig_timing 60 eig_timing
