@@ -55,30 +55,36 @@ TBFAST_AVX512 inline __mmask8 lane_mask(int64_t left) {
 }  // namespace
 
 TBFAST_AVX512 void secular_part_avx512(const double* dd, const double* w, int64_t j0, int64_t j1, double base,
-                                       double t, double* sum, double* dsum) {
+                                       double t, double* sum1, double* sum2, double* sum3) {
   const __m512d vb = _mm512_set1_pd(base), vt = _mm512_set1_pd(t);
-  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), q0 = _mm512_setzero_pd(), q1 = _mm512_setzero_pd();
+  __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
     const __m512d r0 = recip(_mm512_sub_pd(_mm512_sub_pd(_mm512_loadu_pd(dd + j), vb), vt));
     const __m512d r1 = recip(_mm512_sub_pd(_mm512_sub_pd(_mm512_loadu_pd(dd + j + 8), vb), vt));
-    const __m512d a0 = _mm512_mul_pd(_mm512_loadu_pd(w + j), r0);
-    const __m512d a1 = _mm512_mul_pd(_mm512_loadu_pd(w + j + 8), r1);
-    s0 = _mm512_add_pd(s0, a0);
-    s1 = _mm512_add_pd(s1, a1);
-    q0 = _mm512_fmadd_pd(a0, r0, q0);
-    q1 = _mm512_fmadd_pd(a1, r1, q1);
+    const __m512d e0 = _mm512_mul_pd(_mm512_loadu_pd(w + j), r0);
+    const __m512d e1 = _mm512_mul_pd(_mm512_loadu_pd(w + j + 8), r1);
+    const __m512d q0 = _mm512_mul_pd(e0, r0), q1 = _mm512_mul_pd(e1, r1);
+    a0 = _mm512_add_pd(a0, e0);
+    a1 = _mm512_add_pd(a1, e1);
+    b0 = _mm512_add_pd(b0, q0);
+    b1 = _mm512_add_pd(b1, q1);
+    c0 = _mm512_fmadd_pd(q0, r0, c0);
+    c1 = _mm512_fmadd_pd(q1, r1, c1);
   }
   for (; j < j1; j += 8) {
     const __mmask8 m = lane_mask(j1 - j);
     const __m512d x = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(m, dd + j), vb), vt);
     const __m512d r = recip(x);
-    const __m512d a = _mm512_mul_pd(_mm512_maskz_loadu_pd(m, w + j), r);
-    s0 = _mm512_mask_add_pd(s0, m, s0, a);
-    q0 = _mm512_mask3_fmadd_pd(a, r, q0, m);
+    const __m512d e = _mm512_mul_pd(_mm512_maskz_loadu_pd(m, w + j), r);
+    const __m512d q = _mm512_maskz_mul_pd(m, e, r);
+    a0 = _mm512_mask_add_pd(a0, m, a0, e);
+    b0 = _mm512_add_pd(b0, q);
+    c0 = _mm512_mask3_fmadd_pd(q, r, c0, m);
   }
-  *sum = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
-  *dsum = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
+  *sum1 = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+  *sum2 = _mm512_reduce_add_pd(_mm512_add_pd(b0, b1));
+  *sum3 = _mm512_reduce_add_pd(_mm512_add_pd(c0, c1));
 }
 
 TBFAST_AVX512 double ratio_product_avx512(const double* dorg, const double* tau, const double* dd, int64_t i0,
@@ -167,7 +173,7 @@ TBFAST_AVX512 void cauchy_products_quad_avx512(int64_t K, int64_t nv, const doub
 #else  // no AVX-512 variants in this build
 
 bool avx512_supported() { return false; }
-void secular_part_avx512(const double*, const double*, int64_t, int64_t, double, double, double*, double*) {}
+void secular_part_avx512(const double*, const double*, int64_t, int64_t, double, double, double*, double*, double*) {}
 double ratio_product_avx512(const double*, const double*, const double*, int64_t, int64_t, double) { return 0.0; }
 void cauchy_products_quad_avx512(int64_t, int64_t, const double*, const double*, const double*, const double*,
                                  const double*, double*, double* const*) {}

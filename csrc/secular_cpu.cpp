@@ -10,9 +10,11 @@
 //     z component vanishes (tol = 8 eps max(max|d|, rho));
 //   - the K remaining roots of f(x) = 1 + sum_j rho z_j^2 / (d_j - x) lie one in each gap
 //     (d_i, d_i+1) and one in (d_K, d_K + rho). Each is found relative to its nearer pole
-//     (x = d_o + tau, so d_j - x = (d_j - d_o) - tau is exact) by a two-pole rational model
-//     of f (values and derivatives of the parts left and right of the gap), safeguarded by a
-//     bracket that is bisected whenever the model step leaves it;
+//     (x = d_o + tau, so d_j - x = (d_j - d_o) - tau is exact) by a model of f that keeps the
+//     kWindow nearest poles on each side exactly and the rest as one rational term per side
+//     (secular_root); roots are solved in runs, each from the previous root's sums, so that
+//     about one evaluation of f per root suffices; safeguarded by a bracket that is bisected
+//     whenever a model step leaves it;
 //   - z is recomputed from the roots (the Gu-Eisenstat formula
 //     zhat_j^2 = prod_i (x_i - d_j) / (rho prod_{i != j} (d_i - d_j))), so the eigenvectors
 //     v_i ~ zhat / (d - x_i) are numerically orthogonal;
@@ -43,6 +45,10 @@ constexpr double kStepStop = 1e-10;  // relative model step after which a root i
 // Below this many roots a loop runs on the calling thread: a parallel region per update costs a
 // thread wake-up (and, on a busy machine, a wait for a descheduled thread) that small K never repays.
 constexpr int64_t kMinParallelRoots = 512;
+
+// Roots solved in sequence on one thread, each from its predecessor's sums (the first of a run
+// evaluates f at the middle of its gap: one evaluation more).
+constexpr int64_t kChainRoots = 32;
 
 inline int64_t work_of(int64_t K, int64_t per) { return K >= kMinParallelRoots ? K * per : 0; }
 
@@ -95,10 +101,14 @@ void jacobi_eigh(int64_t k, std::vector<double>& a, std::vector<double>& c, std:
   for (int64_t i = 0; i < k; ++i) c[i] = a[i * k + i];
 }
 
-// Sums of the secular function at x = base + t: the terms j <= i (psi, its derivative dpsi) and
-// j > i (phi, dphi), and the sum of |terms| (for the rounding-error bound of f).
+// The terms of the secular function at x = base + t, t_j = w_j / ((dd_j - base) - t), summed on
+// each side of a root's gap ([0]: j <= i, [1]: j > i): s1 = sum t_j (f = 1 + s1[0] + s1[1]),
+// s2 = sum t_j / x_j (f'), s3 = sum t_j / x_j^2 (f'' / 2), with x_j = (dd_j - base) - t.
 struct SecularSums {
-  double psi = 0, dpsi = 0, phi = 0, dphi = 0, aterms = 0;
+  double s1[2] = {0, 0}, s2[2] = {0, 0}, s3[2] = {0, 0};
+  double f() const { return 1.0 + s1[0] + s1[1]; }
+  double df() const { return s2[0] + s2[1]; }
+  double aterms() const { return s1[1] - s1[0]; }  // sum |t_j|: s1[0] <= 0 <= s1[1] inside the gap
 };
 
 // The hot loops are compiled twice on x86-64 GCC (AVX2 and baseline) and picked at load time.
@@ -108,96 +118,210 @@ struct SecularSums {
 #define TBFAST_HOT_CLONES
 #endif
 
-// One part of the sums (terms j0 <= j < j1); a SIMD reduction (OpenMP simd: the sums may be
+// One side of the sums (terms j0 <= j < j1); a SIMD reduction (OpenMP simd: the sums may be
 // reassociated, as any summation order is as accurate for these same-sign terms).
 TBFAST_HOT_CLONES void secular_part(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
-                         double* sum, double* dsum) {
-  double s = 0, ds = 0;
-#pragma omp simd reduction(+ : s, ds)
+                                    double* s1, double* s2, double* s3) {
+  double a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
   for (int64_t j = j0; j < j1; ++j) {
     const double inv = 1.0 / ((dd[j] - base) - t);
-    const double term = w[j] * inv;
-    s += term;
-    ds += term * inv;
+    const double term = w[j] * inv, q = term * inv;
+    a += term;
+    b += q;
+    c += q * inv;
   }
-  *sum = s;
-  *dsum = ds;
+  *s1 = a;
+  *s2 = b;
+  *s3 = c;
 }
 
 inline SecularSums secular_sums(int64_t K, const double* dd, const double* w, int64_t i, double base, double t,
                                 bool wide) {
   SecularSums s;
   const auto part = wide ? simd::secular_part_avx512 : secular_part;
-  part(dd, w, 0, i + 1, base, t, &s.psi, &s.dpsi);
-  part(dd, w, i + 1, K, base, t, &s.phi, &s.dphi);
-  s.aterms = s.phi - s.psi;  // psi <= 0 <= phi for x inside (dd_i, dd_i+1)
+  part(dd, w, 0, i + 1, base, t, &s.s1[0], &s.s2[0], &s.s3[0]);
+  part(dd, w, i + 1, K, base, t, &s.s1[1], &s.s2[1], &s.s3[1]);
   return s;
 }
 
-// Poles on each side of a root's gap whose terms model_step keeps exactly. More poles, fewer
-// passes over all K terms: 1, 4 and 8 per side took 3.9, 3.3 and 3.1 evaluations of f per root
-// (midpoint included) on a 4096-pole Gram spectrum, against 4.65 for a two-pole rational model.
-constexpr int64_t kExactPoles = 8;
+// Poles on each side of a root's gap that the root model keeps exactly (its window). The rest of
+// f, the far field, is replaced by one rational term per side. With 16 poles per side, a first
+// guess from the previous root's sums needs one evaluation of f to converge for about 98% of the
+// roots of a 4096-pole Gram spectrum (8: 76%); see secular_root.
+constexpr int64_t kWindow = 16;
 
-// The step s from t to the root of the model of f
-//   g(s) = r0 + r1 s + sum_{j in window} w_j / (x_j - s),   x_j = (dd_j - base) - t,
-// in which the window (kExactPoles poles on each side of gap i) is kept exactly and the rest of f
-// is replaced by its tangent at t (r0 = f - window(0), r1 = f' - window'(0) >= 0), so that g(0) =
-// f(t) and g'(0) = f'(t). g increases on the bracket (lo - t, hi - t), which holds no pole, so a
-// Newton iteration on g safeguarded by bisection finds its root in O(window) per step.
-double model_step(int64_t K, const double* dd, const double* w, int64_t i, double base, double t, double f, double df,
-                  double lo, double hi) {
-  const int64_t j0 = std::max<int64_t>(0, i - kExactPoles + 1), j1 = std::min<int64_t>(K, i + kExactPoles + 1);
-  double x[2 * kExactPoles], wj[2 * kExactPoles];
-  int64_t m = 0;
-  double g0 = 0, dg0 = 0;
-  for (int64_t j = j0; j < j1; ++j, ++m) {
-    x[m] = (dd[j] - base) - t;
-    wj[m] = w[j];
-    const double inv = 1.0 / x[m];
-    g0 += w[j] * inv;
-    dg0 += w[j] * inv * inv;
+// One side's far field as a function of the displacement v from the point where it was fitted:
+// a + b / (c - v), whose value, slope and curvature there match those of the far terms (a single
+// pole at c, a weighted mean of the far poles' positions, so beyond the window; exact when the far
+// poles coincide), or the tangent a + b v when that fit does not exist. f2 and dmin (the far
+// terms' slope and the distance to the nearest far pole) bound the model's error (error_bound).
+struct FarSide {
+  double a = 0, b = 0, c = 0, f2 = 0, dmin = 0;
+  bool pole = false, present = false;
+  double value(double v) const { return pole ? a + b / (c - v) : a + b * v; }
+  double slope(double v) const {
+    if (!pole) return b;
+    const double r = 1.0 / (c - v);
+    return b * r * r;
   }
-  const double r0 = f - g0, r1 = std::max(0.0, df - dg0);
-  double a = lo - t, b = hi - t, s = 0.0, g = f, dg = df;
-  for (int it = 0; it < 100; ++it) {
-    if (g == 0.0) return s;
-    if (g < 0) a = std::max(a, s); else b = std::min(b, s);
-    double sn = s - g / dg;
-    if (!(sn > a && sn < b)) sn = a + (b - a) / 2;  // also catches NaN
-    if (std::fabs(sn - s) <= 1e-3 * kStepStop * std::fabs(t + sn) || b - a <= 4 * kEps * std::fabs(t + sn)) return sn;
-    s = sn;
-    g = r0 + r1 * s;
-    dg = r1;
-    for (int64_t k = 0; k < m; ++k) {
-      const double inv = 1.0 / (x[k] - s), term = wj[k] * inv;
-      g += term;
-      dg += term * inv;
+  // A bound on |far terms - this model| after a displacement v (|v| < dmin): the third (rational)
+  // or second (tangent) derivatives of both, bounded through f2 = sum w / x^2 and dmin.
+  double error_bound(double v) const {
+    if (!present) return 0.0;
+    const double s = std::fabs(v), r = dmin - s;
+    if (!(r > 0)) return std::numeric_limits<double>::infinity();
+    const double k = f2 * dmin * dmin / (r * r * r);
+    return pole ? 2 * k * s * s * s / r : k * s * s;
+  }
+};
+
+// F1, F2, F3: the far terms' s1, s2, s3 at the fit point; side -1 (poles to the left) or +1.
+FarSide fit_far(double F1, double F2, double F3, double dmin, int side, double slope_total) {
+  FarSide f;
+  f.present = true;
+  f.dmin = dmin;
+  // F2 is a difference (all terms minus the window's): bound it by its rounding error too
+  f.f2 = std::max(F2, 0.0) + 8 * kEps * slope_total;
+  f.a = F1;
+  f.b = std::max(F2, 0.0);
+  if (F2 > 0 && F3 != 0) {
+    const double c = F2 / F3;
+    if (std::isfinite(c) && side * c >= dmin) {
+      f.c = c;
+      f.b = F2 * c * c;
+      f.a = F1 - F2 * c;
+      f.pole = true;
     }
   }
-  return s;
+  return f;
 }
+
+// The model of f near root i, in the frame of `base`: g(u) = 1 + sum over the window of
+// w_j / ((dd_j - base) - u) + the far fields at (u - at). g increases between two window poles.
+struct RootModel {
+  int64_t m = 0;
+  double x[2 * kWindow], wj[2 * kWindow];
+  FarSide far[2];
+  double at = 0;
+
+  void eval(double u, double* g, double* dg) const {
+    double s = 0, ds = 0;
+#pragma omp simd reduction(+ : s, ds)
+    for (int64_t k = 0; k < m; ++k) {
+      const double inv = 1.0 / (x[k] - u), term = wj[k] * inv;
+      s += term;
+      ds += term * inv;
+    }
+    *g = 1.0 + s + far[0].value(u - at) + far[1].value(u - at);
+    *dg = ds + far[0].slope(u - at) + far[1].slope(u - at);
+  }
+  double error_bound(double u) const { return far[0].error_bound(u - at) + far[1].error_bound(u - at); }
+};
+
+// The model of root i (window [j0, j1), frame base) with its far fields fitted to the sums S taken
+// at tf (frame base) with the sides split after `split` (i, or i - 1 for the previous root's sums).
+void build_model(RootModel& M, int64_t K, const double* dd, const double* w, int64_t i, double base, double tf,
+                 const SecularSums& S, int64_t split) {
+  const int64_t j0 = std::max<int64_t>(0, i - kWindow + 1), j1 = std::min<int64_t>(K, i + kWindow + 1);
+  double win1[2] = {0, 0}, win2[2] = {0, 0}, win3[2] = {0, 0};
+  double t1[2] = {S.s1[0], S.s1[1]}, t2[2] = {S.s2[0], S.s2[1]}, t3[2] = {S.s3[0], S.s3[1]};
+  M.m = j1 - j0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t k = j - j0;
+    M.x[k] = dd[j] - base;
+    M.wj[k] = w[j];
+    const double inv = 1.0 / (M.x[k] - tf), term = w[j] * inv, q = term * inv;
+    const int side = j <= i ? 0 : 1;
+    win1[side] += term;
+    win2[side] += q;
+    win3[side] += q * inv;
+    if (j > split && j <= i) {  // sums split after i - 1: pole i moves to the left side
+      t1[0] += term, t1[1] -= term;
+      t2[0] += q, t2[1] -= q;
+      t3[0] += q * inv, t3[1] -= q * inv;
+    }
+  }
+  M.at = tf;
+  M.far[0] = j0 > 0 ? fit_far(t1[0] - win1[0], t2[0] - win2[0], t3[0] - win3[0], tf - (dd[j0 - 1] - base), -1, t2[0])
+                    : FarSide{};
+  M.far[1] = j1 < K ? fit_far(t1[1] - win1[1], t2[1] - win2[1], t3[1] - win3[1], (dd[j1] - base) - tf, 1, t2[1])
+                    : FarSide{};
+}
+
+// The root of the model in (lo, hi) from u (where g, dg are the model's value and slope): Newton
+// steps safeguarded by bisection, until a step below rel |u| (taken even if rounding puts it on the
+// bracket's end, which is then u itself) or a bracket of a few ulps.
+double solve_model(const RootModel& M, double lo, double hi, double u, double g, double dg, double rel,
+                   double* dg_out) {
+  for (int it = 0; it < 100; ++it) {
+    if (g == 0.0) break;
+    if (g < 0) lo = std::max(lo, u); else hi = std::min(hi, u);
+    const double step = g / dg;
+    double un = u - step;
+    const bool done = std::fabs(step) <= rel * std::fabs(u) ||
+                      hi - lo <= 4 * kEps * std::max(std::fabs(lo), std::fabs(hi));
+    if (!done && !(un > lo && un < hi)) un = lo + (hi - lo) / 2;  // also catches NaN
+    u = un;
+    M.eval(u, &g, &dg);
+    if (done) break;
+  }
+  *dg_out = dg;
+  return u;
+}
+
+// The previous root's last evaluation of f (its sums split after its index prev), kept so that the
+// next root's model can be fitted without an evaluation of its own (secular_root).
+struct Chain {
+  bool valid = false;
+  int64_t prev = -1, o = 0;
+  double t = 0;
+  SecularSums S;
+};
 
 // One root of f(x) = 1 + sum_j w_j / (dd_j - x), w_j > 0, dd strictly ascending (K values):
 // the root in (dd_i, dd_i+1), or in (dd_K-1, dd_K-1 + sum w) for i = K - 1. Returns false when
-// it did not converge. The root is dd[*origin] + *tau.
+// it did not converge. The root is dd[*origin] + *tau, measured from the nearer pole.
+//
+// First point: with the previous root's sums (chain), the root of this root's model fitted to
+// them (its window exact, the far field moved by about one gap); else the middle of the gap,
+// whose sign of f says which pole is nearer. Then: evaluate f (all K terms), fit the model there,
+// step to its root. A step is the last when it is below kStepStop |t| (the model converges
+// quadratically) or when the model's own error bound over the step (FarSide::error_bound) moves
+// the root by less than one unit roundoff of |t|: usually after the first evaluation.
 bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int64_t i, int64_t* origin,
-                  double* tau, bool wide) {
+                  double* tau, bool wide, Chain& chain) {
   const bool last = (i == K - 1);
+  // the last root lies in (dd_K-1, dd_K-1 + wsum], at its right end when K = 1
+  const double gap = last ? wsum * (1 + 8 * kEps) : dd[i + 1] - dd[i];
   int64_t o = i;
-  double lo, hi, t;
+  double lo = 0.0, hi = gap, t;
   SecularSums s;
-  if (last) {
-    lo = 0.0;
-    hi = wsum;
-    t = wsum / 2;
-    s = secular_sums(K, dd, w, i, dd[o], t, wide);
+  bool have = false;  // s holds f's sums at t
+  RootModel M;
+  if (chain.valid && chain.prev == i - 1) {
+    const double tf = (dd[chain.o] - dd[i]) + chain.t;
+    build_model(M, K, dd, w, i, dd[i], tf, chain.S, i - 1);
+    double g, dg;
+    M.eval(gap / 2, &g, &dg);
+    double u = solve_model(M, 0.0, gap, gap / 2, g, dg, 1e-8, &dg);
+    if (!(u > 0 && u < gap)) u = gap / 2;
+    if (!last && u > gap / 2) {
+      o = i + 1;
+      lo = dd[i] - dd[i + 1];
+      hi = 0.0;
+      t = u - gap;
+    } else {
+      t = u;
+    }
+  } else if (last) {
+    t = gap / 2;
   } else {
-    // start at the middle of the gap; its sign says which pole is nearer the root
-    const double half = (dd[i + 1] - dd[i]) / 2;
+    // the middle of the gap; its sign says which pole is nearer the root
+    const double half = gap / 2;
     s = secular_sums(K, dd, w, i, dd[i], half, wide);
-    if (1.0 + s.psi + s.phi >= 0) {
-      lo = 0.0;
+    have = true;
+    if (s.f() >= 0) {
       hi = half;
       t = half;
     } else {
@@ -208,22 +332,45 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
     }
   }
   const double base = dd[o];
-  for (int it = 0; it < kMaxIter; ++it) {
-    if (it > 0) s = secular_sums(K, dd, w, i, base, t, wide);
-    const double f = 1.0 + s.psi + s.phi;
-    if (!std::isfinite(f)) return false;
-    if (std::fabs(f) <= 8 * kEps * (1.0 + s.aterms)) break;
+  bool converged = false;
+  for (int it = 0; it < kMaxIter && !converged; ++it) {
+    if (!have) s = secular_sums(K, dd, w, i, base, t, wide);
+    have = false;
+    chain.valid = true;
+    chain.prev = i;
+    chain.o = o;
+    chain.t = t;
+    chain.S = s;
+    const double f = s.f();
+    if (!std::isfinite(f)) {
+      chain.valid = false;
+      return false;
+    }
+    if (std::fabs(f) <= 8 * kEps * (1.0 + s.aterms())) break;
     if (f < 0) lo = std::max(lo, t); else hi = std::min(hi, t);
     if (hi - lo <= 4 * kEps * std::max(std::fabs(lo), std::fabs(hi))) break;
-    const double step = model_step(K, dd, w, i, base, t, f, s.dpsi + s.dphi, lo, hi);
-    double tn = t + step;
-    if (!(tn > lo && tn < hi)) tn = lo + (hi - lo) / 2;  // also catches NaN
-    const double moved = std::fabs(tn - t);
+    build_model(M, K, dd, w, i, base, t, s, i);
+    double dg;
+    double tn = solve_model(M, lo, hi, t, f, s.df(), 1e-3 * kStepStop, &dg);
+    if (std::fabs(tn - t) <= kStepStop * std::fabs(tn)) {
+      converged = true;  // (a step that rounding put on the bracket's end is t itself)
+    } else if (tn > lo && tn < hi) {
+      // the root of f lies within error_bound / f' of the model's root (f' >= dg / 2 this close)
+      converged = 2 * M.error_bound(tn) <= kEps * std::fabs(tn) * dg;
+    } else {
+      tn = lo + (hi - lo) / 2;  // a model root outside the bracket (also NaN): bisect
+    }
     t = tn;
-    // The model step converges quadratically near the root: after a step below kStepStop |t| the
-    // next one would be below kStepStop^2 |t| (under the rounding of f), so one evaluation is saved.
-    if (moved <= kStepStop * std::fabs(t)) break;
-    if (it == kMaxIter - 1) return false;
+    if (!converged && it == kMaxIter - 1) {
+      chain.valid = false;
+      return false;
+    }
+  }
+  // A first guess on the wrong side of the middle leaves the root measured from the farther pole,
+  // where tau would not be relatively accurate: solve it again from the middle of the gap.
+  if (!last && std::fabs(t) > gap / 2) {
+    chain.valid = false;
+    return secular_root(K, dd, w, wsum, i, origin, tau, wide, chain);
   }
   *origin = o;
   *tau = t;
@@ -392,8 +539,12 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
     std::vector<int64_t> org(K);
     std::vector<double> tau(K);
     std::vector<char> ok(K, 1);
-    parallel_for_dynamic(K, 16, work_of(K, K * 6), [&](int64_t i) {
-      ok[i] = secular_root(K, dd.data(), w.data(), wsum, i, &org[i], &tau[i], wide) ? 1 : 0;
+    // roots in runs of kChainRoots, each run on one thread so that a root starts from the sums of
+    // the one before it (secular_root)
+    parallel_for_dynamic((K + kChainRoots - 1) / kChainRoots, 1, work_of(K, K * 3), [&](int64_t run) {
+      Chain chain;
+      for (int64_t i = run * kChainRoots; i < std::min(K, (run + 1) * kChainRoots); ++i)
+        ok[i] = secular_root(K, dd.data(), w.data(), wsum, i, &org[i], &tau[i], wide, chain) ? 1 : 0;
     });
     for (int64_t i = 0; i < K; ++i)
       if (!ok[i]) return false;

@@ -25,10 +25,10 @@ bool use_avx512();
 // "avx512" or "portable": what use_avx512() picks now.
 const char* active_name();
 
-// sum_{j0<=j<j1} w_j / ((dd_j - base) - t) into *sum and the sum of the squared-denominator terms
-// (the derivative) into *dsum.
+// With x_j = (dd_j - base) - t and t_j = w_j / x_j, over j0 <= j < j1: sum t_j into *sum1,
+// sum t_j / x_j (the derivative) into *sum2 and sum t_j / x_j^2 (half the second derivative) into *sum3.
 void secular_part_avx512(const double* dd, const double* w, int64_t j0, int64_t j1, double base, double t,
-                         double* sum, double* dsum);
+                         double* sum1, double* sum2, double* sum3);
 
 // prod_{i0<=i<i1} ((dorg_i - dj) + tau_i) / (dd_i - dj).
 double ratio_product_avx512(const double* dorg, const double* tau, const double* dd, int64_t i0, int64_t i1,
