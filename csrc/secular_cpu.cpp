@@ -46,6 +46,11 @@ constexpr int64_t kMinParallelRoots = 512;
 
 inline int64_t work_of(int64_t K, int64_t per) { return K >= kMinParallelRoots ? K * per : 0; }
 
+// p rounded up to the next 64-byte boundary (a cache line: 512-bit loads that cross one cost two).
+inline double* align64(double* p) {
+  return reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // Status codes of one layer (kept equal to tbfast/ops/secular.py).
 constexpr int kOk = 0;
 constexpr int kNotConverged = 1;
@@ -412,23 +417,26 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
         const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);
         zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
       });
-      std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
+      // sub: the vectors' surviving entries, one row each (64-byte aligned: whole-line SIMD loads)
+      std::vector<double> sub_store(nv * K + 8), out(K * nv);
+      double* const sub = align64(sub_store.data());
       for (int64_t v = 0; v < nv; ++v)
         for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
-      if (wide) {  // four roots per pass (a group of fewer repeats its last root into a scratch row)
-        parallel_for_dynamic((K + 3) / 4, 4, work_of(K, K * (nv + 2)), [&](int64_t group) {
-          thread_local std::vector<double> vi, scratch;
-          vi.resize(4 * K);
+      if (wide) {  // kCarryRoots roots per pass (a short last group repeats its last root into a scratch row)
+        constexpr int R = simd::kCarryRoots;
+        parallel_for_dynamic((K + R - 1) / R, 2, work_of(K, K * (nv + 2)), [&](int64_t group) {
+          thread_local std::vector<double> work, scratch;
+          work.resize(simd::carry_work_size(nv) + 8);
           scratch.resize(nv);
-          double base[4], t[4];
-          double* outs[4];
-          for (int r = 0; r < 4; ++r) {
-            const int64_t i = std::min(4 * group + r, K - 1);
+          double base[R], t[R];
+          double* outs[R];
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = std::min(R * group + r, K - 1);
             base[r] = dd[org[i]];
             t[r] = tau[i];
-            outs[r] = 4 * group + r < K ? out.data() + i * nv : scratch.data();
+            outs[r] = R * group + r < K ? out.data() + i * nv : scratch.data();
           }
-          simd::cauchy_products_quad_avx512(K, nv, dd.data(), zh.data(), base, t, sub.data(), vi.data(), outs);
+          simd::cauchy_products_group_avx512(K, nv, dd.data(), zh.data(), base, t, sub, align64(work.data()), outs);
         });
       } else {
         parallel_for_dynamic((K + 1) / 2, 8, work_of(K, K * (nv + 2)), [&](int64_t pair) {
@@ -437,9 +445,9 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
           const int64_t i = 2 * pair;
           if (i + 1 < K) {
             cauchy_products_pair(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], dd[org[i + 1]], tau[i + 1],
-                                 sub.data(), vi.data(), vi.data() + K, out.data() + i * nv, out.data() + (i + 1) * nv);
+                                 sub, vi.data(), vi.data() + K, out.data() + i * nv, out.data() + (i + 1) * nv);
           } else {
-            cauchy_products(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], sub.data(), vi.data(),
+            cauchy_products(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], sub, vi.data(),
                             out.data() + i * nv);
           }
         });
