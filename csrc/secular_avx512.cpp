@@ -109,64 +109,71 @@ TBFAST_AVX512 double ratio_product_avx512(const double* dorg, const double* tau,
   return _mm512_reduce_mul_pd(_mm512_mul_pd(_mm512_mul_pd(p0, p1), _mm512_mul_pd(p2, p3)));
 }
 
-TBFAST_AVX512 void cauchy_products_quad_avx512(int64_t K, int64_t nv, const double* dd, const double* zh,
-                                               const double* base, const double* t, const double* sub, double* vp,
-                                               double* const* out) {
-  __m512d b[4], u[4], nr[4];
-  for (int r = 0; r < 4; ++r) {
+// The carry's inner loop over one chunk of len entries, for Q consecutive rows of sub (s: the
+// chunk of the first, rows ld apart; Q <= 3) and the kCarryRoots roots of a group (vc: their v over
+// the chunk, kCarryChunk apart): acc[q][r] += v_r[j] * sub_q[j], lane by lane, for j in the chunk.
+// The 3 x 8 accumulators live in registers for the whole chunk (taken from and put back into the
+// L1 array acc once per chunk); each step's Q loads of sub and 8 loads of v feed 8 Q multiply-adds.
+template <int Q>
+TBFAST_AVX512 inline void carry_chunk_rows(int64_t len, const double* vc, const double* s, int64_t ld, double* acc) {
+  constexpr int R = kCarryRoots;
+  __m512d a[Q][R];
+  for (int q = 0; q < Q; ++q)
+    for (int r = 0; r < R; ++r) a[q][r] = _mm512_loadu_pd(acc + (q * R + r) * 8);
+  for (int64_t jj = 0; jj < len; jj += 8) {
+    const __mmask8 m = lane_mask(len - jj);  // v is zero past len; the mask keeps the loads of sub in bounds
+    __m512d w[Q];
+    for (int q = 0; q < Q; ++q) w[q] = _mm512_maskz_loadu_pd(m, s + q * ld + jj);
+    for (int r = 0; r < R; ++r) {
+      __m512d x = _mm512_loadu_pd(vc + r * kCarryChunk + jj);
+      __asm__("" : "+v"(x));  // one load of v per step: GCC would otherwise fold a load into every FMA
+      for (int q = 0; q < Q; ++q) a[q][r] = _mm512_fmadd_pd(x, w[q], a[q][r]);
+    }
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int r = 0; r < R; ++r) _mm512_storeu_pd(acc + (q * R + r) * 8, a[q][r]);
+}
+
+TBFAST_AVX512 void cauchy_products_group_avx512(int64_t K, int64_t nv, const double* dd, const double* zh,
+                                                const double* base, const double* t, const double* sub, double* work,
+                                                double* const* out) {
+  constexpr int R = kCarryRoots;
+  constexpr int64_t J = kCarryChunk;
+  // work: the group's v over the current chunk (R x J), then the accumulators (nv x R vectors of
+  // 8 lanes). Both stay in L1 (16 KiB + 7.5 KiB at nv = 15), so v never goes to L2 and back, and
+  // sub streams from L2 once per group of R roots.
+  double* vc = work;
+  double* acc = work + R * J;
+  std::memset(acc, 0, sizeof(double) * 8 * R * nv);
+  __m512d b[R], u[R], nr[R];
+  for (int r = 0; r < R; ++r) {
     b[r] = _mm512_set1_pd(base[r]);
     u[r] = _mm512_set1_pd(t[r]);
     nr[r] = _mm512_setzero_pd();
   }
-  for (int64_t j = 0; j < K; j += 8) {
-    const __mmask8 m = lane_mask(K - j);
-    const __m512d d = _mm512_maskz_loadu_pd(m, dd + j), z = _mm512_maskz_loadu_pd(m, zh + j);
-    for (int r = 0; r < 4; ++r) {
-      const __m512d x = _mm512_maskz_mul_pd(m, z, recip(_mm512_sub_pd(_mm512_sub_pd(d, b[r]), u[r])));
-      _mm512_mask_storeu_pd(vp + r * K + j, m, x);
-      nr[r] = _mm512_fmadd_pd(x, x, nr[r]);
-    }
-  }
-  double inv[4];
-  for (int r = 0; r < 4; ++r) inv[r] = 1.0 / __builtin_sqrt(_mm512_reduce_add_pd(nr[r]));
-  const double *v0 = vp, *v1 = vp + K, *v2 = vp + 2 * K, *v3 = vp + 3 * K;
-  int64_t v = 0;
-  // four rows of sub times four roots: sixteen accumulators; each load feeds four multiply-adds
-  for (; v + 4 <= nv; v += 4) {
-    const double* s = sub + v * K;
-    __m512d a[4][4];
-    for (int q = 0; q < 4; ++q)
-      for (int r = 0; r < 4; ++r) a[q][r] = _mm512_setzero_pd();
-    for (int64_t j = 0; j < K; j += 8) {
-      const __mmask8 m = lane_mask(K - j);
-      const __m512d x0 = _mm512_maskz_loadu_pd(m, v0 + j), x1 = _mm512_maskz_loadu_pd(m, v1 + j);
-      const __m512d x2 = _mm512_maskz_loadu_pd(m, v2 + j), x3 = _mm512_maskz_loadu_pd(m, v3 + j);
-      for (int q = 0; q < 4; ++q) {
-        const __m512d w = _mm512_maskz_loadu_pd(m, s + q * K + j);
-        a[q][0] = _mm512_fmadd_pd(x0, w, a[q][0]);
-        a[q][1] = _mm512_fmadd_pd(x1, w, a[q][1]);
-        a[q][2] = _mm512_fmadd_pd(x2, w, a[q][2]);
-        a[q][3] = _mm512_fmadd_pd(x3, w, a[q][3]);
+  for (int64_t j0 = 0; j0 < K; j0 += J) {
+    const int64_t len = K - j0 < J ? K - j0 : J;
+    // this chunk of each root's eigenvector, v_r[j] = zh_j / ((dd_j - base_r) - t_r) (zero past
+    // len), and its squared norm; each load of dd and zh serves all R roots
+    for (int64_t jj = 0; jj < len; jj += 8) {
+      const __mmask8 m = lane_mask(len - jj);
+      const __m512d d = _mm512_maskz_loadu_pd(m, dd + j0 + jj), z = _mm512_maskz_loadu_pd(m, zh + j0 + jj);
+      for (int r = 0; r < R; ++r) {
+        const __m512d x = _mm512_maskz_mul_pd(m, z, recip(_mm512_sub_pd(_mm512_sub_pd(d, b[r]), u[r])));
+        _mm512_storeu_pd(vc + r * J + jj, x);
+        nr[r] = _mm512_fmadd_pd(x, x, nr[r]);
       }
     }
-    for (int q = 0; q < 4; ++q)
-      for (int r = 0; r < 4; ++r) out[r][v + q] = _mm512_reduce_add_pd(a[q][r]) * inv[r];
+    // the same chunk of every row of sub times the R roots' v, three rows at a time
+    int64_t v = 0;
+    for (; v + 3 <= nv; v += 3) carry_chunk_rows<3>(len, vc, sub + v * K + j0, K, acc + v * R * 8);
+    if (nv - v == 2) carry_chunk_rows<2>(len, vc, sub + v * K + j0, K, acc + v * R * 8);
+    if (nv - v == 1) carry_chunk_rows<1>(len, vc, sub + v * K + j0, K, acc + v * R * 8);
   }
-  for (; v < nv; ++v) {
-    const double* s = sub + v * K;
-    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < K; j += 8) {
-      const __mmask8 m = lane_mask(K - j);
-      const __m512d w = _mm512_maskz_loadu_pd(m, s + j);
-      a0 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, v0 + j), w, a0);
-      a1 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, v1 + j), w, a1);
-      a2 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, v2 + j), w, a2);
-      a3 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, v3 + j), w, a3);
-    }
-    out[0][v] = _mm512_reduce_add_pd(a0) * inv[0];
-    out[1][v] = _mm512_reduce_add_pd(a1) * inv[1];
-    out[2][v] = _mm512_reduce_add_pd(a2) * inv[2];
-    out[3][v] = _mm512_reduce_add_pd(a3) * inv[3];
+  // out[r][v] = v_r . sub_v / ||v_r|| (the lanes summed in the same order as before the chunking)
+  for (int r = 0; r < R; ++r) {
+    const double inv = 1.0 / __builtin_sqrt(_mm512_reduce_add_pd(nr[r]));
+    for (int64_t v = 0; v < nv; ++v) out[r][v] = _mm512_reduce_add_pd(_mm512_loadu_pd(acc + (v * R + r) * 8)) * inv;
   }
 }
 
@@ -178,6 +185,11 @@ double ratio_product_avx512(const double*, const double*, const double*, int64_t
 void cauchy_products_quad_avx512(int64_t, int64_t, const double*, const double*, const double*, const double*,
                                  const double*, double*, double* const*) {}
 
+#endif
+
+#if !TBFAST_HAVE_AVX512
+void cauchy_products_group_avx512(int64_t, int64_t, const double*, const double*, const double*, const double*,
+                                  const double*, double*, double* const*) {}
 #endif
 
 bool use_avx512() {

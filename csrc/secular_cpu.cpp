@@ -52,6 +52,11 @@ constexpr int64_t kChainRoots = 32;
 
 inline int64_t work_of(int64_t K, int64_t per) { return K >= kMinParallelRoots ? K * per : 0; }
 
+// p rounded up to the next 64-byte boundary (a cache line: 512-bit loads that cross one cost two).
+inline double* align64(double* p) {
+  return reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // Status codes of one layer (kept equal to tbfast/ops/secular.py).
 constexpr int kOk = 0;
 constexpr int kNotConverged = 1;
@@ -388,108 +393,97 @@ TBFAST_HOT_CLONES double ratio_product(const double* dorg, const double* tau, co
   return p;
 }
 
-// One root's eigenvector v_j = zh_j / ((dd_j - base) - ti) (into vp) and the products
-// out[v] = v . sub[v] / ||v|| with the nv rows of sub (K entries each). The products run four
-// rows at a time (four independent SIMD accumulators: one load of v serves four rows and the
-// additions do not wait on each other).
-TBFAST_HOT_CLONES void cauchy_products(int64_t K, int64_t nv, const double* dd, const double* zh, double base,
-                                       double ti, const double* sub, double* vp, double* out) {
-  double nrm = 0;
-#pragma omp simd reduction(+ : nrm)
-  for (int64_t j = 0; j < K; ++j) {
-    const double x = zh[j] / ((dd[j] - base) - ti);
-    vp[j] = x;
-    nrm += x * x;
-  }
-  const double inv = 1.0 / std::sqrt(nrm);
-  int64_t v = 0;
-  for (; v + 4 <= nv; v += 4) {
-    const double *s0 = sub + v * K, *s1 = s0 + K, *s2 = s1 + K, *s3 = s2 + K;
-    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+// The portable carry (the AVX-512 one is simd::cauchy_products_group_avx512): for kPortableRoots
+// roots, their eigenvectors v_r[j] = zh_j / ((dd_j - base_r) - t_r) and the products
+// out[r][v] = v_r . sub_v / ||v_r|| with the nv rows of sub (K entries each). K is walked in chunks
+// of kPortableChunk entries: the chunk of the four v (into vc, kPortableChunk apart; 16 KiB) stays
+// in L1 while every row of sub meets it, so v never goes to L2 and back and sub streams from L2
+// once per four roots. Each chunk's sums (SIMD reductions: any order is as accurate) are added
+// into out, which is scaled by 1 / ||v_r|| at the end.
+constexpr int kPortableRoots = 4;
+constexpr int64_t kPortableChunk = 512;
+TBFAST_HOT_CLONES void cauchy_products_group(int64_t K, int64_t nv, const double* dd, const double* zh,
+                                             const double* base, const double* t, const double* sub, double* vc,
+                                             double* const* out) {
+  constexpr int64_t J = kPortableChunk;
+  const double b0 = base[0], b1 = base[1], b2 = base[2], b3 = base[3];
+  const double t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3];
+  double* const v0 = vc;
+  double* const v1 = vc + J;
+  double* const v2 = vc + 2 * J;
+  double* const v3 = vc + 3 * J;
+  double nr[4] = {0, 0, 0, 0};
+  for (int r = 0; r < kPortableRoots; ++r) std::fill(out[r], out[r] + nv, 0.0);
+  for (int64_t j0 = 0; j0 < K; j0 += J) {
+    const int64_t len = std::min(J, K - j0);
+    const double* d = dd + j0;
+    const double* z = zh + j0;
+    // this chunk of the four eigenvectors and their squared norms
+    double n0 = 0, n1 = 0, n2 = 0, n3 = 0;
+#pragma omp simd reduction(+ : n0, n1, n2, n3)
+    for (int64_t j = 0; j < len; ++j) {
+      const double x0 = z[j] / ((d[j] - b0) - t0), x1 = z[j] / ((d[j] - b1) - t1);
+      const double x2 = z[j] / ((d[j] - b2) - t2), x3 = z[j] / ((d[j] - b3) - t3);
+      v0[j] = x0;
+      v1[j] = x1;
+      v2[j] = x2;
+      v3[j] = x3;
+      n0 += x0 * x0;
+      n1 += x1 * x1;
+      n2 += x2 * x2;
+      n3 += x3 * x3;
+    }
+    nr[0] += n0;
+    nr[1] += n1;
+    nr[2] += n2;
+    nr[3] += n3;
+    // the same chunk of the rows of sub, two at a time (eight sums: each load of sub serves four
+    // roots, each load of v two rows)
+    int64_t v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      const double* s0 = sub + v * K + j0;
+      const double* s1 = s0 + K;
+      double a00 = 0, a01 = 0, a10 = 0, a11 = 0, a20 = 0, a21 = 0, a30 = 0, a31 = 0;
+#pragma omp simd reduction(+ : a00, a01, a10, a11, a20, a21, a30, a31)
+      for (int64_t j = 0; j < len; ++j) {
+        const double u0 = s0[j], u1 = s1[j];
+        a00 += v0[j] * u0;
+        a01 += v0[j] * u1;
+        a10 += v1[j] * u0;
+        a11 += v1[j] * u1;
+        a20 += v2[j] * u0;
+        a21 += v2[j] * u1;
+        a30 += v3[j] * u0;
+        a31 += v3[j] * u1;
+      }
+      out[0][v] += a00;
+      out[0][v + 1] += a01;
+      out[1][v] += a10;
+      out[1][v + 1] += a11;
+      out[2][v] += a20;
+      out[2][v + 1] += a21;
+      out[3][v] += a30;
+      out[3][v + 1] += a31;
+    }
+    if (v < nv) {
+      const double* s0 = sub + v * K + j0;
+      double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t j = 0; j < K; ++j) {
-      const double x = vp[j];
-      a0 += x * s0[j];
-      a1 += x * s1[j];
-      a2 += x * s2[j];
-      a3 += x * s3[j];
+      for (int64_t j = 0; j < len; ++j) {
+        a0 += v0[j] * s0[j];
+        a1 += v1[j] * s0[j];
+        a2 += v2[j] * s0[j];
+        a3 += v3[j] * s0[j];
+      }
+      out[0][v] += a0;
+      out[1][v] += a1;
+      out[2][v] += a2;
+      out[3][v] += a3;
     }
-    out[v] = a0 * inv;
-    out[v + 1] = a1 * inv;
-    out[v + 2] = a2 * inv;
-    out[v + 3] = a3 * inv;
   }
-  for (; v + 2 <= nv; v += 2) {
-    const double *s0 = sub + v * K, *s1 = s0 + K;
-    double a0 = 0, a1 = 0;
-#pragma omp simd reduction(+ : a0, a1)
-    for (int64_t j = 0; j < K; ++j) {
-      a0 += vp[j] * s0[j];
-      a1 += vp[j] * s1[j];
-    }
-    out[v] = a0 * inv;
-    out[v + 1] = a1 * inv;
-  }
-  for (; v < nv; ++v) {
-    const double* s0 = sub + v * K;
-    double a0 = 0;
-#pragma omp simd reduction(+ : a0)
-    for (int64_t j = 0; j < K; ++j) a0 += vp[j] * s0[j];
-    out[v] = a0 * inv;
-  }
-}
-
-// cauchy_products for two roots at once (v0, v1 into vp0, vp1; products into out0, out1): each
-// load of a row of sub serves both roots, two rows at a time (eight SIMD accumulators).
-TBFAST_HOT_CLONES void cauchy_products_pair(int64_t K, int64_t nv, const double* dd, const double* zh, double base0,
-                                            double t0, double base1, double t1, const double* sub, double* vp0,
-                                            double* vp1, double* out0, double* out1) {
-  double n0 = 0, n1 = 0;
-#pragma omp simd reduction(+ : n0, n1)
-  for (int64_t j = 0; j < K; ++j) {
-    const double x0 = zh[j] / ((dd[j] - base0) - t0), x1 = zh[j] / ((dd[j] - base1) - t1);
-    vp0[j] = x0;
-    vp1[j] = x1;
-    n0 += x0 * x0;
-    n1 += x1 * x1;
-  }
-  const double inv0 = 1.0 / std::sqrt(n0), inv1 = 1.0 / std::sqrt(n1);
-  int64_t v = 0;
-  for (; v + 4 <= nv; v += 4) {
-    const double *s0 = sub + v * K, *s1 = s0 + K, *s2 = s1 + K, *s3 = s2 + K;
-    double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-    for (int64_t j = 0; j < K; ++j) {
-      const double x = vp0[j], y = vp1[j];
-      const double u0 = s0[j], u1 = s1[j], u2 = s2[j], u3 = s3[j];
-      a0 += x * u0;
-      a1 += x * u1;
-      a2 += x * u2;
-      a3 += x * u3;
-      b0 += y * u0;
-      b1 += y * u1;
-      b2 += y * u2;
-      b3 += y * u3;
-    }
-    out0[v] = a0 * inv0;
-    out0[v + 1] = a1 * inv0;
-    out0[v + 2] = a2 * inv0;
-    out0[v + 3] = a3 * inv0;
-    out1[v] = b0 * inv1;
-    out1[v + 1] = b1 * inv1;
-    out1[v + 2] = b2 * inv1;
-    out1[v + 3] = b3 * inv1;
-  }
-  for (; v < nv; ++v) {
-    const double* s0 = sub + v * K;
-    double a0 = 0, b0 = 0;
-#pragma omp simd reduction(+ : a0, b0)
-    for (int64_t j = 0; j < K; ++j) {
-      a0 += vp0[j] * s0[j];
-      b0 += vp1[j] * s0[j];
-    }
-    out0[v] = a0 * inv0;
-    out1[v] = b0 * inv1;
+  for (int r = 0; r < kPortableRoots; ++r) {
+    const double inv = 1.0 / std::sqrt(nr[r]);
+    for (int64_t v = 0; v < nv; ++v) out[r][v] *= inv;
   }
 }
 
@@ -563,38 +557,32 @@ bool rank_one_update(int64_t n, std::vector<double>& d, std::vector<double>& z, 
         const double prod = (((dorg[j] - dj) + tau[j]) / rho) * (lo * hi);
         zh[j] = std::copysign(std::sqrt(std::fabs(prod)), z[idx[j]]);
       });
-      std::vector<double> sub(nv * K), out(K * nv);  // sub: the vectors' surviving entries, one row each
+      // sub: the vectors' surviving entries, one row each (64-byte aligned: whole-line SIMD loads)
+      std::vector<double> sub_store(nv * K + 8), out(K * nv);
+      double* const sub = align64(sub_store.data());
       for (int64_t v = 0; v < nv; ++v)
         for (int64_t a = 0; a < K; ++a) sub[v * K + a] = ys[v][idx[a]];
-      if (wide) {  // four roots per pass (a group of fewer repeats its last root into a scratch row)
-        parallel_for_dynamic((K + 3) / 4, 4, work_of(K, K * (nv + 2)), [&](int64_t group) {
-          thread_local std::vector<double> vi, scratch;
-          vi.resize(4 * K);
-          scratch.resize(nv);
-          double base[4], t[4];
-          double* outs[4];
-          for (int r = 0; r < 4; ++r) {
-            const int64_t i = std::min(4 * group + r, K - 1);
-            base[r] = dd[org[i]];
-            t[r] = tau[i];
-            outs[r] = 4 * group + r < K ? out.data() + i * nv : scratch.data();
-          }
-          simd::cauchy_products_quad_avx512(K, nv, dd.data(), zh.data(), base, t, sub.data(), vi.data(), outs);
-        });
-      } else {
-        parallel_for_dynamic((K + 1) / 2, 8, work_of(K, K * (nv + 2)), [&](int64_t pair) {
-          thread_local std::vector<double> vi;
-          vi.resize(2 * K);
-          const int64_t i = 2 * pair;
-          if (i + 1 < K) {
-            cauchy_products_pair(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], dd[org[i + 1]], tau[i + 1],
-                                 sub.data(), vi.data(), vi.data() + K, out.data() + i * nv, out.data() + (i + 1) * nv);
-          } else {
-            cauchy_products(K, nv, dd.data(), zh.data(), dd[org[i]], tau[i], sub.data(), vi.data(),
-                            out.data() + i * nv);
-          }
-        });
-      }
+      // R roots per group (a short last group repeats its last root into a scratch row)
+      constexpr int kMaxRoots = std::max(simd::kCarryRoots, kPortableRoots);
+      const int R = wide ? simd::kCarryRoots : kPortableRoots;
+      parallel_for_dynamic((K + R - 1) / R, 2, work_of(K, K * (nv + 2)), [&](int64_t group) {
+        thread_local std::vector<double> work, scratch;
+        work.resize((wide ? simd::carry_work_size(nv) : kPortableRoots * kPortableChunk) + 8);
+        scratch.resize(nv);
+        double base[kMaxRoots], t[kMaxRoots];
+        double* outs[kMaxRoots];
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = std::min(R * group + r, K - 1);
+          base[r] = dd[org[i]];
+          t[r] = tau[i];
+          outs[r] = R * group + r < K ? out.data() + i * nv : scratch.data();
+        }
+        double* const buf = align64(work.data());
+        if (wide)
+          simd::cauchy_products_group_avx512(K, nv, dd.data(), zh.data(), base, t, sub, buf, outs);
+        else
+          cauchy_products_group(K, nv, dd.data(), zh.data(), base, t, sub, buf, outs);
+      });
       for (int64_t a = 0; a < K; ++a)
         for (int64_t v = 0; v < nv; ++v) ys[v][idx[a]] = out[a * nv + v];
     }

@@ -34,10 +34,16 @@ void secular_part_avx512(const double* dd, const double* w, int64_t j0, int64_t 
 double ratio_product_avx512(const double* dorg, const double* tau, const double* dd, int64_t i0, int64_t i1,
                             double dj);
 
-// Four roots' eigenvectors v_r = zh / ((dd - base_r) - t_r) (into vp, K entries per root) and
-// their normalized products with the nv rows of sub (K entries each) into out[r][0..nv).
-void cauchy_products_quad_avx512(int64_t K, int64_t nv, const double* dd, const double* zh, const double* base,
-                                 const double* t, const double* sub, double* vp, double* const* out);
+// The carry (see rank_one_update) for kCarryRoots roots at once: their eigenvectors
+// v_r = zh / ((dd - base_r) - t_r) and the normalized products v_r . sub_v / ||v_r|| with the nv
+// rows of sub (K entries each, row v at sub + v K) into out[r][0..nv). K is taken in chunks of
+// kCarryChunk entries so that the chunk of v and the accumulators stay in L1. work: scratch of
+// carry_work_size(nv) doubles (64-byte aligned, as sub should be, for whole-line loads).
+constexpr int kCarryRoots = 8;
+constexpr int64_t kCarryChunk = 256;
+inline int64_t carry_work_size(int64_t nv) { return kCarryRoots * (kCarryChunk + 8 * nv); }
+void cauchy_products_group_avx512(int64_t K, int64_t nv, const double* dd, const double* zh, const double* base,
+                                  const double* t, const double* sub, double* work, double* const* out);
 
 }  // namespace simd
 }  // namespace secular
