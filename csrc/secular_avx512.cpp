@@ -182,12 +182,6 @@ TBFAST_AVX512 void cauchy_products_group_avx512(int64_t K, int64_t nv, const dou
 bool avx512_supported() { return false; }
 void secular_part_avx512(const double*, const double*, int64_t, int64_t, double, double, double*, double*, double*) {}
 double ratio_product_avx512(const double*, const double*, const double*, int64_t, int64_t, double) { return 0.0; }
-void cauchy_products_quad_avx512(int64_t, int64_t, const double*, const double*, const double*, const double*,
-                                 const double*, double*, double* const*) {}
-
-#endif
-
-#if !TBFAST_HAVE_AVX512
 void cauchy_products_group_avx512(int64_t, int64_t, const double*, const double*, const double*, const double*,
                                   const double*, double*, double* const*) {}
 #endif
