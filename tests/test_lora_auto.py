@@ -23,7 +23,7 @@ peft = pytest.importorskip("peft")
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.q = nn.Linear(256, 256)  # LoRA r=2: n / r = 128, at the float32 break-even -> update path
+        self.q = nn.Linear(256, 256)  # LoRA r=2: n / r = 128, above the float32 break-even -> update path
         self.k = nn.Linear(64, 64)  # LoRA r=2: n / r = 32, below it -> full path under TempBalance
         self.v = nn.Linear(256, 320)  # LoRA r=2: n = 256
         self.o = nn.Linear(320, 64)  # not adapted
@@ -77,7 +77,7 @@ def median_hill(e: np.ndarray, xmin_pos: float = 2.0) -> float:
 
 def test_tempbalance_takes_the_update_path_automatically():
     pm = lora_model()
-    # float64 full path: break-even at n = 96 r
+    # float64 full path: break-even at n = 64 r
     tb = tbfast.TempBalance(net=pm, remove_first_layer=False, remove_last_layer=False, dtype=torch.float64)
     groups, _ = tb.build_optimizer_param_group(untuned_lr=0.1, initialize=True)
     opt = torch.optim.SGD(groups, lr=0.1)
@@ -85,7 +85,7 @@ def test_tempbalance_takes_the_update_path_automatically():
         perturb(pm, 0.1)  # training moves the adapters, never the base
         tb.step(opt, untuned_lr=0.1)
         m = tb.metrics
-        # q and v (n / r = 128 >= 96) take the update path; k (n / r = 32) and o (no LoRA) the full one
+        # q and v (n / r = 128 >= 64) take the update path; k (n / r = 32) and o (no LoRA) the full one
         assert m.extra["esd_path"] == ["update", "full", "update", "full"], refresh
         W = merged(pm)
         assert list(W) == m.names
@@ -100,8 +100,8 @@ def test_tempbalance_takes_the_update_path_automatically():
         assert np.allclose(got, want, rtol=1e-5, atol=0)
     assert tb.lora.cache.builds == 2  # q and v: base spectra built at the first refresh only
     assert sorted(tb.lora.cache.names) == ["base_model.model.q", "base_model.model.v"]
-    # against the default float32 full path the break-even is n = 128 r: q and v (n / r = 128) are
-    # at it and take the update path, k (n / r = 32) keeps the full one
+    # against the default float32 full path the break-even is n = 96 r: q and v (n / r = 128) are
+    # above it and take the update path, k (n / r = 32) keeps the full one
     tb32 = tbfast.TempBalance(net=pm, remove_first_layer=False, remove_last_layer=False)
     assert tb32.compute_metrics().extra["esd_path"] == ["update", "full", "update", "full"]
     assert sorted(tb32.lora.cache.names) == ["base_model.model.q", "base_model.model.v"]
@@ -234,7 +234,7 @@ def test_cli_lora_cache_file(tmp_path, capsys):
 
 def test_backend_info_says_where_the_update_path_is_used():
     info = tbfast.backend_info()["lora_update"]
-    assert info["break_even_n_over_r"] == {"float64": 96.0, "float32": 128.0}
+    assert info["break_even_n_over_r"] == {"float64": 64.0, "float32": 96.0}
     assert "lora_cache" in info["used_by"] and "TempBalance" in info["used_by"]
     assert set(info["kernels"]) == {"cpu", "cuda"}
 

@@ -23,10 +23,11 @@ __all__ = ["BREAK_EVEN_N_OVER_R", "UpdateValues", "lora_item", "update_path_valu
 
 #: The ratio n / r from which the update path (warm cache) beats the full eigensolve of the merged
 #: Gram, by the full path's precision. Measured (benchmarks/lora_break_even.py, r = 8, one thread,
-#: process CPU time, 2-core Intel Xeon with AVX-512, 2026-12-06; results in
-#: benchmarks/results/2026-12-06_cpu1_lora_break_even.json): against float64 0.99x at n/r = 64,
-#: 1.7x at 96; against the default float32 path 0.83x at n/r = 96, 1.18x at 128, 1.9x at 256.
-BREAK_EVEN_N_OVER_R = {torch.float64: 96.0, torch.float32: 128.0}
+#: process CPU time, 2-core Intel Xeon with AVX-512, 2026-12-06 07:50 UTC, chained root model; results
+#: in benchmarks/results/2026-12-06_cpu1_lora_break_even_r6.json): against float64 0.58x at
+#: n/r = 32, 1.27x at 64; against the default float32 path 0.84x at n/r = 64, 1.16x at 96, 1.75x at
+#: 128, 3.1x at 256.
+BREAK_EVEN_N_OVER_R = {torch.float64: 64.0, torch.float32: 96.0}
 
 
 @dataclass

@@ -4,8 +4,8 @@
 `tbfast.lora.BaseSpectrumCache` for itself at the first ESD refresh (nothing process-wide: it
 lives and dies with the scheduler) and passes it to the ESD stage, where a LoRA layer takes the
 exact update path when its base weight is on the CPU and its Gram side ``n`` is at least
-`tbfast.lora.stage.BREAK_EVEN_N_OVER_R` times its adapter rank (128 against the default float32
-full path, 96 with ``dtype=torch.float64``; below that, or on a GPU, the full eigensolve is the
+`tbfast.lora.stage.BREAK_EVEN_N_OVER_R` times its adapter rank (96 against the default float32
+full path, 64 with ``dtype=torch.float64``; below that, or on a GPU, the full eigensolve is the
 faster one). The first refresh builds the cache (one float64
 eigendecomposition with vectors per base weight); every later one is O(n^2 r) per layer.
 ``lora_cache=<BaseSpectrumCache>``: that cache, for every LoRA layer; ``False``: the full path.
