@@ -67,6 +67,12 @@ constexpr int kNonFinite = 2;
 void jacobi_eigh(int64_t k, std::vector<double>& a, std::vector<double>& c, std::vector<double>& q) {
   q.assign(k * k, 0.0);
   for (int64_t i = 0; i < k; ++i) q[i * k + i] = 1.0;
+  // by a power of two so that the largest |entry| is about 1: the sums of squares below can neither
+  // underflow (leaving a tiny C undiagonalised) nor overflow
+  double amax = 0.0;
+  for (double v : a) amax = std::max(amax, std::fabs(v));
+  const int ea = amax > 0 ? std::ilogb(amax) : 0;
+  for (double& v : a) v = std::ldexp(v, -ea);
   for (int sweep = 0; sweep < 100; ++sweep) {
     double off = 0.0, total = 0.0;
     for (int64_t i = 0; i < k; ++i)
@@ -103,7 +109,7 @@ void jacobi_eigh(int64_t k, std::vector<double>& a, std::vector<double>& c, std:
       }
   }
   c.resize(k);
-  for (int64_t i = 0; i < k; ++i) c[i] = a[i * k + i];
+  for (int64_t i = 0; i < k; ++i) c[i] = std::ldexp(a[i * k + i], ea);
 }
 
 // The terms of the secular function at x = base + t, t_j = w_j / ((dd_j - base) - t), summed on
@@ -176,8 +182,9 @@ struct FarSide {
     if (!present) return 0.0;
     const double s = std::fabs(v), r = dmin - s;
     if (!(r > 0)) return std::numeric_limits<double>::infinity();
-    const double k = f2 * dmin * dmin / (r * r * r);
-    return pole ? 2 * k * s * s * s / r : k * s * s;
+    // in ratios (q = dmin / r, u = s / r <= 1): no power of r that could over- or underflow
+    const double q = dmin / r, u = s / r, fs = f2 * s;
+    return pole ? 2 * fs * q * q * u * u : fs * q * q * u;
   }
 };
 
@@ -225,9 +232,11 @@ struct RootModel {
 };
 
 // The model of root i (window [j0, j1), frame base) with its far fields fitted to the sums S taken
-// at tf (frame base) with the sides split after `split` (i, or i - 1 for the previous root's sums).
-void build_model(RootModel& M, int64_t K, const double* dd, const double* w, int64_t i, double base, double tf,
-                 const SecularSums& S, int64_t split) {
+// at the point fbase + ft, with the sides split after `split` (i, or i - 1 for the previous root's
+// sums). The window's terms at that point are computed in its own frame (fbase, ft), as S was, so
+// a point within an ulp of a pole of another frame cannot turn a term into w / 0.
+void build_model(RootModel& M, int64_t K, const double* dd, const double* w, int64_t i, double base, double fbase,
+                 double ft, const SecularSums& S, int64_t split) {
   const int64_t j0 = std::max<int64_t>(0, i - kWindow + 1), j1 = std::min<int64_t>(K, i + kWindow + 1);
   double win1[2] = {0, 0}, win2[2] = {0, 0}, win3[2] = {0, 0};
   double t1[2] = {S.s1[0], S.s1[1]}, t2[2] = {S.s2[0], S.s2[1]}, t3[2] = {S.s3[0], S.s3[1]};
@@ -236,7 +245,7 @@ void build_model(RootModel& M, int64_t K, const double* dd, const double* w, int
     const int64_t k = j - j0;
     M.x[k] = dd[j] - base;
     M.wj[k] = w[j];
-    const double inv = 1.0 / (M.x[k] - tf), term = w[j] * inv, q = term * inv;
+    const double inv = 1.0 / ((dd[j] - fbase) - ft), term = w[j] * inv, q = term * inv;
     const int side = j <= i ? 0 : 1;
     win1[side] += term;
     win2[side] += q;
@@ -247,16 +256,16 @@ void build_model(RootModel& M, int64_t K, const double* dd, const double* w, int
       t3[0] += q * inv, t3[1] -= q * inv;
     }
   }
-  M.at = tf;
-  M.far[0] = j0 > 0 ? fit_far(t1[0] - win1[0], t2[0] - win2[0], t3[0] - win3[0], tf - (dd[j0 - 1] - base), -1, t2[0])
+  M.at = (fbase - base) + ft;  // the fit point in the model's frame (exact when fbase == base)
+  M.far[0] = j0 > 0 ? fit_far(t1[0] - win1[0], t2[0] - win2[0], t3[0] - win3[0], ft - (dd[j0 - 1] - fbase), -1, t2[0])
                     : FarSide{};
-  M.far[1] = j1 < K ? fit_far(t1[1] - win1[1], t2[1] - win2[1], t3[1] - win3[1], (dd[j1] - base) - tf, 1, t2[1])
+  M.far[1] = j1 < K ? fit_far(t1[1] - win1[1], t2[1] - win2[1], t3[1] - win3[1], (dd[j1] - fbase) - ft, 1, t2[1])
                     : FarSide{};
 }
 
 // The root of the model in (lo, hi) from u (where g, dg are the model's value and slope): Newton
-// steps safeguarded by bisection, until a step below rel |u| (taken even if rounding puts it on the
-// bracket's end, which is then u itself) or a bracket of a few ulps.
+// steps safeguarded by bisection, until a step below rel |u| or a bracket of a few ulps. The result
+// always lies in the open bracket or is u itself.
 double solve_model(const RootModel& M, double lo, double hi, double u, double g, double dg, double rel,
                    double* dg_out) {
   for (int it = 0; it < 100; ++it) {
@@ -266,7 +275,9 @@ double solve_model(const RootModel& M, double lo, double hi, double u, double g,
     double un = u - step;
     const bool done = std::fabs(step) <= rel * std::fabs(u) ||
                       hi - lo <= 4 * kEps * std::max(std::fabs(lo), std::fabs(hi));
-    if (!done && !(un > lo && un < hi)) un = lo + (hi - lo) / 2;  // also catches NaN
+    // outside the open bracket (also NaN): bisect; when converged, keep u (the step was below an
+    // ulp or two of u, which is an evaluated point inside the caller's bracket)
+    if (!(un > lo && un < hi)) un = done ? u : lo + (hi - lo) / 2;
     u = un;
     M.eval(u, &g, &dg);
     if (done) break;
@@ -285,45 +296,47 @@ struct Chain {
 };
 
 // One root of f(x) = 1 + sum_j w_j / (dd_j - x), w_j > 0, dd strictly ascending (K values):
-// the root in (dd_i, dd_i+1), or in (dd_K-1, dd_K-1 + sum w) for i = K - 1. Returns false when
+// the root in (dd_i, dd_i+1), or in (dd_K-1, dd_K-1 + sum w] for i = K - 1. Returns false when
 // it did not converge. The root is dd[*origin] + *tau, measured from the nearer pole.
 //
 // First point: with the previous root's sums (chain), the root of this root's model fitted to
-// them (its window exact, the far field moved by about one gap); else the middle of the gap,
-// whose sign of f says which pole is nearer. Then: evaluate f (all K terms), fit the model there,
-// step to its root. A step is the last when it is below kStepStop |t| (the model converges
-// quadratically) or when the model's own error bound over the step (FarSide::error_bound) moves
-// the root by less than one unit roundoff of |t|: usually after the first evaluation.
+// them (its window exact, the far field moved by about one gap), a first guess without an
+// evaluation of f of its own; else the middle of the gap, whose sign of f says which pole is
+// nearer. Then: evaluate f (all K terms), fit the model there, step to its root. A step is the
+// last when it is below kStepStop |t| (the model converges quadratically) or when the model's own
+// error bound over the step (FarSide::error_bound) moves the root by less than about one unit
+// roundoff of |t|: usually after the first evaluation. When the bracket shows the root to lie in
+// the other half of the gap than the pole it is measured from (a first guess on the wrong side),
+// it is measured from the other pole from then on.
 bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int64_t i, int64_t* origin,
-                  double* tau, bool wide, Chain& chain) {
+                  double* tau, bool wide, Chain& chain, bool from_middle = false) {
   const bool last = (i == K - 1);
   // the last root lies in (dd_K-1, dd_K-1 + wsum], at its right end when K = 1
   const double gap = last ? wsum * (1 + 8 * kEps) : dd[i + 1] - dd[i];
+  const double half = gap / 2, margin = 4 * kEps * gap;
   int64_t o = i;
   double lo = 0.0, hi = gap, t;
   SecularSums s;
   bool have = false;  // s holds f's sums at t
   RootModel M;
-  if (chain.valid && chain.prev == i - 1) {
-    const double tf = (dd[chain.o] - dd[i]) + chain.t;
-    build_model(M, K, dd, w, i, dd[i], tf, chain.S, i - 1);
+  if (!from_middle && chain.valid && chain.prev == i - 1) {
+    build_model(M, K, dd, w, i, dd[i], dd[chain.o], chain.t, chain.S, i - 1);
     double g, dg;
-    M.eval(gap / 2, &g, &dg);
-    double u = solve_model(M, 0.0, gap, gap / 2, g, dg, 1e-8, &dg);
-    if (!(u > 0 && u < gap)) u = gap / 2;
-    if (!last && u > gap / 2) {
+    M.eval(half, &g, &dg);
+    double u = solve_model(M, 0.0, gap, half, g, dg, 1e-8, &dg);
+    if (!(u >= 0 && u <= gap)) u = half;  // NaN (a model poisoned by non-finite sums)
+    if (!last && u > half) {
       o = i + 1;
-      lo = dd[i] - dd[i + 1];
+      lo = -gap;
       hi = 0.0;
-      t = u - gap;
+      t = std::min(u - gap, -gap * 1e-6);  // strictly inside: never at the pole itself
     } else {
-      t = u;
+      t = std::max(u, gap * 1e-6);
     }
   } else if (last) {
-    t = gap / 2;
+    t = half;
   } else {
     // the middle of the gap; its sign says which pole is nearer the root
-    const double half = gap / 2;
     s = secular_sums(K, dd, w, i, dd[i], half, wide);
     have = true;
     if (s.f() >= 0) {
@@ -336,9 +349,9 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
       t = -half;
     }
   }
-  const double base = dd[o];
   bool converged = false;
   for (int it = 0; it < kMaxIter && !converged; ++it) {
+    const double base = dd[o];
     if (!have) s = secular_sums(K, dd, w, i, base, t, wide);
     have = false;
     chain.valid = true;
@@ -353,14 +366,32 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
     }
     if (std::fabs(f) <= 8 * kEps * (1.0 + s.aterms())) break;
     if (f < 0) lo = std::max(lo, t); else hi = std::min(hi, t);
+    if (!last && o == i && lo >= half) {
+      // the root lies in the right half: measure it from pole i+1 (shifts by the computed gap,
+      // exact for these |values| in [gap/2, gap]; the margins cover the gap's own rounding)
+      o = i + 1;
+      lo = std::max(-half, lo - gap - margin);
+      hi = std::min(0.0, hi - gap + margin);
+      t = std::min(t - gap, -gap * 1e-6);
+      if (!(t > lo && t < hi)) t = lo + (hi - lo) / 2;
+      continue;
+    }
+    if (!last && o == i + 1 && hi <= -half) {  // the root lies in the left half: from pole i
+      o = i;
+      lo = std::max(0.0, lo + gap - margin);
+      hi = std::min(half, hi + gap + margin);
+      t = std::max(t + gap, gap * 1e-6);
+      if (!(t > lo && t < hi)) t = lo + (hi - lo) / 2;
+      continue;
+    }
     if (hi - lo <= 4 * kEps * std::max(std::fabs(lo), std::fabs(hi))) break;
-    build_model(M, K, dd, w, i, base, t, s, i);
+    build_model(M, K, dd, w, i, base, base, t, s, i);
     double dg;
     double tn = solve_model(M, lo, hi, t, f, s.df(), 1e-3 * kStepStop, &dg);
     if (std::fabs(tn - t) <= kStepStop * std::fabs(tn)) {
-      converged = true;  // (a step that rounding put on the bracket's end is t itself)
+      converged = true;
     } else if (tn > lo && tn < hi) {
-      // the root of f lies within error_bound / f' of the model's root (f' >= dg / 2 this close)
+      // the root of f lies within about error_bound / f' of the model's root (f' ~ dg this close)
       converged = 2 * M.error_bound(tn) <= kEps * std::fabs(tn) * dg;
     } else {
       tn = lo + (hi - lo) / 2;  // a model root outside the bracket (also NaN): bisect
@@ -371,11 +402,15 @@ bool secular_root(int64_t K, const double* dd, const double* w, double wsum, int
       return false;
     }
   }
-  // A first guess on the wrong side of the middle leaves the root measured from the farther pole,
-  // where tau would not be relatively accurate: solve it again from the middle of the gap.
-  if (!last && std::fabs(t) > gap / 2) {
-    chain.valid = false;
-    return secular_root(K, dd, w, wsum, i, origin, tau, wide, chain);
+  // A root that converged in the other half than its pole (its bracket straddled the middle, so no
+  // switch above) would have a tau that is not relatively accurate: solve it again from the middle
+  // of the gap, whose bracket is the nearer half (at most once: from the middle, |t| <= gap / 2).
+  if (!last && std::fabs(t) > half) {
+    if (from_middle) {
+      chain.valid = false;
+      return false;
+    }
+    return secular_root(K, dd, w, wsum, i, origin, tau, wide, chain, true);
   }
   *origin = o;
   *tau = t;
@@ -615,9 +650,23 @@ int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z
   for (int64_t j = 0; j < k * k; ++j)
     if (!std::isfinite(C[j])) return kNonFinite;
   const bool wide = simd::use_avx512();  // read per call: TBFAST_SECULAR_SIMD=portable switches it off
+  // Powers of two (exact) so that |d| and |Z| are at most about 1 and C is scaled to match: the
+  // eigenvalues scale by 2^e. Then no square in the kernel (of z, of a gap, of an eigenvector
+  // entry zhat / (d - x)) over- or underflows at any input scale; unscaled at the end.
+  double dmax = 0.0, zmax = 0.0;
+  for (int64_t j = 0; j < n; ++j) dmax = std::max(dmax, std::fabs(d[j]));
+  for (int64_t j = 0; j < n * k; ++j) zmax = std::max(zmax, std::fabs(Z[j]));
+  const int ez = zmax > 0 ? std::ilogb(zmax) : 0;
+  const int ed = dmax > 0 ? std::ilogb(dmax) : 0;
   std::vector<double> a(k * k), c, q;
+  double cmax = 0.0;
   for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j <= i; ++j) a[i * k + j] = a[j * k + i] = C[i * k + j];
+    for (int64_t j = 0; j <= i; ++j) cmax = std::max(cmax, std::fabs(C[i * k + j]));
+  // the update's scale, C x Z^2, in exponents (no product that could overflow)
+  const int eu = cmax > 0 ? std::ilogb(cmax) + 2 * ez : ed;
+  const int e = dmax > 0 ? std::max(ed, eu) : eu;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j <= i; ++j) a[i * k + j] = a[j * k + i] = std::ldexp(C[i * k + j], 2 * ez - e);
   jacobi_eigh(k, a, c, q);
   // order the terms by decreasing |c| (the large updates first)
   std::vector<int64_t> order(k);
@@ -628,7 +677,7 @@ int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z
   std::iota(perm.begin(), perm.end(), int64_t{0});
   std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return d[x] < d[y]; });
   std::vector<double> dv(n);
-  for (int64_t j = 0; j < n; ++j) dv[j] = d[perm[j]];
+  for (int64_t j = 0; j < n; ++j) dv[j] = std::ldexp(d[perm[j]], -e);
   std::vector<std::vector<double>> ys(k, std::vector<double>(n, 0.0));
   std::vector<double> cs(k);
   for (int64_t t = 0; t < k; ++t) {
@@ -638,7 +687,7 @@ int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z
     for (int64_t j = 0; j < n; ++j) {
       const double* zr = Z + perm[j] * k;
       double s = 0.0;
-      for (int64_t m = 0; m < k; ++m) s += zr[m] * q[m * k + col];
+      for (int64_t m = 0; m < k; ++m) s += std::ldexp(zr[m], -ez) * q[m * k + col];
       y[j] = s;
     }
   }
@@ -668,7 +717,7 @@ int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z
       for (auto& y : ys) std::reverse(y.begin(), y.end());
     }
   }
-  for (int64_t j = 0; j < n; ++j) w[j] = dv[j];
+  for (int64_t j = 0; j < n; ++j) w[j] = std::ldexp(dv[j], e);
   return kOk;
 }
 

@@ -182,6 +182,40 @@ def test_rank_deficient_gram_to_float64_rounding(seed, simd):
 
 
 @needs_cpp
+@pytest.mark.parametrize("scale", [1e-160, 1e-120, 1e120, 1e150])
+def test_extreme_scales(scale, simd):
+    """Eigenvalues of (s d, sqrt(s) Z, C) are s times those of (d, Z, C): at scales where squares of
+    gaps, of z or of eigenvector entries would over- or underflow, the kernel still matches the
+    oracle of the unscaled problem (times s). Before the kernel scaled its input by powers of two,
+    1e-160 gave errors of 0.4 lambda_max with status 0 and the root model's error bound overflowed
+    to 0 above 1e100 (errors of 1e-4)."""
+    for n, k, seed in ((40, 2, 0), (40, 3, 1), (300, 8, 2)):
+        g = torch.Generator().manual_seed(seed)
+        d = torch.rand(1, n, generator=g, dtype=torch.float64) * 10
+        Z = torch.randn(1, n, k, generator=g, dtype=torch.float64)
+        C = torch.randn(1, k, k, generator=g, dtype=torch.float64)
+        C = (C + C.mT) / 2
+        w, st = secular.eigvalsh_update(d * scale, Z * scale ** 0.5, C, backend="cpp")
+        assert st.tolist() == [0]
+        assert_matches_oracle(w / scale, d, Z, C)
+
+
+@needs_cpp
+def test_sparse_update_vector(simd):
+    """An update vector with 95% of its entries 1e-9 (most roots hug their poles, within rounding of
+    them): the chained first guesses land near the wrong pole and are measured from the right one."""
+    g = torch.Generator().manual_seed(4)
+    n = 1200
+    for d in (torch.rand(n, generator=g, dtype=torch.float64).sort().values, torch.logspace(-8, 2, n, dtype=torch.float64)):
+        z = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        z[torch.rand(n, generator=g) < 0.95] *= 1e-9
+        C = torch.ones(1, 1, 1, dtype=torch.float64)
+        w, st = secular.eigvalsh_update(d[None].contiguous(), z[None].contiguous(), C, backend="cpp")
+        assert st.tolist() == [0]
+        assert_matches_oracle(w, d[None], z[None], C)
+
+
+@needs_cpp
 def test_cpu_features_report_the_active_variant(monkeypatch):
     """backend_info()["lora_update"]["cpu_simd"] names the variant the kernel runs: "avx512" exactly
     when the CPU lists avx512f (oracle: /proc/cpuinfo), "portable" when switched off."""
