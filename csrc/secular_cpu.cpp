@@ -680,14 +680,16 @@ int eigvalsh_update_layer(int64_t n, int64_t k, const double* d, const double* Z
   for (int64_t j = 0; j < n; ++j) dv[j] = std::ldexp(d[perm[j]], -e);
   std::vector<std::vector<double>> ys(k, std::vector<double>(n, 0.0));
   std::vector<double> cs(k);
+  std::vector<double> zs(n * k);  // Z scaled by 2^-ez (once: ldexp is a library call)
+  for (int64_t j = 0; j < n * k; ++j) zs[j] = std::ldexp(Z[j], -ez);
   for (int64_t t = 0; t < k; ++t) {
     const int64_t col = order[t];
     cs[t] = c[col];
     auto& y = ys[t];
     for (int64_t j = 0; j < n; ++j) {
-      const double* zr = Z + perm[j] * k;
+      const double* zr = zs.data() + perm[j] * k;
       double s = 0.0;
-      for (int64_t m = 0; m < k; ++m) s += std::ldexp(zr[m], -ez) * q[m * k + col];
+      for (int64_t m = 0; m < k; ++m) s += zr[m] * q[m * k + col];
       y[j] = s;
     }
   }
