@@ -244,6 +244,66 @@ def test_loading_a_foreign_file_is_a_one_line_error(tmp_path):
         BaseSpectrumCache.load(tmp_path / "junk")
 
 
+def _damage(path, name: str, offset_from_end: int = 8) -> None:
+    """Multiply one stored float64 of tensor ``name`` in a safetensors file by 1.01 (in place)."""
+    import json
+    import struct
+    raw = bytearray(path.read_bytes())
+    hlen = struct.unpack("<Q", raw[:8])[0]
+    start, end = json.loads(raw[8:8 + hlen])[name]["data_offsets"]
+    pos = 8 + hlen + end - offset_from_end
+    (v,) = struct.unpack("<d", raw[pos:pos + 8])
+    raw[pos:pos + 8] = struct.pack("<d", v * 1.01)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("tensor", ["0.evals", "0.evecs"])
+def test_damaged_cache_entry_is_dropped_and_recomputed(tmp_path, caplog, tensor):
+    """A cache file whose stored spectrum changed (one float64 x 1.01, e.g. the largest eigenvalue)
+    is never used: `load` checks each entry's digests, drops the damaged one with a warning naming
+    the file and layer, and the layer recomputes it (oracle: float64 eigvalsh of the merged Gram).
+    Without the check the eigenvalue came back 1% off, labelled "update"."""
+    items = []
+    for i, shape in enumerate([(80, 64), (48, 72)]):
+        w0 = base_weight("student", *shape, seed=i)
+        A, B = lora_factors(*shape, 4, seed=i)
+        items.append(LoRAItem(f"layer.{i}", w0, [(A, B, 1.0, False)]))
+    cache = BaseSpectrumCache()
+    lora_eigenvalues(items, cache)
+    f = cache.save(tmp_path / "c.safetensors")
+    _damage(f, tensor)
+    with caplog.at_level(logging.WARNING, logger="tbfast.lora"):
+        loaded = BaseSpectrumCache.load(f)
+    assert loaded.names == ["layer.1"] and loaded.damaged == 1
+    assert any("layer.0" in r.getMessage() and str(f) in r.getMessage() and "damaged" in r.getMessage()
+               for r in caplog.records)
+    out = lora_eigenvalues(items, loaded)
+    assert loaded.builds == 1  # layer.0 recomputed, layer.1 from the file
+    for item, (w, path) in zip(items, out):
+        assert path == "update"
+        assert_exact(w, merged_eigvalsh(item.w0, item.updates))
+
+
+def test_cache_save_creates_its_directory_and_load_names_bad_paths(tmp_path):
+    cache = BaseSpectrumCache()
+    w0 = base_weight("gaussian", 40, 32, 0)
+    cache.lookup("l", w0)
+    f = cache.save(tmp_path / "new" / "dir" / "c.safetensors")
+    assert BaseSpectrumCache.load(f).names == ["l"]
+    with pytest.raises(ValueError, match="is a directory") as e:
+        BaseSpectrumCache.load(tmp_path / "new")
+    assert str(tmp_path / "new") in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="cannot write the base-spectrum cache") as e:
+        cache.save(tmp_path / "file" / "c.safetensors")  # its "directory" is a file
+    assert "file/c.safetensors" in str(e.value) and not list(tmp_path.glob("file*.tmp"))
+
+
+def test_lora_esd_cache_must_be_a_cache_object():
+    with pytest.raises(TypeError, match="BaseSpectrumCache.load"):
+        tbfast.lora_esd(peft_model(), cache="base.spectrum.safetensors")
+
+
 def test_float32_cache_is_close_but_marked_less_exact():
     w0 = base_weight("gaussian", 96, 80, 0)
     A, B = lora_factors(96, 80, 4, 0)
@@ -362,6 +422,20 @@ def test_nonfinite_lora_factor_is_reported_by_layer_name():
         pm.base_model.model.v.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeightsError, match="base_model.model.v"):
         tbfast.lora_esd(pm)
+
+
+def test_nonfinite_lora_factor_with_a_cache_logs_no_secular_failure(caplog):
+    """NaN in an adapter is the weights' fault, reported by layer name, not a failed update."""
+    from tbfast.errors import NonFiniteWeightsError
+    pm = peft_model()
+    cache = BaseSpectrumCache()
+    tbfast.lora_esd(pm, cache=cache)
+    with torch.no_grad():
+        pm.base_model.model.v.lora_B["default"].weight[0, 0] = float("nan")
+    with caplog.at_level(logging.INFO, logger="tbfast.lora"):
+        with pytest.raises(NonFiniteWeightsError, match="base_model.model.v"):
+            tbfast.lora_esd(pm, cache=cache)
+    assert not any("secular update failed" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

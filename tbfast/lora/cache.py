@@ -11,7 +11,10 @@ never used stale. Entries of files written before the digest carry the legacy SH
 re-keys it to the digest (a mismatch recomputes). Entries are kept while they fit
 ``memory_budget`` bytes; a weight whose entry does not fit gets None (its layer takes the
 full eigensolve). `BaseSpectrumCache.save` / `load` write and read a safetensors file (no code
-runs on load) so many adapters or checkpoints of one base reuse one cache.
+runs on load) so many adapters or checkpoints of one base reuse one cache; each saved entry carries
+the digests of its stored eigenvalues and eigenvectors, and `load` drops (with a warning) an entry
+that fails them, so a damaged file costs a recomputation, never a wrong spectrum (files saved
+before the digests carry none and are read as they are).
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class BaseSpectrumCache:
         self.dtype = dtype
         self._entries: dict[str, BaseSpectrum] = {}
         self.builds = 0  # eigendecompositions computed by this cache (misses, stale entries)
+        self.damaged = 0  # entries `load` dropped because their stored spectrum failed its digest
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -192,20 +196,32 @@ class BaseSpectrumCache:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the entries to a safetensors file ``path`` (written to a temporary name, then
-        renamed over it)."""
-        from safetensors.torch import save_file  # noqa: PLC0415 - optional dependency
+        """Write the entries to a safetensors file ``path`` (its directory created if missing;
+        written to a temporary name, then renamed over it), each with the digests of its stored
+        eigenvalues and eigenvectors, which `load` verifies. A failure is an OSError naming
+        ``path``."""
+        from safetensors import SafetensorError  # noqa: PLC0415 - optional dependency
+        from safetensors.torch import save_file  # noqa: PLC0415
         p = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         index = {}
         for i, (name, e) in enumerate(self._entries.items()):
             tensors[f"{i}.evals"] = e.evals.contiguous()
             tensors[f"{i}.evecs"] = e.evecs.contiguous()
-            index[str(i)] = {"name": name, "checksum": e.checksum, "shape": list(e.shape)}
+            index[str(i)] = {"name": name, "checksum": e.checksum, "shape": list(e.shape),
+                             "evals_digest": weight_checksum(e.evals), "evecs_digest": weight_checksum(e.evecs)}
         meta = {"format": CACHE_FORMAT, "entries": json.dumps(index)}
         tmp = p.with_name(p.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, p)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, p)
+        except (OSError, SafetensorError) as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # e.g. its directory is not one
+            raise OSError(f"{p}: cannot write the base-spectrum cache ({exc})") from None
         return p
 
     @classmethod
@@ -216,6 +232,8 @@ class BaseSpectrumCache:
         entries unless given."""
         from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - optional dependency
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"{p}: is a directory, not a tbfast base-spectrum cache file")
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -232,9 +250,18 @@ class BaseSpectrumCache:
                                          f"{tuple(evals.shape)}, {tuple(evecs.shape)} for a weight of shape {shape}")
                     if cache is None:
                         cache = cls(memory_budget, dtype or evals.dtype)
+                    if "evals_digest" in info and (weight_checksum(evals) != info["evals_digest"]
+                                                   or weight_checksum(evecs) != info.get("evecs_digest")):
+                        # a damaged entry is dropped, never used: its layer recomputes it
+                        logger.warning("%s: the stored spectrum of layer %r does not match its digest (the file "
+                                       "is damaged); that entry is recomputed", p, info.get("name"))
+                        cache.damaged += 1
+                        continue
                     e = BaseSpectrum(evals.to(cache.dtype), evecs.to(cache.dtype), str(info["checksum"]), shape)
                     if cache._fits(e.nbytes):
                         cache._entries[str(info["name"])] = e
         except (SafetensorError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{p}: not a readable tbfast base-spectrum cache ({type(exc).__name__}: {exc})") from None
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot read the base-spectrum cache ({exc.strerror or exc})") from None
         return cache if cache is not None else cls(memory_budget, dtype or torch.float64)

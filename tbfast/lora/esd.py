@@ -53,6 +53,9 @@ def lora_esd(model: torch.nn.Module, *, cache: BaseSpectrumCache | None = None, 
     docs/ARCHITECTURE.md); a layer where that is not assured takes the full path."""
     if cache is None:
         cache = BaseSpectrumCache()
+    elif not isinstance(cache, BaseSpectrumCache):
+        raise TypeError(f"lora_esd: cache must be a tbfast.lora.BaseSpectrumCache (a file: "
+                        f"BaseSpectrumCache.load(path)), got {type(cache).__name__}")
     layers = esd_layers(model, **layer_options)
     lora_scaling = bool(layer_options.get("lora_scaling", True))
     items = [_lora_item(l, lora_scaling) for l in layers]

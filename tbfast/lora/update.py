@@ -128,6 +128,8 @@ def lora_eigenvalues(items: Sequence[LoRAItem], cache: BaseSpectrumCache | None,
                                             torch.stack([m[3] for m in members]), backend=backend)
         for j, i in enumerate(idx):
             d, C = members[j][1], members[j][3]
+            if int(status[j]) == secular.NON_FINITE:
+                continue  # NaN/Inf in the adapter: the full path gives the NaN row the caller reports
             if int(status[j]) != secular.OK:
                 logger.warning("layer %r: secular update failed (status %d); using the full eigensolve",
                                items[i].name, int(status[j]))
