@@ -299,6 +299,39 @@ def test_cache_save_creates_its_directory_and_load_names_bad_paths(tmp_path):
     assert "file/c.safetensors" in str(e.value) and not list(tmp_path.glob("file*.tmp"))
 
 
+def test_cache_entry_is_shared_by_name_across_models_of_one_base(tmp_path):
+    """A cache filled under a PeftModel's names (``base_model.model.``) serves the same base weights
+    under other names (the adapter read from its directory): found by the weight's checksum, shared
+    (no eigendecomposition, no second copy in memory or in the saved file), exact."""
+    w0s = [base_weight("student", 80, 64, 0), base_weight("gaussian", 48, 72, 1)]
+    cache = BaseSpectrumCache()
+    for i, w0 in enumerate(w0s):
+        cache.lookup(f"base_model.model.l{i}", w0)
+    size = cache.nbytes
+    items = []
+    for i, w0 in enumerate(w0s):
+        A, B = lora_factors(*w0.shape, 4, seed=i)
+        items.append(LoRAItem(f"l{i}", w0, [(A, B, 1.0, False)]))
+    out = lora_eigenvalues(items, cache)
+    assert cache.builds == 2 and cache.nbytes == size and len(cache) == 4
+    for item, (w, path) in zip(items, out):
+        assert path == "update"
+        assert_exact(w, merged_eigvalsh(item.w0, item.updates))
+    f = cache.save(tmp_path / "c.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(f), framework="pt") as h:
+        assert sorted(h.keys()) == ["0.evals", "0.evecs", "1.evals", "1.evecs"]  # one copy each
+    loaded = BaseSpectrumCache.load(f)
+    assert sorted(loaded.names) == sorted(cache.names) and loaded.nbytes == size
+    lora_eigenvalues(items, loaded)
+    assert loaded.builds == 0
+    # a changed weight under one name leaves the other name's entry as it was
+    w_changed = w0s[0].clone()
+    w_changed[0, 0] += 1.0
+    loaded.lookup("l0", w_changed)
+    assert loaded.builds == 1 and loaded.entry("base_model.model.l0") is not loaded.entry("l0")
+
+
 def test_lora_esd_cache_must_be_a_cache_object():
     with pytest.raises(TypeError, match="BaseSpectrumCache.load"):
         tbfast.lora_esd(peft_model(), cache="base.spectrum.safetensors")

@@ -150,7 +150,11 @@ class BaseSpectrumCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the entries."""
-        return sum(e.nbytes for e in self._entries.values())
+        return sum(e.nbytes for e in self._unique().values())
+
+    def _unique(self) -> dict[int, BaseSpectrum]:
+        """The distinct entries (several names may share one: the same base weight)."""
+        return {id(e): e for e in self._entries.values()}
 
     def _fits(self, extra: int) -> bool:
         return self.memory_budget is None or self.nbytes + extra <= self.memory_budget
@@ -161,7 +165,8 @@ class BaseSpectrumCache:
 
     def lookup(self, name: str, weight: torch.Tensor, *, checksum: str | None = None) -> BaseSpectrum | None:
         """The base spectrum of ``weight`` (2-D) under ``name``: the stored one when its checksum
-        matches, else computed now (one float64 eigendecomposition of the Gram) and stored. None
+        matches, else an entry of the same base weight stored under another name (shared, not
+        copied), else computed now (one float64 eigendecomposition of the Gram) and stored. None
         when it does not fit the memory budget (the caller takes the full path). An entry with a
         legacy SHA-256 checksum (a file saved before the digest) is verified with
         `sha256_checksum` once and re-keyed to ``checksum`` / `weight_checksum`."""
@@ -179,6 +184,13 @@ class BaseSpectrumCache:
                 return old
             logger.info("base weight of layer %r changed; its cached spectrum is recomputed", name)
             del self._entries[name]
+        # the same base weight under another name (a PeftModel's `base_model.model.` names against
+        # the same adapter read from its directory, or tied weights): share that entry
+        twin = next((e for e in self._unique().values() if e.checksum == cs and e.shape == shape), None)
+        if twin is not None:
+            logger.info("layer %r: base spectrum found under another name (the same base weight)", name)
+            self._entries[name] = twin
+            return twin
         if not self._fits(_entry_bytes(shape, self.dtype)):
             return None
         if not bool(torch.isfinite(weight).all()):
@@ -205,11 +217,15 @@ class BaseSpectrumCache:
         p = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         index = {}
-        for i, (name, e) in enumerate(self._entries.items()):
+        names: dict[int, list[str]] = {}
+        for name, e in self._entries.items():
+            names.setdefault(id(e), []).append(name)
+        for i, (key, e) in enumerate(self._unique().items()):
             tensors[f"{i}.evals"] = e.evals.contiguous()
             tensors[f"{i}.evecs"] = e.evecs.contiguous()
-            index[str(i)] = {"name": name, "checksum": e.checksum, "shape": list(e.shape),
-                             "evals_digest": weight_checksum(e.evals), "evecs_digest": weight_checksum(e.evecs)}
+            index[str(i)] = {"name": names[key][0], "aliases": names[key][1:], "checksum": e.checksum,
+                             "shape": list(e.shape), "evals_digest": weight_checksum(e.evals),
+                             "evecs_digest": weight_checksum(e.evecs)}
         meta = {"format": CACHE_FORMAT, "entries": json.dumps(index)}
         tmp = p.with_name(p.name + ".tmp")
         try:
@@ -259,7 +275,8 @@ class BaseSpectrumCache:
                         continue
                     e = BaseSpectrum(evals.to(cache.dtype), evecs.to(cache.dtype), str(info["checksum"]), shape)
                     if cache._fits(e.nbytes):
-                        cache._entries[str(info["name"])] = e
+                        for name in [info["name"], *info.get("aliases", [])]:
+                            cache._entries[str(name)] = e
         except (SafetensorError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{p}: not a readable tbfast base-spectrum cache ({type(exc).__name__}: {exc})") from None
         except OSError as exc:
