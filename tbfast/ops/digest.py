@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ._register import register_kernels
 from ..errors import BackendUnavailableError
 from ..kernels.ref import weight_digest_ref
 
@@ -66,12 +67,8 @@ def _fake_kernel(data: torch.Tensor) -> torch.Tensor:
     return data.new_empty((2,), dtype=torch.int64)
 
 
-if not _CPP:
-    torch.library.register_kernel(OP, "cpu", _cpu_reference, lib=_lib)
-torch.library.register_kernel(OP, "cuda", _reference_kernel, lib=_lib)
-_lib.impl("weight_digest", _reference_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake(OP, _fake_kernel, lib=_lib)
-_lib.impl("weight_digest", torch.library.fallthrough_kernel, "Autograd")
+register_kernels(_lib, "weight_digest", cpp_cpu=_CPP, cpu_fallback=_cpu_reference, cuda=_reference_kernel,
+                 reference=_reference_kernel, fake=_fake_kernel)
 
 
 def cpu_variant() -> str | None:

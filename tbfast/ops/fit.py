@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 from .. import _backend
+from ._register import register_kernels
 from ..errors import BackendUnavailableError
 from ..kernels import ref
 from ..options import FIT_BACKENDS
@@ -122,13 +123,8 @@ def _ks_scan_fake(values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
 
 
 for _name, _fake_kernel in (("hill_fit", _hill_fit_fake), ("ks_scan", _ks_scan_fake)):
-    _qualname = f"tbfast::{_name}"
-    if not _CPP:
-        torch.library.register_kernel(_qualname, "cpu", _cpu_reference(_name), lib=_lib)
-    torch.library.register_kernel(_qualname, "cuda", _cuda_kernel(_name), lib=_lib)
-    _lib.impl(_name, _REFS[_name], "CompositeExplicitAutograd")  # other devices: the torch reference
-    torch.library.register_fake(_qualname, _fake_kernel, lib=_lib)
-    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+    register_kernels(_lib, _name, cpp_cpu=_CPP, cpu_fallback=_cpu_reference(_name), cuda=_cuda_kernel(_name),
+                     reference=_REFS[_name], fake=_fake_kernel)  # other devices: the torch reference
 
 # --------------------------------------------------------------------------- explicit backends
 

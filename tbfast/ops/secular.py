@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ._register import register_kernels
 from ..errors import BackendUnavailableError
 from ..kernels.ref import eigvalsh_update_ref
 
@@ -57,12 +58,8 @@ def _fake_kernel(d: torch.Tensor, Z: torch.Tensor, C: torch.Tensor) -> tuple[tor
     return d.new_empty(d.shape, dtype=torch.float64), d.new_empty((d.shape[0],), dtype=torch.int32)
 
 
-if not _CPP:
-    torch.library.register_kernel(OP, "cpu", _cpu_reference, lib=_lib)
-torch.library.register_kernel(OP, "cuda", _reference_kernel, lib=_lib)
-_lib.impl("eigvalsh_update", _reference_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake(OP, _fake_kernel, lib=_lib)
-_lib.impl("eigvalsh_update", torch.library.fallthrough_kernel, "Autograd")
+register_kernels(_lib, "eigvalsh_update", cpp_cpu=_CPP, cpu_fallback=_cpu_reference, cuda=_reference_kernel,
+                 reference=_reference_kernel, fake=_fake_kernel)
 
 
 def implementations() -> dict[str, str]:
