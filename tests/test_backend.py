@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import tbfast
 from tbfast import _backend, _info
+from childproc import run_json
 
 EXT_BUILT = _backend.extension_loaded()
 
@@ -211,10 +209,7 @@ print(json.dumps(errors))
 ])
 def test_stale_extension_is_a_one_line_import_error(build_info, found):
     script = _STALE_SCRIPT.format(build_info=build_info)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    errors = json.loads(res.stdout.strip().splitlines()[-1])
+    errors = run_json(script, ROOT)
     want = (f"stale tbfast._C extension /old/checkout/tbfast/_C.so: it has {found}, this tbfast needs ABI "
             f"{_abi_in_source()}; rebuild it with `pip install --no-build-isolation -e .` or "
             "`python setup.py build_ext --inplace`")

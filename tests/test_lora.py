@@ -208,12 +208,18 @@ def test_cache_over_budget_takes_the_full_path():
     assert_exact(w, merged_eigvalsh(w0, [(A, B, 1.0, False)]))
 
 
-def test_cache_save_and_load(tmp_path):
+def two_layer_items() -> list[LoRAItem]:
+    """Two rank-4 LoRA layers on Student-t bases, one tall (80 x 64) and one wide (48 x 72)."""
     items = []
     for i, shape in enumerate([(80, 64), (48, 72)]):
         w0 = base_weight("student", *shape, seed=i)
         A, B = lora_factors(*shape, 4, seed=i)
         items.append(LoRAItem(f"layer.{i}", w0, [(A, B, 1.0, False)]))
+    return items
+
+
+def test_cache_save_and_load(tmp_path):
+    items = two_layer_items()
     cache = BaseSpectrumCache()
     first = lora_eigenvalues(items, cache)
     f = cache.save(tmp_path / "base.spectrum.safetensors")
@@ -263,11 +269,7 @@ def test_damaged_cache_entry_is_dropped_and_recomputed(tmp_path, caplog, tensor)
     is never used: `load` checks each entry's digests, drops the damaged one with a warning naming
     the file and layer, and the layer recomputes it (oracle: float64 eigvalsh of the merged Gram).
     Without the check the eigenvalue came back 1% off, labelled "update"."""
-    items = []
-    for i, shape in enumerate([(80, 64), (48, 72)]):
-        w0 = base_weight("student", *shape, seed=i)
-        A, B = lora_factors(*shape, 4, seed=i)
-        items.append(LoRAItem(f"layer.{i}", w0, [(A, B, 1.0, False)]))
+    items = two_layer_items()
     cache = BaseSpectrumCache()
     lora_eigenvalues(items, cache)
     f = cache.save(tmp_path / "c.safetensors")

@@ -8,17 +8,15 @@ formulas written here (sections 3-5) and against the policy as the docs state it
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from childproc import run_json
 from oracle import oracle_hill, oracle_ks
 from tbfast import _backend
 from tbfast.kernels import triton_fit_available
@@ -260,12 +258,7 @@ print(json.dumps({"alpha": alpha.tolist(), "D": D.tolist(), "index": index.tolis
 
 
 def test_without_extension_cpu_kernel_is_the_torch_reference():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-c", _NO_EXTENSION_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_json(_NO_EXTENSION_SCRIPT, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert got["auto"] == "torch"
     assert got["cpp_error"] == ["BackendUnavailableError",
                                 "C++ fit kernels requested but the tbfast._C extension is not loaded"]

@@ -9,16 +9,14 @@ the torch reference are held to them, and to each other on random inputs of odd 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from childproc import run_json
 from oracle import DIGEST_KEYS, oracle_digest, splitmix64_finalizer
 from tbfast import _backend
 from tbfast.errors import BackendUnavailableError
@@ -283,12 +281,7 @@ print(json.dumps({"h": h, "checksums": cs, "cpp_error": err, "warnings": records
 
 
 def test_without_extension_cpu_kernel_is_the_torch_reference():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-c", _NO_EXTENSION_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_json(_NO_EXTENSION_SCRIPT, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert tuple(got["h"]) == oracle_digest(bytes(i % 256 for i in range(1001)))
     w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     h0, h1 = oracle_digest(w.numpy().tobytes())

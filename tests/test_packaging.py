@@ -19,6 +19,7 @@ import torch
 
 import tbfast
 from tbfast import _backend
+from childproc import run_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tbfast.__file__)))
@@ -143,11 +144,7 @@ def test_extension_for_another_torch_is_not_loaded():
     else:
         running = "2.99.0+fake"
         want = f"was built against torch {built['torch_version']}, but this process runs torch 2.99.0+fake"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PKG_PARENT, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-c", _OTHER_TORCH_SCRIPT.replace("RUNNING", repr(running))], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = run_json(_OTHER_TORCH_SCRIPT.replace("RUNNING", repr(running)), PKG_PARENT)
     assert got["loaded_C"] is False  # the shared library was not even dlopen'ed
     assert got["ext"]["loaded"] is False
     assert want in got["ext"]["torch_mismatch"] and want in got["ext"]["reason"]
